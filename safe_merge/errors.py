@@ -1,0 +1,39 @@
+"""Errors that end a command, each with the exit code the command contract gives it."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_COULD_NOT_VERIFY = 3
+
+
+class SafeMergeError(Exception):
+    """Base class: carries the exit code so the CLI never has to guess it."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class BadInput(SafeMergeError):
+    """The user's input cannot be used as it is; the message says which file, which key and what to do."""
+
+    def __init__(self, message: str, *, path: object = None, key: str | None = None, hint: str | None = None):
+        parts = []
+        if path is not None:
+            parts.append(str(path))
+        if key is not None:
+            parts.append(f"key {key!r}")
+        where = ": ".join(parts)
+        text = f"{where}: {message}" if where else message
+        if hint:
+            text = f"{text}\n  what to do: {hint}"
+        super().__init__(text)
+        self.path = path
+        self.key = key
+        self.hint = hint
+
+
+class Unsupported(SafeMergeError):
+    """The input is valid but uses something safe-merge cannot check; never reported as a pass."""
+
+    exit_code = EXIT_COULD_NOT_VERIFY

@@ -1,0 +1,1 @@
+"""Merging LoRA adapters into base models, verifying the result, and the safe-merge command."""

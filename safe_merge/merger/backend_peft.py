@@ -1,0 +1,46 @@
+"""The PEFT backend: PeftModel.from_pretrained, then merge_and_unload, feature-detected across releases."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from safe_merge.compat.adapter_files import AdapterFiles
+from safe_merge.compat.keys import LORA_ROLES, parse_key
+from safe_merge.merger import loading
+from safe_merge.merger.tying import untie_targets
+
+
+def targeted_modules(adapter: AdapterFiles) -> set[str]:
+    """Module paths that carry LoRA tensors in the adapter file."""
+    out = set()
+    for key in adapter.tensors:
+        parsed = parse_key(key)
+        if parsed is not None and parsed.role in LORA_ROLES:
+            out.add(parsed.module)
+    return out
+
+
+def merge_and_unload(peft_model: nn.Module) -> nn.Module:
+    """merge_and_unload with safe_merge (a NaN check) where the installed PEFT has it (0.6+)."""
+    kwargs = {}
+    if "safe_merge" in inspect.signature(peft_model.merge_and_unload).parameters:
+        kwargs["safe_merge"] = True
+    return peft_model.merge_and_unload(**kwargs)
+
+
+def merge(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
+    """Merge one adapter into the base in ``dtype``; returns the plain model and notes for the report."""
+    notes = []
+    model = loading.load_model(base_dir, dtype)
+    untied = untie_targets(model, targeted_modules(adapter))
+    if untied:
+        notes.append(
+            f"untied {', '.join(untied)} from a LoRA-targeted weight, so the merged model keeps the adapter's "
+            "meaning (the merge would otherwise change the tied side too)"
+        )
+    peft_model = loading.load_peft(model, adapter.path)
+    return merge_and_unload(peft_model).eval(), notes

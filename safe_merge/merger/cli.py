@@ -1,0 +1,127 @@
+"""The safe-merge command. Exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from safe_merge.errors import EXIT_BAD_INPUT, SafeMergeError
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safe-merge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base, verify, write a standalone model")
+    merge.add_argument("base", help="base model: a local directory or a cached hub id")
+    merge.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directory or cached hub id")
+    merge.add_argument("-o", "--out", required=True, type=Path, help="output directory (written only when verified)")
+    merge.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto keeps the base's stored dtype")
+    merge.add_argument("--backend", choices=("auto", "peft"), default="auto")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    merge.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
+    merge.add_argument("--report", type=Path, help="also write the JSON report here")
+    merge.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+
+    verify = sub.add_parser("verify", help="check a merged checkpoint against its base and adapter")
+    verify.add_argument("base")
+    verify.add_argument("rest", nargs="+", metavar="ADAPTER... MERGED", help="the adapter, then the merged model")
+    verify.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="build a tiny model and adapter offline and run the whole pipeline")
+    demo.add_argument("-o", "--out", type=Path, help="keep the demo's files here (default: a temp dir)")
+    demo.add_argument("--json", action="store_true")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except Exception:
+        pass
+
+
+def _emit(command: str, report: dict, as_json: bool, report_path: Path | None = None) -> int:
+    from safe_merge.merger.summary import summarize
+
+    text = json.dumps(report, indent=2, default=str)
+    if report_path is not None:
+        report_path.write_text(text + "\n", encoding="utf-8")
+    print(summarize(command, report), file=sys.stderr)
+    if as_json:
+        print(text)
+    return int(report.get("exit_code", 0))
+
+
+def cmd_merge(args) -> int:
+    from safe_merge.merger.pipeline import MergeRequest, merge_command
+
+    report = merge_command(
+        MergeRequest(args.base, args.adapters, args.out, args.dtype, args.backend, args.force, args.max_shard_size)
+    )
+    return _emit("merge", report, args.json, args.report)
+
+
+def cmd_verify(args) -> int:
+    import time
+
+    from safe_merge.errors import BadInput
+    from safe_merge.merger import loading
+    from safe_merge.merger.verify import verify_dirs
+
+    if len(args.rest) != 2:
+        raise BadInput("verify takes BASE ADAPTER MERGED (one adapter in this release)")
+    started = time.monotonic()
+    base = loading.resolve_dir(args.base, "base model")
+    adapter = loading.resolve_dir(args.rest[0], "adapter")
+    merged = loading.resolve_dir(args.rest[1], "merged model")
+    result = verify_dirs(base, adapter, merged)
+    report = {"status": result.status, "versions": loading.versions(), **result.report()}
+    report["status"] = result.status
+    report["merged"] = str(merged)
+    report["seconds"] = round(time.monotonic() - started, 3)
+    report["exit_code"] = result.exit_code
+    return _emit("verify", report, args.json)
+
+
+def cmd_demo(args) -> int:
+    from safe_merge.merger.demo import run_demo
+
+    report = run_demo(args.out)
+    return _emit("demo", report, args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    handlers = {"merge": cmd_merge, "verify": cmd_verify, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except SafeMergeError as exc:
+        return _fail(args, str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted; nothing was written", EXIT_BAD_INPUT)
+    except Exception as exc:  # an input we did not foresee: say so plainly, traceback only on request
+        if os.environ.get("SAFE_MERGE_DEBUG"):
+            traceback.print_exc()
+        message = f"unexpected error: {type(exc).__name__}: {exc} (set SAFE_MERGE_DEBUG=1 for a traceback)"
+        return _fail(args, message, EXIT_BAD_INPUT)
+
+
+def _fail(args, message: str, code: int) -> int:
+    print(f"safe-merge {args.command}: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"status": "error", "error": message, "exit_code": code}))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""`safe-merge demo`: a tiny Llama with its own tokenizer and a LoRA adapter, built offline, merged and verified."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from safe_merge.merger.pipeline import MergeRequest, merge_command
+
+CORPUS = (
+    "safe merge turns a lora adapter into a standalone model and proves the merge is right "
+    "the merged model must answer exactly like the adapter on its base"
+)
+SPECIAL = ("<unk>", "<pad>", "<s>", "</s>")
+
+
+def build_tokenizer(directory: Path):
+    """A word-level tokenizer over the demo corpus, made and saved without any download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(SPECIAL) + sorted(set(CORPUS.split()))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+def build_base(directory: Path, vocab_size: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+
+
+def build_adapter(base_dir: Path, directory: Path) -> None:
+    """An r=8 LoRA on attention and MLP projections with non-zero lora_B, as if trained."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM.from_pretrained(str(base_dir))
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    peft_model.save_pretrained(str(directory))
+
+
+def run_demo(out: Path | None = None) -> dict:
+    """Build, merge, verify; the report of the merge, with the demo's paths."""
+    workdir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="safe-merge-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    base_dir, adapter_dir, merged_dir = workdir / "base", workdir / "adapter", workdir / "merged"
+    tokenizer = build_tokenizer(base_dir)
+    build_base(base_dir, len(tokenizer))
+    build_adapter(base_dir, adapter_dir)
+    report = merge_command(MergeRequest(str(base_dir), [str(adapter_dir)], merged_dir, force=True))
+    report["demo"] = {"workdir": str(workdir), "base": str(base_dir), "adapter": str(adapter_dir)}
+    return report

@@ -1,0 +1,131 @@
+"""The ledger: what became of every tensor in the adapter file, and what the merged model must therefore hold.
+
+Every adapter tensor ends in exactly one row: merged (folded into a base weight), replaced (a saved copy of a
+base parameter: modules_to_save, bias="all", a saved embedding), skipped with a reason, unmatched (nothing in the
+base model to put it on: the merge cannot be right) or unverified (a feature this verifier cannot check yet,
+which makes the verdict "could not verify", never a pass).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from safe_merge.compat.adapter_files import AdapterFiles
+from safe_merge.compat.keys import LORA_ROLES, Role, parse_key
+from safe_merge.merger.delta import LayerKind, ModuleLora, scaling
+
+
+class Status(enum.Enum):
+    MERGED = "merged"
+    REPLACED = "replaced"
+    SKIPPED = "skipped"
+    UNMATCHED = "unmatched"
+    UNVERIFIED = "unverified"
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    status: Status
+    param: str | None = None
+    reason: str = ""
+
+
+@dataclass
+class Ledger:
+    """The ledger rows plus what they imply: per-module LoRA tensors and replaced parameter values."""
+
+    entries: list[Entry] = field(default_factory=list)
+    modules: dict[str, ModuleLora] = field(default_factory=dict)
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def by_status(self, status: Status) -> list[Entry]:
+        return [e for e in self.entries if e.status is status]
+
+    def summary(self) -> dict:
+        """Counts per status, plus the unmatched / unverified / skipped rows spelled out (they need reading)."""
+        out: dict = {s.value: len(self.by_status(s)) for s in Status}
+        for status in (Status.UNMATCHED, Status.UNVERIFIED, Status.SKIPPED):
+            rows = self.by_status(status)
+            if rows:
+                out[f"{status.value}_keys"] = [{"key": e.key, "reason": e.reason} for e in rows]
+        return out
+
+
+_A = {LayerKind.EMBEDDING: Role.EMBEDDING_A}
+_B = {LayerKind.EMBEDDING: Role.EMBEDDING_B}
+
+
+def build_ledger(
+    adapter: AdapterFiles, base_params: Mapping[str, torch.Tensor], kinds: Mapping[str, LayerKind]
+) -> Ledger:
+    """Account for every adapter tensor against the base model's parameters and targetable module kinds."""
+    ledger = Ledger()
+    by_module: dict[str, dict[Role, str]] = defaultdict(dict)
+    for key in adapter.tensors:
+        parsed = parse_key(key)
+        if parsed is None:
+            ledger.entries.append(Entry(key, Status.UNMATCHED, reason="not under PEFT's 'base_model.model.' prefix"))
+        elif parsed.role in (Role.PARAM, Role.BASE_LAYER_PARAM):
+            if parsed.param in base_params:
+                ledger.entries.append(Entry(key, Status.REPLACED, parsed.param, "saved copy of a base parameter"))
+                ledger.replacements[parsed.param] = adapter.tensors[key].to(torch.float64)
+            else:
+                ledger.entries.append(Entry(key, Status.UNMATCHED, parsed.param, "no such parameter in the base"))
+        elif parsed.role is Role.TOKEN_DELTA:
+            ledger.entries.append(
+                Entry(key, Status.UNVERIFIED, parsed.param, "trainable tokens are not checked by this verifier yet")
+            )
+        else:
+            by_module[parsed.module][parsed.role] = key
+
+    for module, roles in by_module.items():
+        kind = kinds.get(module)
+        reason = _module_problem(module, roles, kind, base_params)
+        if reason:
+            for key in roles.values():
+                ledger.entries.append(Entry(key, Status.UNMATCHED, f"{module}.weight", reason))
+            continue
+        assert kind is not None
+        a = adapter.tensors[roles[_A.get(kind, Role.LORA_A)]].to(torch.float64)
+        b = adapter.tensors[roles[_B.get(kind, Role.LORA_B)]].to(torch.float64)
+        magnitude = roles.get(Role.MAGNITUDE)
+        bias = roles.get(Role.LORA_B_BIAS)
+        ledger.modules[module] = ModuleLora(
+            module=module,
+            kind=kind,
+            a=a,
+            b=b,
+            scale=scaling(adapter.config, module, int(a.shape[0])),
+            magnitude=adapter.tensors[magnitude].to(torch.float64) if magnitude else None,
+            bias=adapter.tensors[bias].to(torch.float64) if bias else None,
+        )
+        for role, key in roles.items():
+            param = f"{module}.bias" if role is Role.LORA_B_BIAS else f"{module}.weight"
+            ledger.entries.append(Entry(key, Status.MERGED, param))
+    return ledger
+
+
+def _module_problem(
+    module: str, roles: Mapping[Role, str], kind: LayerKind | None, base_params: Mapping[str, torch.Tensor]
+) -> str:
+    """Why a module's LoRA tensors cannot be put on the base, or '' when they can."""
+    if f"{module}.weight" not in base_params:
+        return f"the base model has no module {module!r} with a weight"
+    if kind is None:
+        return f"{module!r} is not a layer type LoRA merges into (Linear, Conv1D, Conv, Embedding)"
+    want_a, want_b = _A.get(kind, Role.LORA_A), _B.get(kind, Role.LORA_B)
+    missing = [r.value for r in (want_a, want_b) if r not in roles]
+    if missing:
+        return f"incomplete LoRA pair: {', '.join(missing)} missing"
+    stray = [r.value for r in roles if r in LORA_ROLES and r not in (want_a, want_b)]
+    if stray:
+        return f"tensors {stray} do not fit a {kind.value} layer"
+    if Role.LORA_B_BIAS in roles and f"{module}.bias" not in base_params:
+        return "lora_B has a bias but the base layer has none"
+    return ""

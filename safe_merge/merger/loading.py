@@ -1,0 +1,129 @@
+"""Loading base, merged and PeftModel objects across transformers / PEFT releases (feature-detected)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+from packaging.version import Version
+from torch import nn
+
+from safe_merge.errors import BadInput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def resolve_dir(name: str | Path, what: str) -> Path:
+    """A local directory, or a hub id already in the local huggingface_hub cache (nothing is downloaded)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise BadInput(f"the {what} must be a directory", path=path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name), local_files_only=True))
+    except Exception as exc:
+        raise BadInput(
+            f"no such directory, and not a hub id in the local cache ({type(exc).__name__})",
+            path=name,
+            hint=f"pass the {what}'s local directory, or download it once with `hf download {name}`",
+        ) from exc
+
+
+def read_model_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        raise BadInput("no config.json here", path=model_dir, hint="pass a directory written by save_pretrained")
+    try:
+        return AutoConfig.from_pretrained(str(model_dir))
+    except Exception as exc:
+        raise BadInput(f"config.json cannot be read ({exc})", path=model_dir / "config.json") from exc
+
+
+def model_class(config):
+    """The class named in config.architectures (what save_pretrained recorded), else the task-less AutoModel."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def stored_dtype(model_dir: Path, config=None) -> torch.dtype:
+    """The floating dtype the weights are stored in: read from safetensors headers, else from the config."""
+    counts: dict[torch.dtype, int] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for key, info in header.items():
+            if key != "__metadata__" and info.get("dtype") in _SAFETENSORS_DTYPES:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                counts[dtype] = counts.get(dtype, 0) + 1
+    if counts:
+        return max(counts, key=counts.__getitem__)
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, torch.dtype):
+        return named
+    return DTYPES.get(str(named), torch.float32)
+
+
+def _dtype_kwarg() -> str:
+    """transformers renamed from_pretrained's torch_dtype to dtype in 4.56."""
+    import transformers
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, *, strict: bool = True) -> nn.Module:
+    """Load a saved model with its recorded class, in ``dtype``, in eval mode.
+
+    With ``strict`` a checkpoint missing parameters is an error: transformers would fill them with random values.
+    """
+    config = read_model_config(model_dir)
+    cls = model_class(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, info = cls.from_pretrained(str(model_dir), output_loading_info=True, **{_dtype_kwarg(): dtype})
+    missing = [k for k in info.get("missing_keys", []) if k]
+    if strict and missing:
+        raise MissingWeights(model_dir, sorted(missing))
+    return model.eval()
+
+
+class MissingWeights(Exception):
+    def __init__(self, model_dir: Path, keys: list[str]):
+        super().__init__(f"{model_dir}: parameters missing from the checkpoint: {', '.join(keys[:5])}")
+        self.keys = keys
+
+
+def load_peft(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Wrap a base model with the adapter, unmerged and active (PEFT's own loading path)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    import safe_merge
+
+    return {
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "safe_merge": safe_merge.__version__,
+    }

@@ -1,0 +1,111 @@
+"""The merge command's work: read, merge, write to staging, verify what was written, publish, report."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from safe_merge.compat.adapter_files import load_adapter
+from safe_merge.errors import BadInput
+from safe_merge.merger import backend_peft, loading
+from safe_merge.merger.staging import check_target, staged
+from safe_merge.merger.verify import PASSED, require_lora, verify_dirs
+from safe_merge.merger.write import DEFAULT_SHARD_SIZE, write_model
+
+
+@dataclass
+class MergeRequest:
+    base: str
+    adapters: list[str]
+    out: Path
+    dtype: str = "auto"
+    backend: str = "auto"
+    force: bool = False
+    max_shard_size: str = DEFAULT_SHARD_SIZE
+
+
+def run_merge(req: MergeRequest) -> dict:
+    """Merge, verify and publish; returns the report (its status says whether OUT was written)."""
+    started = time.monotonic()
+    if len(req.adapters) != 1:
+        raise BadInput(
+            f"{len(req.adapters)} adapters given; this release merges one adapter at a time",
+            hint="merge a single ADAPTER",
+        )
+    if req.backend not in ("auto", "peft"):
+        raise BadInput(f"backend {req.backend!r} is not available in this release", hint="use --backend peft")
+    out = Path(req.out)
+    check_target(out, req.force)
+    base_dir = loading.resolve_dir(req.base, "base model")
+    adapter_dir = loading.resolve_dir(req.adapters[0], "adapter")
+    adapter = load_adapter(adapter_dir)
+    require_lora(adapter)
+    base_config = loading.read_model_config(base_dir)
+    dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
+
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        merged, notes = backend_peft.merge(base_dir, adapter, dtype)
+    caught = _unique(str(r.message).splitlines()[0][:300] for r in records)
+
+    report = {
+        "status": None,
+        "versions": loading.versions(),
+        "adapters": [
+            {"path": str(adapter_dir), "origin_peft": adapter.config.get("peft_version"), "migrations": []}
+        ],
+        "backend": "peft",
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantization": None,
+        "output": {"path": str(out), "files": []},
+    }
+    with staged(out, req.force) as stage:
+        files = write_model(merged, stage, base_dir, adapter_dir, req.max_shard_size)
+        del merged
+        verification = verify_dirs(base_dir, adapter_dir, stage)
+        body = verification.report()
+        report.update(
+            status=body["status"],
+            ledger=body["ledger"],
+            verification=body["verification"],
+            problems=body["problems"],
+            gaps=body["gaps"],
+        )
+        report["warnings"] = notes + body["warnings"] + caught
+        report["output"]["files"] = files
+        if verification.status != PASSED:
+            report["output"] = {"path": None, "files": [], "not_written": f"verification {verification.status}"}
+            raise _Abandon(report, verification.exit_code)
+    report["seconds"] = round(time.monotonic() - started, 3)
+    report["exit_code"] = 0
+    return report
+
+
+class _Abandon(Exception):
+    """Leaves the staging block without publishing; carries the report out."""
+
+    def __init__(self, report: dict, exit_code: int):
+        super().__init__(report["status"])
+        self.report = report
+        self.exit_code = exit_code
+
+
+def merge_command(req: MergeRequest) -> dict:
+    """run_merge, with an unverified result turned into a report with its exit code instead of an exception."""
+    started = time.monotonic()
+    try:
+        return run_merge(req)
+    except _Abandon as stop:
+        stop.report["seconds"] = round(time.monotonic() - started, 3)
+        stop.report["exit_code"] = stop.exit_code
+        return stop.report
+
+
+def _unique(lines) -> list[str]:
+    seen: dict[str, None] = {}
+    for line in lines:
+        seen.setdefault(line, None)
+    return list(seen)

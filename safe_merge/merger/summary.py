@@ -1,0 +1,48 @@
+"""A short human summary of a report, for stderr."""
+
+from __future__ import annotations
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def summarize(command: str, report: dict) -> str:
+    lines = [f"safe-merge {command}: {str(report.get('status')).upper()}  (exit {report.get('exit_code', '?')}"
+             + (f", {report['seconds']:.1f} s)" if "seconds" in report else ")")]
+    for adapter in report.get("adapters", []):
+        migrations = ", ".join(m["id"] for m in adapter.get("migrations", [])) or "none"
+        lines.append(f"  adapter   {adapter['path']} (origin peft {adapter.get('origin_peft') or 'unknown'}; "
+                     f"migrations: {migrations})")
+    if "backend" in report:
+        lines.append(f"  backend   {report['backend']}   dtype {report.get('dtype')}")
+    ledger = report.get("ledger")
+    if ledger:
+        lines.append("  ledger    " + " · ".join(f"{k} {ledger.get(k, 0)}"
+                                                for k in ("merged", "replaced", "skipped", "unmatched", "unverified")))
+    ver = report.get("verification") or {}
+    w = ver.get("weights")
+    if w:
+        lines.append(f"  weights   {'ok' if w['passed'] else 'FAILED'}: max |residual| {_num(w['max_abs'])}, "
+                     f"max rel {_num(w['max_rel'])}; worst {w.get('worst_tensor')} at {_num(w.get('worst_ratio'))}"
+                     f"x tolerance ({w.get('tol_rule')})")
+    o = ver.get("outputs")
+    if o:
+        if o.get("ran"):
+            lines.append(f"  outputs   {'ok' if o['passed'] else 'FAILED'}: max |diff| {_num(o['max_abs'])} "
+                         f"(tol {_num(o['tol'])}; the adapter moves outputs by {_num(o.get('adapter_effect'))})")
+        else:
+            lines.append(f"  outputs   not checked: {o.get('reason')}")
+    for problem in report.get("problems", []):
+        lines.append(f"  PROBLEM   {problem}")
+    for gap in report.get("gaps", []):
+        lines.append(f"  gap       {gap}")
+    output = report.get("output")
+    if output:
+        if output.get("path"):
+            lines.append(f"  written   {output['path']}: {', '.join(output.get('files', []))}")
+        elif output.get("not_written"):
+            lines.append(f"  written   nothing ({output['not_written']})")
+    for warning in report.get("warnings", []):
+        lines.append(f"  warning   {warning}")
+    return "\n".join(lines)

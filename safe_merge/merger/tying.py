@@ -1,0 +1,47 @@
+"""Untie shared weights before a merge touches one of them.
+
+With tied embeddings (GPT-2, many small Llamas) the input embedding and the LM head share one tensor. A LoRA on
+the embedding changes only the lookup in the unmerged model; merging it into the shared tensor would change the
+head too (measured: logits off by 275 on a tiny GPT-2). The merged model keeps the unmerged model's meaning only
+when the sharing is broken first, so the untouched side keeps the base weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+
+def untie_targets(model: nn.Module, targeted_modules: Iterable[str]) -> list[str]:
+    """Give each parameter that shares storage with a targeted module's weight its own copy; returns their names."""
+    targeted = {f"{m}.weight" for m in targeted_modules}
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    untied = []
+    for names in groups.values():
+        if len(names) < 2 or not targeted.intersection(names):
+            continue
+        keep = next(n for n in names if n in targeted)
+        for name in names:
+            if name == keep:
+                continue
+            owner_path, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            setattr(owner, leaf, nn.Parameter(getattr(owner, leaf).detach().clone(), requires_grad=False))
+            untied.append(name)
+    if untied:
+        _record_untied(model)
+    return untied
+
+
+def _record_untied(model: nn.Module) -> None:
+    """Tell the config, so that saving and reloading do not tie the weights again."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    config.tie_word_embeddings = False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        text.tie_word_embeddings = False

@@ -1,0 +1,153 @@
+"""The one verifier: ledger, weight space, output space, and a verdict. Tests, the CLI and later the matrix and
+fingerprints all call it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
+from safe_merge.errors import EXIT_COULD_NOT_VERIFY, EXIT_FAILED, EXIT_OK, BadInput
+from safe_merge.merger import loading
+from safe_merge.merger.delta import LayerKind
+from safe_merge.merger.kinds import layer_kinds
+from safe_merge.merger.ledger import Ledger, Status, build_ledger
+from safe_merge.merger.outputs import OutputCheck, check_outputs
+from safe_merge.merger.probes import probe_inputs
+from safe_merge.merger.weights import WeightCheck, check_weights
+
+PASSED, FAILED, COULD_NOT_VERIFY = "passed", "failed", "could_not_verify"
+
+
+@dataclass
+class Verification:
+    ledger: Ledger
+    weights: WeightCheck
+    outputs: OutputCheck
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        """What makes the merge wrong, one line each, tensors named."""
+        out = [f"unmatched adapter tensor {e.key}: {e.reason}" for e in self.ledger.by_status(Status.UNMATCHED)]
+        out += self.weights.failures
+        if self.outputs.ran and not self.outputs.passed:
+            detail = self.outputs.reason or f"max |diff| {self.outputs.max_abs:.3g} > tol {self.outputs.tol:.3g}"
+            out.append(f"outputs differ from the unmerged PeftModel: {detail}")
+        return out
+
+    @property
+    def gaps(self) -> list[str]:
+        """What could not be checked; any gap turns a pass into 'could not verify'."""
+        out = [f"{e.key}: {e.reason}" for e in self.ledger.by_status(Status.UNVERIFIED)]
+        if not self.outputs.ran:
+            out.append(f"output check did not run: {self.outputs.reason}")
+        return out
+
+    @property
+    def status(self) -> str:
+        if self.problems:
+            return FAILED
+        return COULD_NOT_VERIFY if self.gaps else PASSED
+
+    @property
+    def exit_code(self) -> int:
+        return {PASSED: EXIT_OK, FAILED: EXIT_FAILED, COULD_NOT_VERIFY: EXIT_COULD_NOT_VERIFY}[self.status]
+
+    def report(self) -> dict:
+        return {
+            "status": self.status,
+            "ledger": self.ledger.summary(),
+            "verification": {"weights": self.weights.report(), "outputs": self.outputs.report()},
+            "problems": self.problems,
+            "gaps": self.gaps,
+            "warnings": self.all_warnings(),
+        }
+
+    def all_warnings(self) -> list[str]:
+        out = list(self.warnings)
+        if self.weights.unresolvable:
+            out.append(
+                f"{len(self.weights.unresolvable)} merged tensors move by less than their dtype resolves "
+                f"(first: {self.weights.unresolvable[0]}); a merge that skipped them would look the same"
+            )
+        if self.outputs.ran and not self.outputs.discriminating:
+            out.append(
+                f"the adapter moves the probe outputs by {self.outputs.effect:.3g}, within the output "
+                f"tolerance {self.outputs.tol:.3g}: the output check cannot tell this merge from no merge"
+            )
+        return out
+
+
+def verify_models(
+    adapter: AdapterFiles,
+    base_params: Mapping[str, torch.Tensor],
+    kinds: Mapping[str, LayerKind],
+    merged: nn.Module,
+    reference: nn.Module | None,
+    inputs,
+    *,
+    merged_params: Mapping[str, torch.Tensor] | None = None,
+) -> Verification:
+    """Verify an in-memory merged model.
+
+    ``base_params`` is the base model's state dict taken before any PEFT wrapping; ``reference`` is the unmerged
+    PeftModel with the adapter active, in the merged model's dtype (None skips the output check, which is a gap).
+    """
+    ledger = build_ledger(adapter, base_params, kinds)
+    weights = check_weights(ledger, base_params, merged_params if merged_params is not None else merged.state_dict())
+    if reference is None or inputs is None:
+        reason = "no unmerged reference model" if reference is None else "no probe inputs for this model type"
+        outputs = OutputCheck(False, reason=reason)
+    else:
+        dtype = next(merged.parameters()).dtype
+        outputs = check_outputs(reference, merged, inputs, dtype)
+    return Verification(ledger, weights, outputs)
+
+
+def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verification:
+    """Verify a merged checkpoint on disk, whoever wrote it, against its base and adapter."""
+    adapter = load_adapter(adapter_dir)
+    require_lora(adapter)
+    merged_config = loading.read_model_config(merged_dir)
+    merged_dtype = loading.stored_dtype(merged_dir, merged_config)
+    missing: list[str] = []
+    try:
+        merged = loading.load_model(merged_dir, merged_dtype)
+    except loading.MissingWeights as exc:
+        missing = exc.keys
+        merged = loading.load_model(merged_dir, merged_dtype, strict=False)
+    base_native = loading.load_model(base_dir, loading.stored_dtype(base_dir))
+    kinds = layer_kinds(base_native)
+    if next(base_native.parameters()).dtype == merged_dtype:
+        # Reuse the loaded base as the reference; clone first, since some inits rewrite base weights at load.
+        base_params = {k: v.clone() for k, v in base_native.state_dict().items()}
+        reference_base = base_native
+    else:
+        base_params = base_native.state_dict()
+        reference_base = loading.load_model(base_dir, merged_dtype)
+    reference = loading.load_peft(reference_base, adapter_dir)
+    result = verify_models(
+        adapter, base_params, kinds, merged, reference, probe_inputs(merged_config),
+        merged_params=merged.state_dict(),
+    )
+    if missing:
+        result.weights.failures.insert(0, f"missing from the merged checkpoint: {', '.join(missing[:5])}")
+    return result
+
+
+SUPPORTED_PEFT_TYPES = ("LORA",)
+
+
+def require_lora(adapter: AdapterFiles) -> None:
+    if adapter.peft_type.upper() not in SUPPORTED_PEFT_TYPES:
+        raise BadInput(
+            f"peft_type is {adapter.peft_type!r}; safe-merge merges {', '.join(SUPPORTED_PEFT_TYPES)} adapters",
+            path=adapter.path / "adapter_config.json",
+            key="peft_type",
+            hint="use PEFT's own tools for other adapter types",
+        )

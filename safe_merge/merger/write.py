@@ -1,0 +1,54 @@
+"""Write a merged model as a standalone checkpoint: sharded safetensors, configs, tokenizer; no adapter files."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+def tokenizer_source(adapter_dir: Path, base_dir: Path) -> Path | None:
+    """The adapter's own tokenizer when it saved one (it may add tokens), else the base's."""
+    for directory in (adapter_dir, base_dir):
+        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+            return directory
+    return None
+
+
+def write_model(
+    model: nn.Module, out: Path, base_dir: Path, adapter_dir: Path, max_shard_size: str = DEFAULT_SHARD_SIZE
+) -> list[str]:
+    """Save ``model`` into ``out`` (an empty staging dir) and carry the files a user expects; returns file names."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    base_generation = base_dir / "generation_config.json"
+    if base_generation.is_file():
+        shutil.copyfile(base_generation, out / "generation_config.json")
+    source = tokenizer_source(adapter_dir, base_dir)
+    if source is not None:
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out / name)
+    for name in ADAPTER_FILES:  # a standalone model carries no adapter
+        (out / name).unlink(missing_ok=True)
+    return sorted(p.name for p in out.iterdir())
