@@ -22,6 +22,7 @@ class Role(enum.Enum):
     BASE_LAYER_PARAM = "base_layer"  # a base parameter of a targeted module, saved in full (bias="all", embeddings)
     TOKEN_DELTA = "trainable_tokens_delta"
     PARAM = "param"  # a full parameter of an untargeted module (modules_to_save, bias="all")
+    ORIGINAL_COPY = "original_module"  # PEFT's spare copy of a saved module's original parameter
 
 
 # Longest suffixes first, so ".lora_B.bias" is never read as a plain ".bias".
@@ -68,5 +69,10 @@ def parse_key(key: str) -> AdapterKey | None:
         if rest.endswith(suffix):
             module = rest[: -len(suffix)]
             return AdapterKey(key, module, Role.BASE_LAYER_PARAM, f"{module}.{leaf}")
-    module, _, _ = rest.rpartition(".")
+    # bias="all" saves every bias by name, wrapper paths of modules_to_save included
+    module, _, leaf = rest.rpartition(".")
+    for wrapper, role in ((".modules_to_save", Role.PARAM), (".original_module", Role.ORIGINAL_COPY)):
+        if module.endswith(wrapper):
+            module = module[: -len(wrapper)]
+            return AdapterKey(key, module, role, f"{module}.{leaf}")
     return AdapterKey(key, module, Role.PARAM, rest)

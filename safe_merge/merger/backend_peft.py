@@ -10,8 +10,9 @@ from torch import nn
 
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.keys import LORA_ROLES, parse_key
+from safe_merge.errors import BadInput
 from safe_merge.merger import loading
-from safe_merge.merger.tying import untie_targets
+from safe_merge.merger.tying import record_broken_ties, shared_groups, untie_targets
 
 
 def targeted_modules(adapter: AdapterFiles) -> set[str]:
@@ -33,14 +34,30 @@ def merge_and_unload(peft_model: nn.Module) -> nn.Module:
 
 
 def merge(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
-    """Merge one adapter into the base in ``dtype``; returns the plain model and notes for the report."""
+    """Merge one adapter into the base saved in ``base_dir``, loaded in ``dtype``."""
+    return merge_model(loading.load_model(base_dir, dtype), adapter)
+
+
+def merge_model(model: nn.Module, adapter: AdapterFiles) -> tuple[nn.Module, list[str]]:
+    """Merge one adapter into a loaded base model (consumed); returns the plain model and notes for the report."""
     notes = []
-    model = loading.load_model(base_dir, dtype)
+    groups = shared_groups(model)
     untied = untie_targets(model, targeted_modules(adapter))
     if untied:
         notes.append(
             f"untied {', '.join(untied)} from a LoRA-targeted weight, so the merged model keeps the adapter's "
             "meaning (the merge would otherwise change the tied side too)"
         )
-    peft_model = loading.load_peft(model, adapter.path)
-    return merge_and_unload(peft_model).eval(), notes
+    try:
+        peft_model = loading.load_peft(model, adapter.path)
+    except Exception as exc:
+        raise BadInput(
+            f"PEFT cannot load this adapter onto the base: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            path=adapter.path,
+            hint="check that the adapter was trained on this base model",
+        ) from exc
+    merged = merge_and_unload(peft_model).eval()
+    broken = record_broken_ties(merged, groups)
+    if broken:
+        notes.append(f"{', '.join(broken)} now hold their own weights (a saved module replaced a tied side)")
+    return merged, notes

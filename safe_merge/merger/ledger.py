@@ -77,6 +77,9 @@ def build_ledger(
                 ledger.replacements[parsed.param] = adapter.tensors[key].to(torch.float64)
             else:
                 ledger.entries.append(Entry(key, Status.UNMATCHED, parsed.param, "no such parameter in the base"))
+        elif parsed.role is Role.ORIGINAL_COPY:
+            ledger.entries.append(Entry(key, Status.SKIPPED, parsed.param, _original_copy_reason(key, parsed.param,
+                                                                                                  adapter, base_params)))
         elif parsed.role is Role.TOKEN_DELTA:
             ledger.entries.append(
                 Entry(key, Status.UNVERIFIED, parsed.param, "trainable tokens are not checked by this verifier yet")
@@ -129,3 +132,12 @@ def _module_problem(
     if Role.LORA_B_BIAS in roles and f"{module}.bias" not in base_params:
         return "lora_B has a bias but the base layer has none"
     return ""
+
+
+def _original_copy_reason(key: str, param: str | None, adapter: AdapterFiles, base: Mapping[str, torch.Tensor]) -> str:
+    """PEFT's wrapper keeps the original module next to the saved copy; only the copy reaches the merged model."""
+    why = "PEFT's spare copy of the original module; the merged model uses the saved copy"
+    if param not in base:
+        return why
+    diff = float((adapter.tensors[key].to(torch.float64) - base[param].to(torch.float64)).abs().max())
+    return f"{why} (equals the base)" if diff == 0 else f"{why} (differs from the base by up to {diff:.3g})"

@@ -13,15 +13,20 @@ from collections.abc import Iterable
 from torch import nn
 
 
-def untie_targets(model: nn.Module, targeted_modules: Iterable[str]) -> list[str]:
-    """Give each parameter that shares storage with a targeted module's weight its own copy; returns their names."""
-    targeted = {f"{m}.weight" for m in targeted_modules}
+def shared_groups(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that share one tensor (tied weights), one list per shared tensor."""
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def untie_targets(model: nn.Module, targeted_modules: Iterable[str]) -> list[str]:
+    """Give each parameter that shares storage with a targeted module's weight its own copy; returns their names."""
+    targeted = {f"{m}.weight" for m in targeted_modules}
     untied = []
-    for names in groups.values():
-        if len(names) < 2 or not targeted.intersection(names):
+    for names in shared_groups(model):
+        if not targeted.intersection(names):
             continue
         keep = next(n for n in names if n in targeted)
         for name in names:
@@ -34,6 +39,20 @@ def untie_targets(model: nn.Module, targeted_modules: Iterable[str]) -> list[str
     if untied:
         _record_untied(model)
     return untied
+
+
+def record_broken_ties(model: nn.Module, groups_before: list[list[str]]) -> list[str]:
+    """After a merge, find tied groups that no longer share one tensor (a saved module replaced one side) and
+    record that in the config; returns the names now standing on their own."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    broken = []
+    for names in groups_before:
+        present = [n for n in names if n in params]
+        if len({id(params[n]) for n in present}) > 1:
+            broken.extend(present[1:])
+    if broken:
+        _record_untied(model)
+    return broken
 
 
 def _record_untied(model: nn.Module) -> None:

@@ -14,7 +14,14 @@ import torch
 
 from safe_merge.merger.delta import dora_factor, low_rank_delta, merged_bias, merged_weight, product_magnitude
 from safe_merge.merger.ledger import Ledger
-from safe_merge.merger.tolerance import WEIGHT_ULPS, eps, product_error, weight_tolerance
+from safe_merge.merger.tolerance import (
+    DORA_WEIGHT_ULPS,
+    WEIGHT_ULPS,
+    eps,
+    merge_magnitudes,
+    product_error,
+    weight_tolerance,
+)
 
 
 @dataclass
@@ -25,6 +32,7 @@ class TensorResult:
     ratio: float  # largest residual / tolerance over elements; ≤ 1 passes
     tol: float  # the tolerance at the worst element
     delta: float  # largest |expected − start|: how much this tensor had to move
+    resolvable: bool = True  # a merge that left this tensor as it started would fail the check
     problem: str = ""
 
     @property
@@ -49,7 +57,8 @@ class WeightCheck:
             "max_abs": max((t.max_abs for t in self.tensors), default=0.0),
             "max_rel": max((t.max_rel for t in self.tensors), default=0.0),
             "tol": worst.tol if worst else 0.0,
-            "tol_rule": f"{WEIGHT_ULPS:g} ulps of the stored dtype on |W|+|W'|+|dW|, per element",
+            "tol_rule": f"{WEIGHT_ULPS:g} ulps ({DORA_WEIGHT_ULPS:g} for DoRA) of the stored dtype on the "
+            "magnitudes rounded per element, plus r*eps32*|s||B||A|",
             "worst_tensor": worst.name if worst else None,
             "worst_ratio": worst.ratio if worst else 0.0,
             "checked_tensors": len(self.tensors),
@@ -65,6 +74,8 @@ class Expected:
     start: torch.Tensor
     value: torch.Tensor
     product_error: torch.Tensor | None = None
+    ulps: float = WEIGHT_ULPS
+    dora_factor: torch.Tensor | None = None
 
 
 def expected_params(ledger: Ledger, base: Mapping[str, torch.Tensor]) -> dict[str, Expected]:
@@ -74,9 +85,12 @@ def expected_params(ledger: Ledger, base: Mapping[str, torch.Tensor]) -> dict[st
         wname = f"{module}.weight"
         start = out[wname].value if wname in out else base[wname].to(torch.float64)
         bound = product_error(product_magnitude(lora), lora.rank, lora.compute_dtype)
-        if lora.magnitude is not None:  # DoRA rescales each output feature, the product's rounding with it
-            bound = bound * dora_factor(start, low_rank_delta(lora), lora.magnitude, lora.kind).abs()
-        out[wname] = Expected(start, merged_weight(start, lora), bound)
+        if lora.magnitude is None:
+            out[wname] = Expected(start, merged_weight(start, lora), bound)
+        else:  # DoRA rescales each output feature: every earlier rounding is scaled with it
+            factor = dora_factor(start, low_rank_delta(lora), lora.magnitude, lora.kind)
+            factor = factor.expand_as(start)
+            out[wname] = Expected(start, merged_weight(start, lora), bound * factor.abs(), DORA_WEIGHT_ULPS, factor)
         if lora.bias is not None:
             bname = f"{module}.bias"
             bstart = out[bname].value if bname in out else base[bname].to(torch.float64)
@@ -107,7 +121,7 @@ def check_weights(
                     f"(max |residual| {result.max_abs:.3g}, {result.ratio:.3g}x tolerance, "
                     f"{result.max_rel:.3g} of the delta)"
                 )
-            elif result.delta <= result.tol and result.delta > 0:
+            elif result.delta > 0 and not result.resolvable:
                 check.unresolvable.append(name)
         elif not torch.equal(base[name].to(got.dtype), got):
             diff = float((base[name].to(torch.float64) - got.to(torch.float64)).abs().max())
@@ -122,18 +136,23 @@ def _compare(name: str, exp: Expected, got: torch.Tensor) -> TensorResult:
                             problem=f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
     got64 = got.to(torch.float64)
     residual = (got64 - expected).abs()
-    tol = weight_tolerance(start, expected, got.dtype, exp.product_error)
+    magnitudes = merge_magnitudes(start, expected, exp.dora_factor)
+    tol = weight_tolerance(magnitudes, got.dtype, exp.product_error, exp.ulps)
     ratio_map = residual / tol
     worst = int(torch.argmax(ratio_map)) if ratio_map.numel() else 0
     max_abs = float(residual.max()) if residual.numel() else 0.0
     delta = float((expected - start).abs().max()) if residual.numel() else 0.0
+    size = float(expected.abs().max()) if residual.numel() else 0.0
     problem = "" if bool(torch.isfinite(got64).all()) else "holds NaN or Inf"
+    # relative to the delta when the tensor had to move, else (a saved copy) to the tensor itself
+    denominator = delta if delta > 0 else size
     return TensorResult(
         name=name,
         max_abs=max_abs,
-        max_rel=max_abs / delta if delta > 0 else (0.0 if max_abs == 0 else float("inf")),
+        max_rel=max_abs / denominator if denominator > 0 else 0.0,
         ratio=float(ratio_map.flatten()[worst]) if ratio_map.numel() else 0.0,
         tol=float(tol.flatten()[worst]) if tol.numel() else eps(got.dtype),
         delta=delta,
+        resolvable=bool(((expected - start).abs() > tol).any()),
         problem=problem,
     )

@@ -1,0 +1,53 @@
+"""Turning a drawn case into files and models, the way a user's training run would leave them."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import peft
+import torch
+
+from safe_merge.compat.adapter_files import load_adapter
+from safe_merge.merger import loading
+from safe_merge.merger.backend_peft import merge_model
+from safe_merge.merger.kinds import layer_kinds
+from safe_merge.merger.verify import Verification, verify_models
+from tests.strategies import Case, build_base, fill_adapter, lora_config
+
+
+def save_adapter(case: Case, base: torch.nn.Module, adapter_dir: Path) -> None:
+    """Train-like adapter: get_peft_model on a float32 copy of the base, real values filled in, saved."""
+    peft_model = peft.get_peft_model(copy.deepcopy(base), lora_config(case))
+    fill_adapter(peft_model, case)
+    peft_model.save_pretrained(str(adapter_dir))
+
+
+def materialize(case: Case, root: Path) -> tuple[Path, Path]:
+    """Write the base (float32) and the adapter of an HF-architecture case; returns their directories."""
+    base = build_base(case)
+    base_dir, adapter_dir = root / "base", root / "adapter"
+    base.save_pretrained(str(base_dir))
+    save_adapter(case, base, adapter_dir)
+    return base_dir, adapter_dir
+
+
+def probe_ids(case: Case) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    return torch.randint(0, case.sizes["vocab"], (2, 6), generator=gen)
+
+
+def merge_in_memory(case: Case, root: Path, dtype: torch.dtype) -> tuple[Verification, torch.nn.Module]:
+    """The custom-model path (no from_pretrained): merge and verify in memory; returns the result and the
+    merged model."""
+    base = build_base(case)
+    adapter_dir = root / "adapter"
+    if not adapter_dir.exists():
+        save_adapter(case, base, adapter_dir)
+    adapter = load_adapter(adapter_dir)
+    typed = copy.deepcopy(base).to(dtype)
+    base_params = {k: v.clone() for k, v in typed.state_dict().items()}
+    reference = loading.load_peft(copy.deepcopy(typed), adapter_dir)
+    merged, _ = merge_model(copy.deepcopy(typed), adapter)
+    result = verify_models(adapter, base_params, layer_kinds(typed), merged, reference, probe_ids(case))
+    return result, merged
