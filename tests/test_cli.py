@@ -1,0 +1,147 @@
+"""The safe-merge command: what OUT holds, exit codes, --json, and that nothing is written unless verified."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safe_merge.merger import backend_peft, loading
+from safe_merge.merger.cli import main
+from safe_merge.merger.demo import build_tokenizer
+from tests.helpers import materialize
+from tests.strategies import Case
+
+SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tied Llama base with a tokenizer and generation config, and an adapter on attention + embeddings."""
+    root = tmp_path_factory.mktemp("cli")
+    case = Case("llama", SIZES, True, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+                "float32", seed=11)
+    base_dir, adapter_dir = materialize(case, root)
+    build_tokenizer(base_dir)
+    return base_dir, adapter_dir
+
+
+def _run(args, capsys) -> tuple[int, dict | None, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if captured.out.strip() else None), captured.err
+
+
+def test_merge_writes_a_standalone_model_that_loads_with_the_base_class(inputs, tmp_path, capsys):
+    base, adapter = inputs
+    out = tmp_path / "out"
+    code, report, err = _run(["merge", base, adapter, "-o", out, "--json"], capsys)
+    assert code == 0 and report["status"] == "passed", err
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} <= files
+    assert not files & {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}
+    merged = loading.load_model(out, torch.float32)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    for key in ("status", "versions", "adapters", "backend", "dtype", "ledger", "verification", "quantization",
+                "output", "warnings", "seconds"):
+        assert key in report
+    assert report["ledger"]["unmatched"] == 0 and report["ledger"]["merged"] > 0
+    assert any("untied" in w for w in report["warnings"])  # the tied embedding was targeted
+
+
+def test_merge_keeps_the_base_dtype_with_dtype_auto(inputs, tmp_path, capsys):
+    base, adapter = inputs
+    half_base = tmp_path / "base-bf16"
+    loading.load_model(base, torch.bfloat16).save_pretrained(str(half_base))
+    code, report, err = _run(["merge", half_base, adapter, "-o", tmp_path / "out", "--json"], capsys)
+    assert code == 0, err
+    assert report["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(str(tmp_path / "out" / "model.safetensors")).values()} == {torch.bfloat16}
+
+
+def test_merge_shards_when_asked(inputs, tmp_path, capsys):
+    base, adapter = inputs
+    out = tmp_path / "out"
+    code, _, err = _run(["merge", base, adapter, "-o", out, "--max-shard-size", "20KB"], capsys)
+    assert code == 0, err
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+
+
+def test_existing_output_is_refused_without_force(inputs, tmp_path, capsys):
+    base, adapter = inputs
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, report, err = _run(["merge", base, adapter, "-o", out, "--json"], capsys)
+    assert code == 2 and "already exists" in err and report["status"] == "error"
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, err = _run(["merge", base, adapter, "-o", out, "--force"], capsys)
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_a_merge_that_changed_nothing_is_caught_and_nothing_is_written(inputs, tmp_path, capsys, monkeypatch):
+    base, adapter = inputs
+    monkeypatch.setattr(backend_peft, "merge_and_unload", lambda peft_model: peft_model.unload())
+    out = tmp_path / "out"
+    code, report, _ = _run(["merge", base, adapter, "-o", out, "--json"], capsys)
+    assert code == 1 and report["status"] == "failed"
+    assert any("q_proj.weight" in p for p in report["problems"])
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no staging dir left behind either
+
+
+def test_missing_adapter_config_is_bad_input(inputs, tmp_path, capsys):
+    base, _ = inputs
+    empty = tmp_path / "adapter"
+    empty.mkdir()
+    code, _, err = _run(["merge", base, empty, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and "adapter_config.json" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_lora_adapter_is_refused_naming_the_supported_types(inputs, tmp_path, capsys):
+    base, adapter = inputs
+    other = tmp_path / "ia3"
+    other.mkdir()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    (other / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    code, _, err = _run(["merge", base, other, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and "IA3" in err and "LORA" in err
+
+
+def test_verify_reports_could_not_verify_for_an_unchecked_feature(inputs, tmp_path, capsys):
+    base, adapter = inputs
+    merged = tmp_path / "merged"
+    assert main(["merge", str(base), str(adapter), "-o", str(merged)]) == 0
+    capsys.readouterr()
+    extra = tmp_path / "adapter-tokens"
+    extra.mkdir()
+    (extra / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = torch.zeros(1, 16)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(extra / "adapter_model.safetensors"))
+    code, report, _ = _run(["verify", base, extra, merged, "--json"], capsys)
+    assert code == 3 and report["status"] == "could_not_verify"
+
+
+def test_demo_runs_offline_and_passes():
+    done = subprocess.run([sys.executable, "-m", "safe_merge.merger.cli", "demo", "--json"],
+                          capture_output=True, text=True, env={**_offline_env()}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["status"] == "passed" and "PASSED" in done.stderr
+    assert Path(report["output"]["path"]).is_dir()
+
+
+def _offline_env() -> dict:
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

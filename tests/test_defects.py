@@ -1,0 +1,132 @@
+"""A verifier that cannot be fooled: defects written into a real merged checkpoint are each caught, with exit 1
+and the tensor named, by `safe-merge verify`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from safe_merge.merger.cli import main
+from safe_merge.merger.pipeline import MergeRequest, merge_command
+from tests.helpers import materialize
+from tests.strategies import Case
+
+SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+Q = "model.layers.1.self_attn.q_proj.weight"
+
+
+def _merged(root: Path, case: Case) -> tuple[Path, Path, Path]:
+    base_dir, adapter_dir = materialize(case, root)
+    out = root / "merged"
+    report = merge_command(MergeRequest(str(base_dir), [str(adapter_dir)], out))
+    assert report["status"] == "passed", report["problems"]
+    return base_dir, adapter_dir, out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A Llama merge with rsLoRA at r=4 (so α/√r and α/r differ by 2x) on square q_proj and on v_proj."""
+    case = Case("llama", SIZES, False, {"r": 4, "lora_alpha": 8, "use_rslora": True,
+                                        "target_modules": ["q_proj", "v_proj"]}, "float32", seed=3, delta_scale=1.0)
+    return _merged(tmp_path_factory.mktemp("llama"), case)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A BERT sequence classifier: its head is in modules_to_save (PEFT adds it for SEQ_CLS)."""
+    case = Case("bert_cls", SIZES, False, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
+                "float32", seed=5, delta_scale=1.0)
+    return _merged(tmp_path_factory.mktemp("bert"), case)
+
+
+def _tamper(merged: Path, dest: Path, edit) -> Path:
+    """Copy a merged checkpoint and rewrite its tensors with ``edit(tensors)``."""
+    shutil.copytree(merged, dest)
+    tensors = load_file(str(dest / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def _verify(base: Path, adapter: Path, merged: Path, capsys) -> tuple[int, dict]:
+    code = main(["verify", str(base), str(adapter), str(merged), "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def _base_tensors(base: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(base / "model.safetensors"))
+
+
+def test_untouched_merge_passes(llama, capsys):
+    code, report = _verify(*llama, capsys)
+    assert (code, report["status"]) == (0, "passed")
+
+
+def test_layer_left_unmerged_is_caught(llama, tmp_path, capsys):
+    base, adapter, merged = llama
+    bad = _tamper(merged, tmp_path / "bad", lambda t: t.__setitem__(Q, _base_tensors(base)[Q].clone()))
+    code, report = _verify(base, adapter, bad, capsys)
+    assert code == 1 and report["status"] == "failed"
+    assert any(p.startswith(Q) for p in report["problems"]), report["problems"]
+
+
+def test_delta_applied_twice_is_caught(llama, tmp_path, capsys):
+    base, adapter, merged = llama
+    w = _base_tensors(base)[Q]
+    bad = _tamper(merged, tmp_path / "bad", lambda t: t.__setitem__(Q, w + 2 * (t[Q] - w)))
+    code, report = _verify(base, adapter, bad, capsys)
+    assert code == 1 and any(p.startswith(Q) for p in report["problems"])
+
+
+def test_transposed_delta_is_caught(llama, tmp_path, capsys):
+    base, adapter, merged = llama
+    w = _base_tensors(base)[Q]
+    assert w.shape[0] == w.shape[1]  # square, so the transposed delta fits and only the numbers can tell
+    bad = _tamper(merged, tmp_path / "bad", lambda t: t.__setitem__(Q, w + (t[Q] - w).T))
+    code, report = _verify(base, adapter, bad, capsys)
+    assert code == 1 and any(p.startswith(Q) for p in report["problems"])
+
+
+def test_rslora_scale_used_as_plain_scale_is_caught(llama, tmp_path, capsys):
+    base, adapter, merged = llama
+    w = _base_tensors(base)[Q]
+    r = 4  # plain scale α/r is the rsLoRA scale α/√r divided by √r
+    bad = _tamper(merged, tmp_path / "bad", lambda t: t.__setitem__(Q, w + (t[Q] - w) / r**0.5))
+    code, report = _verify(base, adapter, bad, capsys)
+    assert code == 1 and any(p.startswith(Q) for p in report["problems"])
+
+
+def test_modules_to_save_head_left_at_base_is_caught(classifier, tmp_path, capsys):
+    base, adapter, merged = classifier
+    head = _base_tensors(base)["classifier.weight"]
+    bad = _tamper(merged, tmp_path / "bad", lambda t: t.__setitem__("classifier.weight", head.clone()))
+    code, report = _verify(base, adapter, bad, capsys)
+    assert code == 1 and any(p.startswith("classifier.weight") for p in report["problems"])
+
+
+def test_modules_to_save_head_missing_from_checkpoint_is_caught(classifier, tmp_path, capsys):
+    base, adapter, merged = classifier
+    bad = _tamper(merged, tmp_path / "bad", lambda t: (t.pop("classifier.weight"), t.pop("classifier.bias")))
+    code, report = _verify(base, adapter, bad, capsys)
+    assert code == 1
+    assert any("classifier.weight" in p for p in report["problems"]), report["problems"]
+
+
+def test_delta_on_the_wrong_layer_is_caught(llama, tmp_path, capsys):
+    base, adapter, merged = llama
+    wrong = "model.layers.1.self_attn.k_proj.weight"
+    w = _base_tensors(base)[Q]
+
+    def move(t):
+        delta = t[Q] - w
+        t[Q] = w.clone()
+        t[wrong] = t[wrong] + delta[: t[wrong].shape[0]]
+
+    code, report = _verify(base, adapter, _tamper(merged, tmp_path / "bad", move), capsys)
+    assert code == 1
+    assert any(p.startswith(wrong) for p in report["problems"]) and any(p.startswith(Q) for p in report["problems"])
