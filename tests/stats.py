@@ -26,14 +26,18 @@ def record(dtype: str, arch: str, report: dict) -> None:
 
 
 def table() -> list[str]:
+    """One line per dtype: the worst figures seen, as multiples of the tolerance and in absolute terms."""
     lines = []
     for dtype, rows in sorted(_rows.items()):
-        archs = sorted({r["arch"] for r in rows})
+
+        def worst(key: str, rows: list[dict] = rows) -> float:
+            return max(r[key] for r in rows)
+
         lines.append(
-            f"{dtype:9s} n={len(rows):4d} archs={','.join(archs)}  "
-            f"weights: worst {max(r['weight_ratio'] for r in rows):.3f}x tol, "
-            f"max |res| {max(r['weight_abs'] for r in rows):.3g}, max rel {max(r['weight_rel'] for r in rows):.3g}  "
-            f"outputs: worst {max(r['out_ratio'] for r in rows):.3f}x tol, max |diff| {max(r['out_abs'] for r in rows):.3g}; "
+            f"{dtype:9s} n={len(rows):4d} archs={','.join(sorted({r['arch'] for r in rows}))}  "
+            f"weights: worst {worst('weight_ratio'):.3f}x tol, max |res| {worst('weight_abs'):.3g}, "
+            f"max rel {worst('weight_rel'):.3g}  "
+            f"outputs: worst {worst('out_ratio'):.3f}x tol, max |diff| {worst('out_abs'):.3g}; "
             f"no-op would fail outputs in {sum(r['discriminating'] for r in rows)}/{len(rows)}"
         )
     return lines

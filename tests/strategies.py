@@ -168,23 +168,52 @@ def build_base(case: Case) -> nn.Module:
     common = dict(vocab_size=s["vocab"])
     if case.arch == "llama":
         config = tf.LlamaConfig(
-            hidden_size=s["hidden"], intermediate_size=2 * s["hidden"], num_hidden_layers=s["layers"],
-            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], max_position_embeddings=32,
-            tie_word_embeddings=case.tied, attention_bias=True, **common,
+            hidden_size=s["hidden"],
+            intermediate_size=2 * s["hidden"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["kv_heads"],
+            max_position_embeddings=32,
+            tie_word_embeddings=case.tied,
+            attention_bias=True,
+            **common,
         )
         model = tf.LlamaForCausalLM(config)
     elif case.arch == "gpt2":
-        config = tf.GPT2Config(n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"], n_positions=32,
-                               bos_token_id=0, eos_token_id=0, **common)
+        config = tf.GPT2Config(
+            n_embd=s["hidden"],
+            n_layer=s["layers"],
+            n_head=s["heads"],
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
+        )
         model = tf.GPT2LMHeadModel(config)
     elif case.arch == "bert_cls":
-        config = tf.BertConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                               intermediate_size=2 * s["hidden"], max_position_embeddings=32, num_labels=3, **common)
+        config = tf.BertConfig(
+            hidden_size=s["hidden"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            intermediate_size=2 * s["hidden"],
+            max_position_embeddings=32,
+            num_labels=3,
+            **common,
+        )
         model = tf.BertForSequenceClassification(config)
     elif case.arch == "opt":
-        config = tf.OPTConfig(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-                              ffn_dim=2 * s["hidden"], max_position_embeddings=32, word_embed_proj_dim=s["hidden"],
-                              pad_token_id=1, bos_token_id=0, eos_token_id=0, **common)
+        config = tf.OPTConfig(
+            hidden_size=s["hidden"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            ffn_dim=2 * s["hidden"],
+            max_position_embeddings=32,
+            word_embed_proj_dim=s["hidden"],
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
+        )
         model = tf.OPTForCausalLM(config)
     else:
         raise ValueError(case.arch)
@@ -210,7 +239,7 @@ def fill_adapter(peft_model: nn.Module, case: Case) -> None:
     def noise(t: torch.Tensor) -> torch.Tensor:
         return torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype)
 
-    for name, module in peft_model.named_modules():
+    for module in peft_model.modules():
         lora_a = getattr(module, "lora_A", None)
         emb_a = getattr(module, "lora_embedding_A", None)
         if isinstance(lora_a, nn.ModuleDict) and len(lora_a):
@@ -313,12 +342,7 @@ def lora_kwargs(draw, arch: Arch, sizes: dict, *, plain: bool = False) -> dict:
     )
     if dora_ok and draw(st.booleans()):
         kw["use_dora"] = True
-    elif (
-        FEATURES["lora_bias"]
-        and all(t.bias for t in targets)
-        and "embedding" not in kinds
-        and draw(st.booleans())
-    ):
+    elif FEATURES["lora_bias"] and all(t.bias for t in targets) and "embedding" not in kinds and draw(st.booleans()):
         kw["lora_bias"] = True
     kw["bias"] = draw(st.sampled_from(["none", "none", "all"]))
     untargeted = [

@@ -24,8 +24,14 @@ SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
 def inputs(tmp_path_factory):
     """A tied Llama base with a tokenizer and generation config, and an adapter on attention + embeddings."""
     root = tmp_path_factory.mktemp("cli")
-    case = Case("llama", SIZES, True, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "embed_tokens"]},
-                "float32", seed=11)
+    case = Case(
+        "llama",
+        SIZES,
+        True,
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+        "float32",
+        seed=11,
+    )
     base_dir, adapter_dir = materialize(case, root)
     build_tokenizer(base_dir)
     return base_dir, adapter_dir
@@ -47,8 +53,19 @@ def test_merge_writes_a_standalone_model_that_loads_with_the_base_class(inputs, 
     assert not files & {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}
     merged = loading.load_model(out, torch.float32)
     assert type(merged).__name__ == "LlamaForCausalLM"
-    for key in ("status", "versions", "adapters", "backend", "dtype", "ledger", "verification", "quantization",
-                "output", "warnings", "seconds"):
+    for key in (
+        "status",
+        "versions",
+        "adapters",
+        "backend",
+        "dtype",
+        "ledger",
+        "verification",
+        "quantization",
+        "output",
+        "warnings",
+        "seconds",
+    ):
         assert key in report
     assert report["ledger"]["unmatched"] == 0 and report["ledger"]["merged"] > 0
     assert any("untied" in w for w in report["warnings"])  # the tied embedding was targeted
@@ -133,8 +150,13 @@ def test_verify_reports_could_not_verify_for_an_unchecked_feature(inputs, tmp_pa
 
 
 def test_demo_runs_offline_and_passes():
-    done = subprocess.run([sys.executable, "-m", "safe_merge.merger.cli", "demo", "--json"],
-                          capture_output=True, text=True, env={**_offline_env()}, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "safe_merge.merger.cli", "demo", "--json"],
+        capture_output=True,
+        text=True,
+        env={**_offline_env()},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["status"] == "passed" and "PASSED" in done.stderr

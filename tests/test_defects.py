@@ -31,16 +31,30 @@ def _merged(root: Path, case: Case) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """A Llama merge with rsLoRA at r=4 (so α/√r and α/r differ by 2x) on square q_proj and on v_proj."""
-    case = Case("llama", SIZES, False, {"r": 4, "lora_alpha": 8, "use_rslora": True,
-                                        "target_modules": ["q_proj", "v_proj"]}, "float32", seed=3, delta_scale=1.0)
+    case = Case(
+        "llama",
+        SIZES,
+        False,
+        {"r": 4, "lora_alpha": 8, "use_rslora": True, "target_modules": ["q_proj", "v_proj"]},
+        "float32",
+        seed=3,
+        delta_scale=1.0,
+    )
     return _merged(tmp_path_factory.mktemp("llama"), case)
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     """A BERT sequence classifier: its head is in modules_to_save (PEFT adds it for SEQ_CLS)."""
-    case = Case("bert_cls", SIZES, False, {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
-                "float32", seed=5, delta_scale=1.0)
+    case = Case(
+        "bert_cls",
+        SIZES,
+        False,
+        {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]},
+        "float32",
+        seed=5,
+        delta_scale=1.0,
+    )
     return _merged(tmp_path_factory.mktemp("bert"), case)
 
 

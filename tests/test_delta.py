@@ -27,8 +27,9 @@ class Net(nn.Module):
 @pytest.mark.parametrize("target", ["lin", "gpt", "emb", "conv"])
 def test_reference_delta_matches_peft_for_each_layer_kind(target):
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=[target], init_lora_weights=False,
-                             fan_in_fan_out=target == "gpt")
+    config = peft.LoraConfig(
+        r=3, lora_alpha=5, target_modules=[target], init_lora_weights=False, fan_in_fan_out=target == "gpt"
+    )
     model = peft.get_peft_model(Net(), config)
     layer = model.base_model.model.get_submodule(target)
     kinds = layer_kinds(Net())
@@ -48,8 +49,12 @@ def test_reference_delta_matches_peft_for_each_layer_kind(target):
 
 def test_layer_kinds_know_gpt2_conv1d_as_fan_in_fan_out():
     kinds = layer_kinds(Net())
-    assert kinds == {"lin": LayerKind.LINEAR, "gpt": LayerKind.LINEAR_FIFO, "emb": LayerKind.EMBEDDING,
-                     "conv": LayerKind.CONV}
+    assert kinds == {
+        "lin": LayerKind.LINEAR,
+        "gpt": LayerKind.LINEAR_FIFO,
+        "emb": LayerKind.EMBEDDING,
+        "conv": LayerKind.CONV,
+    }
 
 
 def test_scaling_follows_rslora_and_alpha_pattern():

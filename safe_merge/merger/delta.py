@@ -104,9 +104,7 @@ def merged_weight(weight: torch.Tensor, lora: ModuleLora) -> torch.Tensor:
     """The exact merged weight (float64) for a base weight and one module's LoRA."""
     delta = low_rank_delta(lora)
     if delta.shape != weight.shape:
-        raise ValueError(
-            f"{lora.module}: LoRA delta has shape {tuple(delta.shape)}, base weight {tuple(weight.shape)}"
-        )
+        raise ValueError(f"{lora.module}: LoRA delta has shape {tuple(delta.shape)}, base weight {tuple(weight.shape)}")
     if lora.magnitude is not None:
         return dora_factor(weight, delta, lora.magnitude, lora.kind) * (weight + delta)
     return weight + delta

@@ -36,9 +36,17 @@ def build_base(directory: Path, vocab_size: int) -> None:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=1, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(str(directory))
 
@@ -51,7 +59,9 @@ def build_adapter(base_dir: Path, directory: Path) -> None:
     torch.manual_seed(1)
     model = LlamaForCausalLM.from_pretrained(str(base_dir))
     config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)

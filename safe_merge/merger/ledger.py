@@ -78,11 +78,22 @@ def build_ledger(
             else:
                 ledger.entries.append(Entry(key, Status.UNMATCHED, parsed.param, "no such parameter in the base"))
         elif parsed.role is Role.ORIGINAL_COPY:
-            ledger.entries.append(Entry(key, Status.SKIPPED, parsed.param, _original_copy_reason(key, parsed.param,
-                                                                                                  adapter, base_params)))
+            ledger.entries.append(
+                Entry(
+                    key,
+                    Status.SKIPPED,
+                    parsed.param,
+                    _original_copy_reason(key, parsed.param, adapter, base_params),
+                )
+            )
         elif parsed.role is Role.TOKEN_DELTA:
             ledger.entries.append(
-                Entry(key, Status.UNVERIFIED, parsed.param, "trainable tokens are not checked by this verifier yet")
+                Entry(
+                    key,
+                    Status.UNVERIFIED,
+                    parsed.param,
+                    "trainable tokens are not checked by this verifier yet",
+                )
             )
         else:
             by_module[parsed.module][parsed.role] = key

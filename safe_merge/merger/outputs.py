@@ -64,7 +64,9 @@ def check_outputs(reference: nn.Module, merged: nn.Module, inputs, dtype: torch.
     ref = run(reference, inputs)
     got = run(merged, inputs)
     if ref.shape != got.shape:
-        return OutputCheck(True, float("inf"), 0.0, reason=f"output shapes differ: {tuple(ref.shape)} vs {tuple(got.shape)}")
+        return OutputCheck(
+            True, float("inf"), 0.0, reason=f"output shapes differ: {tuple(ref.shape)} vs {tuple(got.shape)}"
+        )
     effect = 0.0
     disable = getattr(reference, "disable_adapter", None)
     if disable is not None:

@@ -54,9 +54,7 @@ def run_merge(req: MergeRequest) -> dict:
     report = {
         "status": None,
         "versions": loading.versions(),
-        "adapters": [
-            {"path": str(adapter_dir), "origin_peft": adapter.config.get("peft_version"), "migrations": []}
-        ],
+        "adapters": [{"path": str(adapter_dir), "origin_peft": adapter.config.get("peft_version"), "migrations": []}],
         "backend": "peft",
         "dtype": str(dtype).removeprefix("torch."),
         "quantization": None,
@@ -77,7 +75,11 @@ def run_merge(req: MergeRequest) -> dict:
         report["warnings"] = notes + body["warnings"] + caught
         report["output"]["files"] = files
         if verification.status != PASSED:
-            report["output"] = {"path": None, "files": [], "not_written": f"verification {verification.status}"}
+            report["output"] = {
+                "path": None,
+                "files": [],
+                "not_written": f"verification {verification.status}",
+            }
             raise _Abandon(report, verification.exit_code)
     report["seconds"] = round(time.monotonic() - started, 3)
     report["exit_code"] = 0

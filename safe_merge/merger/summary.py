@@ -8,29 +8,41 @@ def _num(x) -> str:
 
 
 def summarize(command: str, report: dict) -> str:
-    lines = [f"safe-merge {command}: {str(report.get('status')).upper()}  (exit {report.get('exit_code', '?')}"
-             + (f", {report['seconds']:.1f} s)" if "seconds" in report else ")")]
+    lines = [
+        f"safe-merge {command}: {str(report.get('status')).upper()}  (exit {report.get('exit_code', '?')}"
+        + (f", {report['seconds']:.1f} s)" if "seconds" in report else ")")
+    ]
     for adapter in report.get("adapters", []):
         migrations = ", ".join(m["id"] for m in adapter.get("migrations", [])) or "none"
-        lines.append(f"  adapter   {adapter['path']} (origin peft {adapter.get('origin_peft') or 'unknown'}; "
-                     f"migrations: {migrations})")
+        lines.append(
+            f"  adapter   {adapter['path']} (origin peft {adapter.get('origin_peft') or 'unknown'}; "
+            f"migrations: {migrations})"
+        )
     if "backend" in report:
         lines.append(f"  backend   {report['backend']}   dtype {report.get('dtype')}")
     ledger = report.get("ledger")
     if ledger:
-        lines.append("  ledger    " + " · ".join(f"{k} {ledger.get(k, 0)}"
-                                                for k in ("merged", "replaced", "skipped", "unmatched", "unverified")))
+        lines.append(
+            "  ledger    "
+            + " · ".join(
+                f"{k} {ledger.get(k, 0)}" for k in ("merged", "replaced", "skipped", "unmatched", "unverified")
+            )
+        )
     ver = report.get("verification") or {}
     w = ver.get("weights")
     if w:
-        lines.append(f"  weights   {'ok' if w['passed'] else 'FAILED'}: max |residual| {_num(w['max_abs'])}, "
-                     f"max rel {_num(w['max_rel'])}; worst {w.get('worst_tensor')} at {_num(w.get('worst_ratio'))}"
-                     f"x tolerance ({w.get('tol_rule')})")
+        lines.append(
+            f"  weights   {'ok' if w['passed'] else 'FAILED'}: max |residual| {_num(w['max_abs'])}, "
+            f"max rel {_num(w['max_rel'])}; worst {w.get('worst_tensor')} at {_num(w.get('worst_ratio'))}"
+            f"x tolerance ({w.get('tol_rule')})"
+        )
     o = ver.get("outputs")
     if o:
         if o.get("ran"):
-            lines.append(f"  outputs   {'ok' if o['passed'] else 'FAILED'}: max |diff| {_num(o['max_abs'])} "
-                         f"(tol {_num(o['tol'])}; the adapter moves outputs by {_num(o.get('adapter_effect'))})")
+            lines.append(
+                f"  outputs   {'ok' if o['passed'] else 'FAILED'}: max |diff| {_num(o['max_abs'])} "
+                f"(tol {_num(o['tol'])}; the adapter moves outputs by {_num(o.get('adapter_effect'))})"
+            )
         else:
             lines.append(f"  outputs   not checked: {o.get('reason')}")
     for problem in report.get("problems", []):

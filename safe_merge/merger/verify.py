@@ -132,7 +132,12 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
         reference_base = loading.load_model(base_dir, merged_dtype)
     reference = loading.load_peft(reference_base, adapter_dir)
     result = verify_models(
-        adapter, base_params, kinds, merged, reference, probe_inputs(merged_config),
+        adapter,
+        base_params,
+        kinds,
+        merged,
+        reference,
+        probe_inputs(merged_config),
         merged_params=merged.state_dict(),
     )
     if missing:

@@ -98,9 +98,7 @@ def expected_params(ledger: Ledger, base: Mapping[str, torch.Tensor]) -> dict[st
     return out
 
 
-def check_weights(
-    ledger: Ledger, base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor]
-) -> WeightCheck:
+def check_weights(ledger: Ledger, base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor]) -> WeightCheck:
     """Compare every merged parameter with its expectation; name each tensor that is off."""
     check = WeightCheck()
     touched = expected_params(ledger, base)
@@ -132,8 +130,15 @@ def check_weights(
 def _compare(name: str, exp: Expected, got: torch.Tensor) -> TensorResult:
     start, expected = exp.start, exp.value
     if tuple(got.shape) != tuple(expected.shape):
-        return TensorResult(name, float("inf"), float("inf"), float("inf"), 0.0, 0.0,
-                            problem=f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+        return TensorResult(
+            name,
+            float("inf"),
+            float("inf"),
+            float("inf"),
+            0.0,
+            0.0,
+            problem=f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}",
+        )
     got64 = got.to(torch.float64)
     residual = (got64 - expected).abs()
     magnitudes = merge_magnitudes(start, expected, exp.dora_factor)

@@ -1,0 +1,67 @@
+"""Sessions: tests (the suite on the current pair), demo, lint. Versions come from matrix/matrix.toml."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nox
+import tomllib
+
+ROOT = Path(__file__).parent
+MATRIX = tomllib.loads((ROOT / "matrix" / "matrix.toml").read_text())
+
+nox.options.default_venv_backend = "uv" if shutil.which("uv") else "virtualenv"
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def torch_version() -> str:
+    return os.environ.get("TORCH_VERSION") or MATRIX["torch"]["version"]
+
+
+def find_links() -> list[str]:
+    """uv does not read pip's settings: hand pip's local find-links (where the CPU torch lives) on to it."""
+    links = os.environ.get("PIP_FIND_LINKS", "").split()
+    return [arg for link in links for arg in ("--find-links", link)]
+
+
+def install_project(session: nox.Session, peft: str, transformers: str, extras: str = "test") -> None:
+    """torch first and pinned (a constraint keeps every later install from replacing it), then the project."""
+    constraints = Path(session.create_tmp()) / "constraints.txt"
+    constraints.write_text(f"torch=={torch_version()}\npeft=={peft}\ntransformers=={transformers}\n")
+    session.install(*find_links(), f"torch=={torch_version()}")
+    session.install(*find_links(), "-c", str(constraints), "-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite on the current PEFT × transformers pair, with the `ci` hypothesis profile."""
+    pair = MATRIX["current"]
+    install_project(session, pair["peft"], pair["transformers"])
+    session.run(
+        "python",
+        "-c",
+        "import peft, transformers, torch; "
+        "print('peft', peft.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)",
+    )
+    env = {"HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "ci"), "HF_HUB_OFFLINE": "1"}
+    session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or ["tests"]), env=env)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """`safe-merge demo`: the whole pipeline on a tiny model it builds itself, offline."""
+    pair = MATRIX["current"]
+    install_project(session, pair["peft"], pair["transformers"], extras="test")
+    session.run("safe-merge", "demo", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session(venv_backend="none")
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check (uses the ruff on PATH, installing it into the running Python if missing)."""
+    if not shutil.which("ruff"):
+        session.run("python", "-m", "pip", "install", "-q", "ruff", external=True)
+    session.run("ruff", "check", ".", external=True)
+    session.run("ruff", "format", "--check", ".", external=True)
