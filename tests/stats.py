@@ -21,6 +21,7 @@ def record(dtype: str, arch: str, report: dict) -> None:
             "out_ratio": (o.get("max_abs", 0.0) / o["tol"]) if o.get("tol") else 0.0,
             "effect_ratio": (o.get("adapter_effect", 0.0) / o["tol"]) if o.get("tol") else 0.0,
             "discriminating": bool(o.get("discriminating")),
+            "noise_ratio": (o.get("max_abs", 0.0) / o["rounding_noise"]) if o.get("rounding_noise") else 0.0,
         }
     )
 
@@ -37,7 +38,8 @@ def table() -> list[str]:
             f"{dtype:9s} n={len(rows):4d} archs={','.join(sorted({r['arch'] for r in rows}))}  "
             f"weights: worst {worst('weight_ratio'):.3f}x tol, max |res| {worst('weight_abs'):.3g}, "
             f"max rel {worst('weight_rel'):.3g}  "
-            f"outputs: worst {worst('out_ratio'):.3f}x tol, max |diff| {worst('out_abs'):.3g}; "
+            f"outputs: worst {worst('out_ratio'):.3f}x tol, max |diff| {worst('out_abs'):.3g}, "
+            f"worst diff/noise {worst('noise_ratio'):.2f}; "
             f"no-op would fail outputs in {sum(r['discriminating'] for r in rows)}/{len(rows)}"
         )
     return lines

@@ -51,8 +51,10 @@ def test_merge_writes_a_standalone_model_that_loads_with_the_base_class(inputs, 
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} <= files
     assert not files & {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}
-    merged = loading.load_model(out, torch.float32)
-    assert type(merged).__name__ == "LlamaForCausalLM"
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(merged).__name__ == "LlamaForCausalLM"  # the base's class, not a PeftModel
     for key in (
         "status",
         "versions",
@@ -69,6 +71,19 @@ def test_merge_writes_a_standalone_model_that_loads_with_the_base_class(inputs, 
         assert key in report
     assert report["ledger"]["unmatched"] == 0 and report["ledger"]["merged"] > 0
     assert any("untied" in w for w in report["warnings"])  # the tied embedding was targeted
+
+
+def test_tokenizer_comes_from_the_adapter_when_it_saved_its_own(inputs, tmp_path, capsys):
+    base, adapter = inputs
+    own = tmp_path / "adapter"
+    own.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (own / name).write_bytes((adapter / name).read_bytes())
+    (own / "tokenizer_config.json").write_text('{"marker": "from the adapter"}')
+    code, _, err = _run(["merge", base, own, "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert "from the adapter" in (tmp_path / "out" / "tokenizer_config.json").read_text()
+    assert not (tmp_path / "out" / "tokenizer.json").exists()  # nothing mixed in from the base's tokenizer
 
 
 def test_merge_keeps_the_base_dtype_with_dtype_auto(inputs, tmp_path, capsys):

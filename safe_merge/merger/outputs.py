@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from safe_merge.merger.probes import main_output
-from safe_merge.merger.tolerance import OUTPUT_ULPS, output_tolerance
+from safe_merge.merger.tolerance import NOISE_FACTOR, OUTPUT_ULPS, output_tolerance
 
 
 @dataclass
@@ -18,6 +19,7 @@ class OutputCheck:
     max_abs: float = 0.0
     tol: float = 0.0
     effect: float = 0.0  # how far the adapter moves the outputs; a check that cannot see it proves little
+    noise: float | None = None  # how far the reference itself is from its float64 twin (None: not measured)
     reason: str = ""
 
     @property
@@ -37,15 +39,24 @@ class OutputCheck:
             "ran": True,
             "max_abs": self.max_abs,
             "tol": self.tol,
-            "tol_rule": f"{OUTPUT_ULPS:g} ulps x sqrt(depth) of the largest reference output",
+            "tol_rule": f"max({OUTPUT_ULPS:g} ulps x sqrt(depth) of the largest reference output, "
+            f"{NOISE_FACTOR:g} x the reference's own rounding noise against float64)",
+            "rounding_noise": self.noise,
             "adapter_effect": self.effect,
             "discriminating": self.discriminating,
         }
 
 
 def run(model: nn.Module, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    """Run on the probe inputs (floating inputs cast to the model's dtype); the main output as float64."""
+    dtype = next(model.parameters()).dtype
+    if isinstance(inputs, dict):
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.no_grad():
+            out = model(**inputs)
+    else:
+        with torch.no_grad():
+            out = model(inputs.to(dtype) if inputs.is_floating_point() else inputs)
     return main_output(out).detach().to(torch.float64)
 
 
@@ -59,6 +70,28 @@ def model_depth(model: nn.Module) -> int:
     return 1
 
 
+def rounding_noise(reference: nn.Module, inputs, ref: torch.Tensor) -> float | None:
+    """max |reference in its dtype − reference in float64|: the rounding the model itself does on these inputs.
+
+    Needs a float64 copy of the reference; skipped (None) when that would not fit in half the free memory.
+    """
+    size = sum(p.numel() for p in reference.parameters()) * 8
+    if size > available_memory() // 2:
+        return None
+    twin = copy.deepcopy(reference).to(torch.float64)
+    try:
+        return float((run(twin, inputs) - ref).abs().max())
+    finally:
+        del twin
+
+
+def available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def check_outputs(reference: nn.Module, merged: nn.Module, inputs, dtype: torch.dtype) -> OutputCheck:
     """Compare merged outputs with the reference (an unmerged PeftModel, adapter active) in ``dtype``."""
     ref = run(reference, inputs)
@@ -70,10 +103,11 @@ def check_outputs(reference: nn.Module, merged: nn.Module, inputs, dtype: torch.
     effect = 0.0
     disable = getattr(reference, "disable_adapter", None)
     if disable is not None:
-        with disable() if callable(disable) else contextlib.nullcontext():
+        with disable():
             effect = float((run(reference, inputs) - ref).abs().max())
+    noise = rounding_noise(reference, inputs, ref)
     diff = (ref - got).abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     if not torch.isfinite(got).all():
         max_abs = float("inf")
-    return OutputCheck(True, max_abs, output_tolerance(ref, dtype, model_depth(merged)), effect)
+    return OutputCheck(True, max_abs, output_tolerance(ref, dtype, model_depth(merged), noise), effect, noise)

@@ -45,11 +45,14 @@ def run_merge(req: MergeRequest) -> dict:
     base_config = loading.read_model_config(base_dir)
     dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
 
-    caught: list[str] = []
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         merged, notes = backend_peft.merge(base_dir, adapter, dtype)
-    caught = _unique(str(r.message).splitlines()[0][:300] for r in records)
+    caught = _unique(
+        str(r.message).splitlines()[0][:300]
+        for r in records
+        if not issubclass(r.category, (DeprecationWarning, FutureWarning))  # library housekeeping, not about this merge
+    )
 
     report = {
         "status": None,

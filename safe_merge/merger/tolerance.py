@@ -3,17 +3,22 @@
 Weights: a plain merge rounds at most three times (the base cast to the merged dtype, the delta cast, the sum),
 each within half a unit in the last place (ulp): at most 1.5 ulps. WEIGHT_ULPS = 4 units of the stored dtype,
 taken on the magnitudes involved (|W| + |W'| + |ΔW|), leaves a factor of 2.5 to spare. DoRA rounds about twice
-as often (W + ΔW, its norm, the magnitude, the ratio, the product, the cast): DORA_WEIGHT_ULPS = 8.
+as often (W + ΔW, its norm, the magnitude, the ratio, the product, the cast): DORA_WEIGHT_ULPS = 8, on
+magnitudes that carry its factor m/‖W + ΔW‖ (which multiplies every earlier rounding; see merge_magnitudes).
 Computing B·A itself (r products summed, in the adapter's precision, float32 or wider) errs by at most
 r·eps·(|s|·|B|·|A|), the classic bound for an r-term dot product; that term is added as it is. A change of the
 delta by a few percent of itself (a wrong scale, a missing transpose, a doubled delta) is far outside the sum
 whenever the delta is resolvable in that dtype.
 
-Outputs: the merged and unmerged models round differently in every layer, so their difference grows with the
-size of activations and, like a random walk, with the square root of depth. On the property tests' tiny models
-the worst difference measured was 2.2 ulps of the largest reference output in float32 and 1 ulp in bfloat16 and
-float16; OUTPUT_ULPS = 4 per sqrt(layer) keeps a margin of two over the worst and still fails a merge that did
-nothing whenever the adapter moves the outputs by more than a few ulps (the check reports whether it could).
+Outputs: the merged and unmerged models round differently in every layer. How much depends on the model: where
+a matmul's terms cancel, its rounding error is large next to its result, so no fixed number of ulps of the output
+fits every model (on the property tests' tiny models with large deltas, float32 differences reached 3.9 ulps x
+sqrt(depth) of the largest output). So the tolerance is measured on the model itself: the unmerged reference is run
+once more in float64, and the merged model may differ from the reference by NOISE_FACTOR times the reference's own
+distance from that float64 run. Over 600 merges of the ci profile the worst ratio seen was 2.95 (float16);
+NOISE_FACTOR = 6 leaves a factor of two to spare. OUTPUT_ULPS x sqrt(depth) of the largest output stays as a
+floor, and is all that is used when a float64 copy does not fit in memory. The report says whether a merge that
+did nothing would have failed the check.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 WEIGHT_ULPS = 4.0
 DORA_WEIGHT_ULPS = 8.0
 OUTPUT_ULPS = 4.0
+NOISE_FACTOR = 6.0
 
 
 def eps(dtype: torch.dtype) -> float:
@@ -66,7 +72,9 @@ def product_error(magnitude: torch.Tensor, rank: int, compute_dtype: torch.dtype
     return rank * eps(compute_dtype) * magnitude
 
 
-def output_tolerance(reference: torch.Tensor, dtype: torch.dtype, depth: int = 1) -> float:
-    """Absolute tolerance on the outputs of a ``depth``-layer model computed in ``dtype``."""
+def output_tolerance(reference: torch.Tensor, dtype: torch.dtype, depth: int = 1, noise: float | None = None) -> float:
+    """Absolute tolerance on the outputs of a ``depth``-layer model computed in ``dtype``; ``noise`` is the
+    reference's measured distance from its float64 twin, when it was measured."""
     scale = float(reference.abs().max()) if reference.numel() else 0.0
-    return OUTPUT_ULPS * math.sqrt(max(depth, 1)) * eps(dtype) * max(scale, 1.0)
+    floor = OUTPUT_ULPS * math.sqrt(max(depth, 1)) * eps(dtype) * max(scale, 1.0)
+    return floor if noise is None else max(floor, NOISE_FACTOR * noise)
