@@ -58,13 +58,17 @@ def weight_tolerance(
     return tol if product_error is None else tol + product_error
 
 
-def merge_magnitudes(start: torch.Tensor, expected: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+def merge_magnitudes(
+    start: torch.Tensor,
+    expected: torch.Tensor,
+    factor: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
+) -> torch.Tensor:
     """|W| + |ΔW| + |W'| for a plain merge. DoRA's W' = f·(W + ΔW) carries every rounding of W and ΔW
-    multiplied by f, so there it is |f|·(|W| + |ΔW| + |W + ΔW|) + |W'|."""
-    if factor is None:
+    multiplied by f, so there (given ``factor`` and ``delta``) it is |f|·(|W| + |ΔW| + |W + ΔW|) + |W'|."""
+    if factor is None or delta is None:
         return start.abs() + expected.abs() + (expected - start).abs()
-    pre = expected / factor
-    return factor.abs() * (start.abs() + (pre - start).abs() + pre.abs()) + expected.abs()
+    return factor.abs() * (start.abs() + delta.abs() + (start + delta).abs()) + expected.abs()
 
 
 def product_error(magnitude: torch.Tensor, rank: int, compute_dtype: torch.dtype) -> torch.Tensor:

@@ -69,32 +69,38 @@ class WeightCheck:
 
 @dataclass
 class Expected:
-    """A touched parameter: its value before the merge, its exact value after, and the product-rounding bound."""
+    """A touched parameter: its value before the merge, its exact value after, the size of what was rounded on
+    the way (for the tolerance), and the bound on computing the low-rank product."""
 
     start: torch.Tensor
     value: torch.Tensor
+    magnitudes: torch.Tensor
     product_error: torch.Tensor | None = None
     ulps: float = WEIGHT_ULPS
-    dora_factor: torch.Tensor | None = None
 
 
 def expected_params(ledger: Ledger, base: Mapping[str, torch.Tensor]) -> dict[str, Expected]:
     """Every parameter the adapter touches, with its exact float64 value after the merge."""
-    out: dict[str, Expected] = {name: Expected(value, value) for name, value in ledger.replacements.items()}
+    out: dict[str, Expected] = {
+        name: Expected(value, value, merge_magnitudes(value, value)) for name, value in ledger.replacements.items()
+    }
     for module, lora in ledger.modules.items():
         wname = f"{module}.weight"
         start = out[wname].value if wname in out else base[wname].to(torch.float64)
         bound = product_error(product_magnitude(lora), lora.rank, lora.compute_dtype)
+        value = merged_weight(start, lora)
         if lora.magnitude is None:
-            out[wname] = Expected(start, merged_weight(start, lora), bound)
+            out[wname] = Expected(start, value, merge_magnitudes(start, value), bound)
         else:  # DoRA rescales each output feature: every earlier rounding is scaled with it
-            factor = dora_factor(start, low_rank_delta(lora), lora.magnitude, lora.kind)
-            factor = factor.expand_as(start)
-            out[wname] = Expected(start, merged_weight(start, lora), bound * factor.abs(), DORA_WEIGHT_ULPS, factor)
+            delta = low_rank_delta(lora)
+            factor = dora_factor(start, delta, lora.magnitude, lora.kind).expand_as(start)
+            magnitudes = merge_magnitudes(start, value, factor=factor, delta=delta)
+            out[wname] = Expected(start, value, magnitudes, bound * factor.abs(), DORA_WEIGHT_ULPS)
         if lora.bias is not None:
             bname = f"{module}.bias"
             bstart = out[bname].value if bname in out else base[bname].to(torch.float64)
-            out[bname] = Expected(bstart, merged_bias(bstart, lora))
+            bvalue = merged_bias(bstart, lora)
+            out[bname] = Expected(bstart, bvalue, merge_magnitudes(bstart, bvalue))
     return out
 
 
@@ -117,7 +123,7 @@ def check_weights(ledger: Ledger, base: Mapping[str, torch.Tensor], merged: Mapp
                 check.failures.append(
                     f"{name}: {result.problem or 'residual off the exact merge'} "
                     f"(max |residual| {result.max_abs:.3g}, {result.ratio:.3g}x tolerance, "
-                    f"{result.max_rel:.3g} of the delta)"
+                    f"relative {result.max_rel:.3g})"
                 )
             elif result.delta > 0 and not result.resolvable:
                 check.unresolvable.append(name)
@@ -141,8 +147,7 @@ def _compare(name: str, exp: Expected, got: torch.Tensor) -> TensorResult:
         )
     got64 = got.to(torch.float64)
     residual = (got64 - expected).abs()
-    magnitudes = merge_magnitudes(start, expected, exp.dora_factor)
-    tol = weight_tolerance(magnitudes, got.dtype, exp.product_error, exp.ulps)
+    tol = weight_tolerance(exp.magnitudes, got.dtype, exp.product_error, exp.ulps)
     ratio_map = residual / tol
     worst = int(torch.argmax(ratio_map)) if ratio_map.numel() else 0
     max_abs = float(residual.max()) if residual.numel() else 0.0
