@@ -147,6 +147,20 @@ def test_non_lora_adapter_is_refused_naming_the_supported_types(inputs, tmp_path
     assert code == 2 and "IA3" in err and "LORA" in err
 
 
+def test_quantized_base_is_refused_naming_the_key(inputs, tmp_path, capsys):
+    base, adapter = inputs
+    quantized = tmp_path / "base-4bit"
+    quantized.mkdir()
+    for item in base.iterdir():
+        (quantized / item.name).write_bytes(item.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(["merge", quantized, adapter, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and "quantization_config" in err and "bitsandbytes" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_verify_reports_could_not_verify_for_an_unchecked_feature(inputs, tmp_path, capsys):
     base, adapter = inputs
     merged = tmp_path / "merged"

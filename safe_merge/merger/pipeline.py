@@ -43,6 +43,7 @@ def run_merge(req: MergeRequest) -> dict:
     adapter = load_adapter(adapter_dir)
     require_lora(adapter)
     base_config = loading.read_model_config(base_dir)
+    refuse_quantized(base_config, base_dir)
     dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
 
     with warnings.catch_warnings(record=True) as records:
@@ -87,6 +88,21 @@ def run_merge(req: MergeRequest) -> dict:
     report["seconds"] = round(time.monotonic() - started, 3)
     report["exit_code"] = 0
     return report
+
+
+def refuse_quantized(config, base_dir: Path) -> None:
+    """A quantized base cannot be merged into exactly, and this release cannot yet measure the error: refuse."""
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = (
+            quant.get("quant_method", "unknown") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        )
+        raise BadInput(
+            f"the base is quantized ({method}); this release does not merge into quantized bases",
+            path=base_dir / "config.json",
+            key="quantization_config",
+            hint="merge into the unquantized base model, then quantize the merged model",
+        )
 
 
 class _Abandon(Exception):
