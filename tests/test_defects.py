@@ -144,3 +144,25 @@ def test_delta_on_the_wrong_layer_is_caught(llama, tmp_path, capsys):
     code, report = _verify(base, adapter, _tamper(merged, tmp_path / "bad", move), capsys)
     assert code == 1
     assert any(p.startswith(wrong) for p in report["problems"]) and any(p.startswith(Q) for p in report["problems"])
+
+
+def test_plain_merge_into_a_tied_embedding_is_caught(tmp_path, capsys):
+    """merge_and_unload alone merges an embedding LoRA into the tensor the LM head shares, so the head changes
+    too, which the unmerged model never did. The verifier must name the head."""
+    from safe_merge.merger import loading
+
+    case = Case(
+        "gpt2",
+        SIZES,
+        True,
+        {"r": 4, "lora_alpha": 8, "target_modules": ["wte", "c_attn"], "fan_in_fan_out": True},
+        "float32",
+        seed=9,
+        delta_scale=1.0,
+    )
+    base, adapter = materialize(case, tmp_path)
+    plain = loading.load_peft(loading.load_model(base, torch.float32), adapter).merge_and_unload()
+    plain.save_pretrained(str(tmp_path / "plain"))
+    code, report = _verify(base, adapter, tmp_path / "plain", capsys)
+    assert code == 1
+    assert any(p.startswith("lm_head.weight") for p in report["problems"]), report["problems"]

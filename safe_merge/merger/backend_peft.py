@@ -10,7 +10,6 @@ from torch import nn
 
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.keys import LORA_ROLES, parse_key
-from safe_merge.errors import BadInput
 from safe_merge.merger import loading
 from safe_merge.merger.tying import record_broken_ties, shared_groups, untie_targets
 
@@ -48,14 +47,7 @@ def merge_model(model: nn.Module, adapter: AdapterFiles) -> tuple[nn.Module, lis
             f"untied {', '.join(untied)} from a LoRA-targeted weight, so the merged model keeps the adapter's "
             "meaning (the merge would otherwise change the tied side too)"
         )
-    try:
-        peft_model = loading.load_peft(model, adapter.path)
-    except Exception as exc:
-        raise BadInput(
-            f"PEFT cannot load this adapter onto the base: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
-            path=adapter.path,
-            hint="check that the adapter was trained on this base model",
-        ) from exc
+    peft_model = loading.load_peft(model, adapter.path)
     merged = merge_and_unload(peft_model).eval()
     broken = record_broken_ties(merged, groups)
     if broken:

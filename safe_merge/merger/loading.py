@@ -120,9 +120,17 @@ def load_peft(model: nn.Module, adapter_dir: Path) -> nn.Module:
     """Wrap a base model with the adapter, unmerged and active (PEFT's own loading path)."""
     from peft import PeftModel
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    except Exception as exc:
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        raise BadInput(
+            f"PEFT cannot load this adapter onto the base: {type(exc).__name__}: {first_line}",
+            path=adapter_dir,
+            hint="check that the adapter was trained on this base model",
+        ) from exc
 
 
 def versions() -> dict:
