@@ -84,9 +84,7 @@ def cmd_verify(args) -> int:
     adapter = loading.resolve_dir(args.rest[0], "adapter")
     merged = loading.resolve_dir(args.rest[1], "merged model")
     result = verify_dirs(base, adapter, merged)
-    report = {"status": result.status, "versions": loading.versions(), **result.report()}
-    report["status"] = result.status
-    report["merged"] = str(merged)
+    report = {**result.report(), "versions": loading.versions(), "merged": str(merged)}
     report["seconds"] = round(time.monotonic() - started, 3)
     report["exit_code"] = result.exit_code
     return _emit("verify", report, args.json)
