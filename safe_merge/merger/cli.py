@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
+    """Library housekeeping (deprecations) is not news about the user's merge; PEFT's own warnings are kept in
+    the report."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         import transformers
 

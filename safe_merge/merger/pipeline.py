@@ -58,6 +58,7 @@ def run_merge(req: MergeRequest) -> dict:
     report = {
         "status": None,
         "versions": loading.versions(),
+        "base": {"path": str(base_dir), "class": loading.model_class(base_config).__name__},
         "adapters": [{"path": str(adapter_dir), "origin_peft": adapter.config.get("peft_version"), "migrations": []}],
         "backend": "peft",
         "dtype": str(dtype).removeprefix("torch."),

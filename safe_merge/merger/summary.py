@@ -12,6 +12,9 @@ def summarize(command: str, report: dict) -> str:
         f"safe-merge {command}: {str(report.get('status')).upper()}  (exit {report.get('exit_code', '?')}"
         + (f", {report['seconds']:.1f} s)" if "seconds" in report else ")")
     ]
+    base = report.get("base")
+    if base:
+        lines.append(f"  base      {base['path']} ({base.get('class')})")
     for adapter in report.get("adapters", []):
         migrations = ", ".join(m["id"] for m in adapter.get("migrations", [])) or "none"
         lines.append(
