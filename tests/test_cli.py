@@ -196,3 +196,38 @@ def _offline_env() -> dict:
     import os
 
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def test_vision_model_is_verified_on_pixel_probes(tmp_path, capsys):
+    import peft
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    ViTForImageClassification(config).save_pretrained(str(tmp_path / "base"))
+    model = ViTForImageClassification.from_pretrained(str(tmp_path / "base"))
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], init_lora_weights=False
+    )
+    peft_model = peft.get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(0.5 * torch.randn_like(param))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    code, report, err = _run(
+        ["merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", "--json"], capsys
+    )
+    assert code == 0, err
+    outputs = report["verification"]["outputs"]
+    assert outputs["ran"] and outputs["discriminating"]
+    assert report["ledger"]["replaced"] == 2  # classifier weight and bias
