@@ -215,8 +215,10 @@ def test_vision_model_is_verified_on_pixel_probes(tmp_path, capsys):
     )
     ViTForImageClassification(config).save_pretrained(str(tmp_path / "base"))
     model = ViTForImageClassification.from_pretrained(str(tmp_path / "base"))
+    leaves = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+    targets = [n for n in ("q_proj", "v_proj", "query", "value") if n in leaves]  # renamed in transformers 5
     lora = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], init_lora_weights=False
+        r=4, lora_alpha=8, target_modules=targets, modules_to_save=["classifier"], init_lora_weights=False
     )
     peft_model = peft.get_peft_model(model, lora)
     with torch.no_grad():
