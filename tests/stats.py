@@ -5,6 +5,12 @@ from __future__ import annotations
 from collections import defaultdict
 
 _rows: dict[str, list[dict]] = defaultdict(list)
+_overflows = [0]
+
+
+def count_overflow() -> None:
+    """A draw whose unmerged model overflowed (its verdict was 'could not verify')."""
+    _overflows[0] += 1
 
 
 def record(dtype: str, arch: str, report: dict) -> None:
@@ -42,4 +48,6 @@ def table() -> list[str]:
             f"worst diff/noise {worst('noise_ratio'):.2f}; "
             f"no-op would fail outputs in {sum(r['discriminating'] for r in rows)}/{len(rows)}"
         )
+    if _overflows[0]:
+        lines.append(f"draws whose unmerged model overflowed (verdict could_not_verify): {_overflows[0]}")
     return lines

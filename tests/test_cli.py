@@ -233,3 +233,19 @@ def test_vision_model_is_verified_on_pixel_probes(tmp_path, capsys):
     outputs = report["verification"]["outputs"]
     assert outputs["ran"] and outputs["discriminating"]
     assert report["ledger"]["replaced"] == 2  # classifier weight and bias
+
+
+def test_overflowing_reference_outputs_are_never_a_pass():
+    """An unmerged model whose outputs overflow gives an infinite tolerance; the check must not run at all."""
+    from safe_merge.merger.outputs import check_outputs
+
+    class Blow(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.full((4,), scale, dtype=torch.float16))
+
+        def forward(self, x):
+            return x * self.w
+
+    result = check_outputs(Blow(6e4), Blow(1.0), torch.full((2, 4), 10.0), torch.float16)
+    assert not result.ran and not result.passed and "overflow" in result.reason

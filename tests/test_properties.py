@@ -42,6 +42,18 @@ def _reload_check(base_dir: Path, adapter_dir: Path, out: Path, dtype: torch.dty
     return check_outputs(reference, merged, probe_inputs(config), dtype)
 
 
+def _reference_overflowed(report: dict) -> bool:
+    """Large drawn deltas can overflow float16 in the unmerged model itself. Then the verdict must be 'could not
+    verify' (never a pass) and the weight check must still have passed."""
+    outputs = report["verification"]["outputs"]
+    if outputs["ran"] or "overflow" not in outputs.get("reason", ""):
+        return False
+    assert report["status"] == "could_not_verify", report["status"]
+    assert report["verification"]["weights"]["passed"], report["problems"]
+    stats.count_overflow()
+    return True
+
+
 def _assert_checks_can_fail(report: dict, dtype: str) -> None:
     """The drawn adapter is strong enough that a merge which did nothing would have failed: every merged tensor
     moves by more than its tolerance, and in float32 the outputs move by more than theirs."""
@@ -60,6 +72,8 @@ def test_merged_model_answers_like_unmerged_peft_model_in_every_dtype(arch, data
         root = Path(tmp)
         for dtype in DTYPES:
             report, base_dir, adapter_dir, out = _merge_hf(case, root, dtype)
+            if _reference_overflowed(report):
+                continue  # nothing to compare, and nothing written; the weights were still checked
             assert report["status"] == "passed", f"{dtype}\n" + summarize("merge", report)
             stats.record(dtype, arch, report)
             _assert_checks_can_fail(report, dtype)
@@ -74,6 +88,8 @@ def test_custom_torch_model_merges_like_unmerged_in_every_dtype(case):
         for name, dtype in DTYPES.items():
             result, merged = merge_in_memory(case, root, dtype)
             report = result.report()
+            if _reference_overflowed(report):
+                continue
             assert result.status == "passed", f"{name}: {report['problems']} {report['gaps']}"
             stats.record(name, "custom", report)
             _assert_checks_can_fail(report, name)

@@ -100,6 +100,12 @@ def check_outputs(reference: nn.Module, merged: nn.Module, inputs, dtype: torch.
         return OutputCheck(
             True, float("inf"), 0.0, reason=f"output shapes differ: {tuple(ref.shape)} vs {tuple(got.shape)}"
         )
+    if not torch.isfinite(ref).all():
+        return OutputCheck(
+            False,
+            reason=f"the unmerged model's own outputs overflow in {str(dtype).removeprefix('torch.')} "
+            "(inf or NaN), so they cannot be compared",
+        )
     effect = 0.0
     disable = getattr(reference, "disable_adapter", None)
     if disable is not None:
