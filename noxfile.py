@@ -58,6 +58,24 @@ def demo(session: nox.Session) -> None:
     session.run("safe-merge", "demo", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
+@nox.session
+def history(session: nox.Session) -> None:
+    """Re-derive each key's first release from every PEFT wheel on the index; fail on any difference from
+    safe_merge/compat/history.json. Not part of CI: it downloads every release (about 15 MB, cached)."""
+    session.install("packaging", "pip")  # uv venvs come without pip; its `index` and `download` are used here
+    listing = session.run("python", "-m", "pip", "index", "versions", "peft", silent=True)
+    line = next(x for x in listing.splitlines() if x.startswith("Available versions:"))
+    versions = [v.strip() for v in line.split(":", 1)[1].split(",")]
+    from packaging.version import Version
+
+    wheels = Path(os.environ.get("PEFT_WHEEL_CACHE", ROOT / ".nox" / "peft-wheels"))
+    wheels.mkdir(parents=True, exist_ok=True)
+    for version in (v for v in versions if Version(v) >= Version("0.2.0")):
+        if not list(wheels.glob(f"peft-{version}-*.whl")):
+            session.run("python", "-m", "pip", "download", "-q", "--no-deps", f"peft=={version}", "-d", str(wheels))
+    session.run("python", "-m", "safe_merge.compat.derive", str(wheels), "--check", env={"PYTHONPATH": str(ROOT)})
+
+
 @nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
     """ruff lint and format check (uses the ruff on PATH, installing it into the running Python if missing)."""
