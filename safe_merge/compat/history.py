@@ -69,15 +69,21 @@ class Verdict:
     first: str | None = None  # the first release that understands the key
 
 
+NEVER_WRITTEN = frozenset({"runtime_config"})  # fields save_pretrained removes before writing
+
+
 class History:
-    def __init__(self, entries: dict[str, Entry]):
+    def __init__(self, entries: dict[str, Entry], oldest: str = "0.2.0", newest: str = "0.21.2"):
         self.entries = entries
+        self.oldest = oldest  # the releases the table was derived from
+        self.newest = newest
 
     @classmethod
     @cache
     def load(cls, path: Path = TABLE) -> History:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls({key: Entry(key=key, **row) for key, row in data["keys"].items()})
+        entries = {key: Entry(key=key, **row) for key, row in data["keys"].items()}
+        return cls(entries, data["covers"]["oldest"], data["covers"]["newest"])
 
     def keys_in(self, release: str | Version) -> set[str]:
         """The config keys that release's LoraConfig accepts."""
@@ -94,9 +100,8 @@ class History:
             elif entry.present_in(target):
                 verdicts.append(Verdict(key, "keep", value, f"known since {entry.first}", entry.first))
             elif entry.harmless_to_drop(config):
-                verdicts.append(
-                    Verdict(key, "strip", value, f"{target} lacks it; harmless here ({entry.effect})", entry.first)
-                )
+                why = "its value never changes the model" if entry.drop == "always" else "its value here is neutral"
+                verdicts.append(Verdict(key, "strip", value, f"{target} lacks it; {why}", entry.first))
             else:
                 verdicts.append(Verdict(key, "refuse", value, entry.effect, entry.first))
         return verdicts

@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("rest", nargs="+", metavar="ADAPTER... MERGED", help="the adapter, then the merged model")
     verify.add_argument("--json", action="store_true")
 
+    inspect = sub.add_parser("inspect", help="origin release, features, and how each key fares in a target release")
+    inspect.add_argument("adapter")
+    inspect.add_argument("--target", help="PEFT release to assess for (default: the installed one)")
+    inspect.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="build a tiny model and adapter offline and run the whole pipeline")
     demo.add_argument("-o", "--out", type=Path, help="keep the demo's files here (default: a temp dir)")
     demo.add_argument("--json", action="store_true")
@@ -96,6 +101,35 @@ def cmd_verify(args) -> int:
     return _emit("verify", report, args.json)
 
 
+def cmd_inspect(args) -> int:
+    from safe_merge.compat.inspect import inspect_adapter
+    from safe_merge.merger import loading
+
+    target = args.target or installed_peft()
+    _check_release(target)
+    adapter = loading.resolve_dir(args.adapter, "adapter")
+    report = {**inspect_adapter(adapter, target).report(), "exit_code": 0}
+    return _emit("inspect", report, args.json)
+
+
+def installed_peft() -> str:
+    import peft
+    from packaging.version import Version
+
+    return Version(peft.__version__).base_version
+
+
+def _check_release(release: str) -> None:
+    from packaging.version import InvalidVersion, Version
+
+    from safe_merge.errors import BadInput
+
+    try:
+        Version(release)
+    except InvalidVersion as exc:
+        raise BadInput(f"--target {release!r} is not a release number", hint="e.g. --target 0.7.1") from exc
+
+
 def cmd_demo(args) -> int:
     from safe_merge.merger.demo import run_demo
 
@@ -106,7 +140,7 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    handlers = {"merge": cmd_merge, "verify": cmd_verify, "demo": cmd_demo}
+    handlers = {"merge": cmd_merge, "verify": cmd_verify, "inspect": cmd_inspect, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except SafeMergeError as exc:

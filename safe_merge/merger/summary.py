@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 def _num(x) -> str:
     return "n/a" if x is None else f"{x:.3g}"
@@ -12,6 +14,24 @@ def summarize(command: str, report: dict) -> str:
         f"safe-merge {command}: {str(report.get('status')).upper()}  (exit {report.get('exit_code', '?')}"
         + (f", {report['seconds']:.1f} s)" if "seconds" in report else ")")
     ]
+    origin = report.get("origin")
+    if origin:
+        lines.append(f"  adapter   {report['path']} ({report['peft_type']}, {report['weight_file']})")
+        created = f"; config says created by {origin['peft_version']}" if origin.get("peft_version") else ""
+        lines.append(f"  origin    {origin['range']}{created}")
+        for why in origin.get("evidence", []):
+            lines.append(f"            because {why}")
+        lines.append(f"  features  {', '.join(report.get('features') or ['plain LoRA'])}")
+        keys = report.get("keys", {})
+        lines.append(
+            f"  target    {report['target']}: {len(keys.get('keep', []))} keys load as they are, "
+            f"{len(keys.get('strip', []))} stripped, {len(keys.get('refuse', []))} refused, "
+            f"{len(keys.get('unknown', []))} unknown"
+        )
+        for action in ("strip", "refuse", "unknown"):
+            for row in keys.get(action, []):
+                first = f" (first in {row['first']})" if row.get("first") else ""
+                lines.append(f"  {action:9s} {row['key']} = {json.dumps(row['value'])}{first}: {row['reason']}")
     base = report.get("base")
     if base:
         lines.append(f"  base      {base['path']} ({base.get('class')})")
