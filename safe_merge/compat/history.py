@@ -73,17 +73,31 @@ NEVER_WRITTEN = frozenset({"runtime_config"})  # fields save_pretrained removes 
 
 
 class History:
-    def __init__(self, entries: dict[str, Entry], oldest: str = "0.2.0", newest: str = "0.21.2"):
+    def __init__(
+        self,
+        entries: dict[str, Entry],
+        oldest: str = "0.2.0",
+        newest: str = "0.21.2",
+        init_values: dict | None = None,
+        boundaries: dict | None = None,
+    ):
         self.entries = entries
         self.oldest = oldest  # the releases the table was derived from
         self.newest = newest
+        self.init_values = init_values or {}  # init_lora_weights string → {first, kind}
+        self.boundaries = boundaries or {}  # format changes without a key: name → {first, note}
+
+    def boundary(self, name: str) -> Version:
+        return Version(self.boundaries[name]["first"])
 
     @classmethod
     @cache
     def load(cls, path: Path = TABLE) -> History:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         entries = {key: Entry(key=key, **row) for key, row in data["keys"].items()}
-        return cls(entries, data["covers"]["oldest"], data["covers"]["newest"])
+        boundaries = {k: v for k, v in data.get("boundaries", {}).items() if k != "about"}
+        init_values = data.get("init_lora_weights_values", {}).get("values", {})
+        return cls(entries, data["covers"]["oldest"], data["covers"]["newest"], init_values, boundaries)
 
     def keys_in(self, release: str | Version) -> set[str]:
         """The config keys that release's LoraConfig accepts."""

@@ -141,13 +141,12 @@ class Inspection:
     tensors: dict[str, list[int]]
     target: str
     verdicts: list[Verdict]
+    plan: dict
 
     @property
     def status(self) -> str:
-        actions = {v.action for v in self.verdicts}
-        if "refuse" in actions or "unknown" in actions:
-            return "refused"
-        return "needs_migration" if "strip" in actions else "loads"
+        """What migrating to the target would do: refused, needs_migration, or loads (as it is)."""
+        return {"refused": "refused", "migrate": "needs_migration"}.get(self.plan["status"], "loads")
 
     def report(self) -> dict:
         return {
@@ -166,14 +165,18 @@ class Inspection:
                 ]
                 for action in ("keep", "strip", "refuse", "unknown")
             },
+            "plan": {"steps": self.plan["steps"], "refusals": self.plan["refusals"]},
             "tensors": self.tensors,
         }
 
 
 def inspect_adapter(path: str | Path, target: str, history: History | None = None) -> Inspection:
     """Read an adapter dir and assess it for the ``target`` PEFT release."""
+    from safe_merge.compat.plan import make_plan
+
     history = history or History.load()
     adapter = load_adapter(path)
+    plan, _ = make_plan(adapter, target, history)
     return Inspection(
         path=str(adapter.path),
         peft_type=adapter.peft_type,
@@ -183,4 +186,5 @@ def inspect_adapter(path: str | Path, target: str, history: History | None = Non
         tensors={k: list(v.shape) for k, v in sorted(adapter.tensors.items())},
         target=target,
         verdicts=history.assess(adapter.config, target),
+        plan=plan.report(),
     )

@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--target", help="PEFT release to assess for (default: the installed one)")
     inspect.add_argument("--json", action="store_true")
 
+    migrate = sub.add_parser("migrate", help="write a copy of an adapter that a target PEFT release loads")
+    migrate.add_argument("adapter")
+    migrate.add_argument("-o", "--out", required=True, type=Path)
+    migrate.add_argument("--target", help="PEFT release to migrate to (default: the installed one)")
+    migrate.add_argument("--plan", action="store_true", help="print the plan and write nothing")
+    migrate.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
+    migrate.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="build a tiny model and adapter offline and run the whole pipeline")
     demo.add_argument("-o", "--out", type=Path, help="keep the demo's files here (default: a temp dir)")
     demo.add_argument("--json", action="store_true")
@@ -112,6 +120,33 @@ def cmd_inspect(args) -> int:
     return _emit("inspect", report, args.json)
 
 
+def cmd_migrate(args) -> int:
+    from safe_merge.compat.adapter_files import load_adapter
+    from safe_merge.compat.plan import make_plan, write_state
+    from safe_merge.errors import BadInput
+    from safe_merge.merger import loading
+    from safe_merge.merger.staging import check_target, staged
+
+    target = args.target or installed_peft()
+    _check_release(target)
+    source = loading.resolve_dir(args.adapter, "adapter")
+    check_target(args.out, args.force)
+    plan, state = make_plan(load_adapter(source), target)
+    report = {**plan.report(), "output": None, "exit_code": 0}
+    if plan.refused:
+        raise BadInput(
+            plan.refusal_message(),
+            hint="merge with a release that understands these keys, or keep "
+            "the adapter on a release at least as new as the first one named",
+        )
+    if not args.plan:
+        with staged(args.out, args.force) as stage:
+            files = write_state(state, source, stage)
+        report["output"] = {"path": str(args.out), "files": files}
+        report["status"] = "migrated"
+    return _emit("migrate", report, args.json)
+
+
 def installed_peft() -> str:
     import peft
     from packaging.version import Version
@@ -140,7 +175,13 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    handlers = {"merge": cmd_merge, "verify": cmd_verify, "inspect": cmd_inspect, "demo": cmd_demo}
+    handlers = {
+        "merge": cmd_merge,
+        "verify": cmd_verify,
+        "inspect": cmd_inspect,
+        "migrate": cmd_migrate,
+        "demo": cmd_demo,
+    }
     try:
         return handlers[args.command](args)
     except SafeMergeError as exc:

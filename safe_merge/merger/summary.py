@@ -32,6 +32,13 @@ def summarize(command: str, report: dict) -> str:
             for row in keys.get(action, []):
                 first = f" (first in {row['first']})" if row.get("first") else ""
                 lines.append(f"  {action:9s} {row['key']} = {json.dumps(row['value'])}{first}: {row['reason']}")
+    plan = report.get("plan") if "origin" in report else report if "steps" in report else None
+    if plan:
+        for step in plan.get("steps", []):
+            lines.append(f"  step      {step['id']}: {step['note']}")
+        for r in plan.get("refusals", []):
+            first = f" (first understood by {r['first']})" if r.get("first") else ""
+            lines.append(f"  REFUSED   {r['key']} = {json.dumps(r['value'])}: {r['reason']}{first}")
     base = report.get("base")
     if base:
         lines.append(f"  base      {base['path']} ({base.get('class')})")

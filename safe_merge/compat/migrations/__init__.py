@@ -1,0 +1,22 @@
+"""Migration steps, each bridging one boundary between PEFT releases, run in this order: conversions first (so a
+converted key is neutral by the time keys are stripped), then stripping, then the weight file format."""
+
+from safe_merge.compat.migrations import (
+    base_layer_naming,
+    bin_to_safetensors,
+    explicit_targets,
+    init_values,
+    rslora_fold,
+    safetensors_to_bin,
+    strip_keys,
+)
+
+STEPS = (
+    bin_to_safetensors,
+    init_values,
+    rslora_fold,
+    base_layer_naming,
+    explicit_targets,
+    strip_keys,
+    safetensors_to_bin,
+)
