@@ -14,7 +14,7 @@ def summarize(command: str, report: dict) -> str:
         f"safe-merge {command}: {str(report.get('status')).upper()}  (exit {report.get('exit_code', '?')}"
         + (f", {report['seconds']:.1f} s)" if "seconds" in report else ")")
     ]
-    origin = report.get("origin")
+    origin = report.get("origin") if command == "inspect" else None
     if origin:
         lines.append(f"  adapter   {report['path']} ({report['peft_type']}, {report['weight_file']})")
         created = f"; config says created by {origin['peft_version']}" if origin.get("peft_version") else ""
@@ -32,7 +32,9 @@ def summarize(command: str, report: dict) -> str:
             for row in keys.get(action, []):
                 first = f" (first in {row['first']})" if row.get("first") else ""
                 lines.append(f"  {action:9s} {row['key']} = {json.dumps(row['value'])}{first}: {row['reason']}")
-    plan = report.get("plan") if "origin" in report else report if "steps" in report else None
+    plan = report.get("plan") if command == "inspect" else report if command == "migrate" else None
+    if command == "migrate":
+        lines.append(f"  adapter   {report['source']} (written by PEFT {report['origin']}) → PEFT {report['target']}")
     if plan:
         for step in plan.get("steps", []):
             lines.append(f"  step      {step['id']}: {step['note']}")

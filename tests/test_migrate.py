@@ -1,0 +1,159 @@
+"""Migrations: refusals exit 2 and write nothing; conversions keep the model's answers; inputs never change."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from packaging.version import Version
+
+from safe_merge.compat.adapter_files import load_adapter, read_tensors
+from safe_merge.compat.history import NEVER_WRITTEN, History
+from safe_merge.compat.plan import make_plan
+from safe_merge.merger import loading
+from safe_merge.merger.cli import main
+from tests.strategies import Case, build_base, fill_adapter, lora_config
+
+HISTORY = History.load()
+INSTALLED = Version(peft.__version__).base_version
+SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+RELEASES = sorted({e.first for e in HISTORY.entries.values()} | {"0.3.0", "0.6.2", "0.7.1", "0.13.2"}, key=Version)
+TABLE_RELEASES = [r for r in RELEASES if Version(r) >= Version("0.3.0")]
+
+
+def _digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def _adapter(root: Path, arch: str = "llama", **lora) -> tuple[Case, torch.nn.Module, Path]:
+    case = Case(arch, SIZES, False, {"r": 4, "lora_alpha": 8, **lora}, "float32", seed=21, delta_scale=1.0)
+    base = build_base(case)
+    model = peft.get_peft_model(copy.deepcopy(base), lora_config(case))
+    fill_adapter(model, case)
+    model.save_pretrained(str(root / "adapter"))
+    return case, base, root / "adapter"
+
+
+def _logits(base: torch.nn.Module, adapter_dir: Path) -> torch.Tensor:
+    model = loading.load_peft(copy.deepcopy(base), adapter_dir)
+    with torch.no_grad():
+        return model(torch.arange(12).reshape(2, 6) % SIZES["vocab"]).logits
+
+
+def _migrate(adapter: Path, out: Path, target: str, capsys, *extra) -> tuple[int, dict | None, str]:
+    code = main(["migrate", str(adapter), "-o", str(out), "--target", target, "--json", *extra])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out) if captured.out.strip() else None, captured.err
+
+
+def test_dora_adapter_to_0_7_1_is_refused_and_nothing_is_written(tmp_path, capsys):
+    _, _, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj"], use_dora=True)
+    before = _digest(adapter)
+    code, _, err = _migrate(adapter, tmp_path / "out", "0.7.1", capsys)
+    assert code == 2 and "use_dora = true" in err and "0.9.0" in err
+    assert not (tmp_path / "out").exists() and _digest(adapter) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging dir left
+
+
+def test_rslora_folds_into_lora_b_and_answers_the_same(tmp_path, capsys):
+    _, base, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj", "embed_tokens"], use_rslora=True)
+    code, report, err = _migrate(adapter, tmp_path / "old", "0.7.1", capsys)
+    assert code == 0, err
+    assert "rslora-fold-into-lora-b" in [s["id"] for s in report["steps"]]
+    config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    assert "use_rslora" not in config and set(config) <= HISTORY.keys_in("0.7.1")
+    diff = (_logits(base, adapter) - _logits(base, tmp_path / "old")).abs().max()
+    assert diff <= 1e-5, diff  # only B's float32 rounding moved
+
+
+def test_targeted_bias_keys_cross_the_0_7_boundary_both_ways(tmp_path, capsys):
+    _, base, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj"], bias="all")
+    assert any(k.endswith("q_proj.base_layer.bias") for k in read_tensors(adapter / "adapter_model.safetensors"))
+    assert _migrate(adapter, tmp_path / "v06", "0.6.2", capsys)[0] == 0
+    old_keys = read_tensors(tmp_path / "v06" / "adapter_model.safetensors")
+    assert any(k.endswith("q_proj.bias") for k in old_keys) and not any("base_layer" in k for k in old_keys)
+    code, report, _ = _migrate(tmp_path / "v06", tmp_path / "back", INSTALLED, capsys)
+    assert code == 0 and "base-layer-key-naming" in [s["id"] for s in report["steps"]]
+    assert torch.equal(_logits(base, adapter), _logits(base, tmp_path / "back"))
+
+
+def test_weights_go_to_bin_for_0_3_and_back_to_safetensors_without_unpickling_code(tmp_path, capsys):
+    _, base, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj"])
+    assert _migrate(adapter, tmp_path / "v03", "0.3.0", capsys)[0] == 0
+    assert (tmp_path / "v03" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "v03" / "adapter_model.safetensors").exists()
+    torch.load(tmp_path / "v03" / "adapter_model.bin", weights_only=True)  # a plain dict of tensors
+    code, report, _ = _migrate(tmp_path / "v03", tmp_path / "new", INSTALLED, capsys)
+    assert code == 0 and report["steps"][0]["id"] == "bin-to-safetensors"
+    assert torch.equal(_logits(base, adapter), _logits(base, tmp_path / "new"))
+
+
+@pytest.mark.parametrize(
+    ("value", "target", "ok"),
+    [("gaussian", "0.6.2", True), ("eva", "0.13.2", True), ("pissa", "0.10.0", False), ("olora", "0.11.1", False)],
+)
+def test_init_values_become_true_or_are_refused(tmp_path, value, target, ok):
+    _, _, adapter = _adapter(tmp_path, target_modules=["q_proj"])
+    files = load_adapter(adapter)
+    files.config["init_lora_weights"] = value
+    plan, state = make_plan(files, target)
+    assert plan.refused is not ok
+    if ok:
+        assert state.config["init_lora_weights"] is True
+    else:
+        assert plan.refusals[0]["key"] == "init_lora_weights" and plan.refusals[0]["value"] == value
+
+
+def test_unknown_keys_go_only_when_empty(tmp_path):
+    _, _, adapter = _adapter(tmp_path, target_modules=["q_proj"])
+    files = load_adapter(adapter)
+    files.config.update({"future_flag": None, "future_knob": 3})
+    plan, _ = make_plan(files, INSTALLED)
+    assert [r["key"] for r in plan.refusals] == ["future_knob"]
+
+
+def test_plan_flag_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    _, _, adapter = _adapter(tmp_path, target_modules=["q_proj"])
+    code, report, _ = _migrate(adapter, tmp_path / "out", "0.10.0", capsys, "--plan")
+    assert code == 0 and report["status"] == "migrate" and report["steps"]
+    assert not (tmp_path / "out").exists()
+
+
+@given(data=st.data())
+def test_configs_saved_now_migrate_down_to_each_release_or_are_refused_by_the_table(data, tmp_path_factory):
+    """Drawn configs, saved by the installed PEFT, moved to a drawn older release: either every refusal is a key
+    that release lacks, or the result holds only keys that release has and answers like the original here."""
+    from tests.strategies import cases
+
+    case = data.draw(cases(arch="llama", dtype="float32"), label="case")
+    target = data.draw(st.sampled_from(TABLE_RELEASES), label="target")
+    root = tmp_path_factory.mktemp("mig")
+    base = build_base(case)
+    model = peft.get_peft_model(copy.deepcopy(base), lora_config(case))
+    fill_adapter(model, case)
+    model.save_pretrained(str(root / "adapter"))
+    plan, state = make_plan(load_adapter(root / "adapter"), target)
+    if plan.refused:
+        for refusal in plan.refusals:
+            entry = HISTORY.entries.get(refusal["key"])
+            assert entry is not None and not entry.present_in(target) or refusal["key"] == "init_lora_weights"
+        return
+    assert set(state.config) <= HISTORY.keys_in(target) - NEVER_WRITTEN
+    if Version(target) >= HISTORY.boundary("targeted_bias_under_base_layer"):  # same key naming as today
+        from safe_merge.compat.plan import write_state
+
+        (root / "old").mkdir()
+        write_state(state, root / "adapter", root / "old")
+        diff = (_logits(base, root / "adapter") - _logits(base, root / "old")).abs().max()
+        assert diff <= 1e-5, f"{target}: {plan.steps} moved logits by {diff}"
