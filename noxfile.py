@@ -58,6 +58,29 @@ def demo(session: nox.Session) -> None:
     session.run("safe-merge", "demo", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
+FIXTURE_CELLS = MATRIX.get("fixtures", [])
+
+
+@nox.session
+@nox.parametrize("cell", [nox.param(c, id=f"peft={c['peft']},transformers={c['transformers']}") for c in FIXTURE_CELLS])
+def fixtures(session: nox.Session, cell: dict) -> None:
+    """Regenerate tests/fixtures/peft-<release>/ with that real release (one venv per release)."""
+    constraints = Path(session.create_tmp()) / "constraints.txt"
+    constraints.write_text(f"torch=={torch_version()}\n")
+    session.install(*find_links(), f"torch=={torch_version()}")
+    session.install(
+        *find_links(),
+        "-c",
+        str(constraints),
+        f"peft=={cell['peft']}",
+        f"transformers=={cell['transformers']}",
+        "safetensors",
+        *cell.get("extra", []),
+    )
+    out = ROOT / "tests" / "fixtures" / f"peft-{cell['peft']}"
+    session.run("python", str(ROOT / "tests" / "fixtures" / "produce.py"), str(out), env={"HF_HUB_OFFLINE": "1"})
+
+
 @nox.session
 def history(session: nox.Session) -> None:
     """Re-derive each key's first release from every PEFT wheel on the index; fail on any difference from

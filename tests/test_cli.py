@@ -249,3 +249,20 @@ def test_overflowing_reference_outputs_are_never_a_pass():
 
     result = check_outputs(Blow(6e4), Blow(1.0), torch.full((2, 4), 10.0), torch.float16)
     assert not result.ran and not result.passed and "overflow" in result.reason
+
+
+def test_a_base_whose_config_asks_for_unsaved_parameters_is_bad_input(inputs, tmp_path, capsys):
+    """A base whose config.json asks for biases it was saved without (what transformers 4.31 wrote for
+    attention_bias): transformers would invent random biases; safe-merge refuses and names them."""
+    base, adapter = inputs
+    edited = tmp_path / "base"
+    edited.mkdir()
+    for item in base.iterdir():
+        (edited / item.name).write_bytes(item.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    assert not config.get("mlp_bias")
+    config["mlp_bias"] = True  # this base was saved without MLP biases
+    (edited / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(["merge", edited, adapter, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and "gate_proj.bias" in err and "random values" in err
+    assert not (tmp_path / "out").exists()

@@ -110,9 +110,20 @@ def load_model(model_dir: Path, dtype: torch.dtype, *, strict: bool = True) -> n
     return model.eval()
 
 
-class MissingWeights(Exception):
+class MissingWeights(BadInput):
+    """The config asks for parameters the checkpoint lacks; transformers would fill them with random values.
+
+    Seen for real: transformers 4.31 wrote `attention_bias: true` into a Llama config.json although its Llama
+    ignored the option; 5.x honours it and builds biases that were never saved.
+    """
+
     def __init__(self, model_dir: Path, keys: list[str]):
-        super().__init__(f"{model_dir}: parameters missing from the checkpoint: {', '.join(keys[:5])}")
+        super().__init__(
+            f"the config asks for parameters the checkpoint lacks ({', '.join(keys[:5])}"
+            f"{', …' if len(keys) > 5 else ''}); transformers would fill them with random values",
+            path=model_dir,
+            hint="check config.json for options this transformers honours but the one that saved it ignored",
+        )
         self.keys = keys
 
 

@@ -1,0 +1,53 @@
+"""Adapters written by real PEFT releases (tests/fixtures, `nox -s fixtures`) migrate to the installed release,
+load, merge and verify here, and reproduce the logits their producer computed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from packaging.version import Version
+from safetensors.torch import load_file
+
+from safe_merge.compat.adapter_files import load_adapter
+from safe_merge.compat.plan import make_plan, write_state
+from safe_merge.merger import loading
+from safe_merge.merger.pipeline import MergeRequest, merge_command
+
+FIXTURES = Path(__file__).parent / "fixtures"
+INSTALLED = Version(peft.__version__).base_version
+CASES = sorted(p.parent for p in FIXTURES.glob("peft-*/*/fixture.json"))
+
+
+def _logits(model: torch.nn.Module, probe: list) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(probe)).logits.float()
+
+
+def test_the_fixture_grid_covers_the_releases_the_issue_names():
+    releases = {p.name.removeprefix("peft-") for p in FIXTURES.glob("peft-*")}
+    assert {"0.4.0", "0.7.1", "0.10.0", "0.13.2", "0.17.1"} <= releases and len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{p.parent.name}/{p.name}" for p in CASES])
+def test_fixture_migrates_loads_and_merges_to_its_producers_logits(case, tmp_path):
+    meta = json.loads((case / "fixture.json").read_text())
+    expected = load_file(str(case / "expected.safetensors"))["logits"]
+    base_dir = case.parent / meta["base"]
+    plan, state = make_plan(load_adapter(case), INSTALLED)
+    assert not plan.refused, plan.refusals  # going up, nothing in the table is refused
+    migrated = tmp_path / "adapter"
+    migrated.mkdir()
+    write_state(state, case, migrated)
+
+    reference = loading.load_peft(loading.load_model(base_dir, torch.float32), migrated)
+    unmerged = (_logits(reference, meta["probe"]) - expected).abs().max()
+    assert unmerged <= 1e-6, f"unmerged logits off the producer's ({meta['peft']}) by {unmerged}"
+
+    report = merge_command(MergeRequest(str(base_dir), [str(migrated)], tmp_path / "merged"))
+    assert report["status"] == "passed", report["problems"]
+    merged = (_logits(loading.load_model(tmp_path / "merged", torch.float32), meta["probe"]) - expected).abs().max()
+    assert merged <= report["verification"]["outputs"]["tol"] + unmerged, merged
