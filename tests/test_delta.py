@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from safe_merge.merger.delta import LayerKind, ModuleLora, low_rank_delta, pattern_value, scaling
+from safe_merge.compat.scaling import pattern_value, scaling
+from safe_merge.merger.delta import LayerKind, ModuleLora, low_rank_delta
 from safe_merge.merger.kinds import layer_kinds
 
 

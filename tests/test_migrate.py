@@ -157,3 +157,41 @@ def test_configs_saved_now_migrate_down_to_each_release_or_are_refused_by_the_ta
         write_state(state, root / "adapter", root / "old")
         diff = (_logits(base, root / "adapter") - _logits(base, root / "old")).abs().max()
         assert diff <= 1e-5, f"{target}: {plan.steps} moved logits by {diff}"
+
+
+def test_rank_and_alpha_patterns_fold_for_releases_before_0_6(tmp_path, capsys):
+    layer = "layers.0.self_attn.q_proj"
+    _, base, adapter = _adapter(
+        tmp_path,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        use_rslora=True,
+        rank_pattern={layer: 2},
+        alpha_pattern={layer: 3},
+    )
+    code, report, err = _migrate(adapter, tmp_path / "v05", "0.5.0", capsys)
+    assert code == 0, err
+    assert [s["id"] for s in report["steps"]][:2] == ["rslora-fold-into-lora-b", "patterns-fold-into-lora-b"]
+    config = json.loads((tmp_path / "v05" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 4 and "rank_pattern" not in config
+    diff = (_logits(base, adapter) - _logits(base, tmp_path / "v05")).abs().max()
+    assert diff <= 1e-5, diff
+
+
+def test_target_parameters_on_linear_weights_become_target_modules(tmp_path, capsys):
+    case = Case("llama", SIZES, False, {"r": 4, "lora_alpha": 8}, "float32", seed=3)
+    base = build_base(case)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=[], target_parameters=["self_attn.q_proj.weight"], init_lora_weights=False
+    )
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    zero = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    zero.save_pretrained(str(tmp_path / "none"))  # lora_B = 0: the base's own answers
+    code, report, err = _migrate(tmp_path / "adapter", tmp_path / "v16", "0.16.0", capsys)
+    assert code == 0, err
+    assert "target-parameters-as-modules" in [s["id"] for s in report["steps"]]
+    migrated = json.loads((tmp_path / "v16" / "adapter_config.json").read_text())
+    assert "target_parameters" not in migrated and all(t.endswith("q_proj") for t in migrated["target_modules"])
+    before, after = _logits(base, tmp_path / "adapter"), _logits(base, tmp_path / "v16")
+    # a parameter LoRA adds B·A to the weight, a module LoRA adds x·Aᵀ·Bᵀ: the same sum, rounded differently
+    assert (before - after).abs().max() <= 1e-6 and (before - _logits(base, tmp_path / "none")).abs().max() > 1e-3

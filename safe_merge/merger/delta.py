@@ -12,9 +12,6 @@ merge backend still shows up. Layouts follow the stored base weight:
 from __future__ import annotations
 
 import enum
-import math
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,26 +27,6 @@ class LayerKind(enum.Enum):
     def out_axis(self) -> int:
         """Axis of the stored weight that indexes output features (the axis DoRA keeps a magnitude for)."""
         return 1 if self in (LayerKind.LINEAR_FIFO, LayerKind.EMBEDDING) else 0
-
-
-def pattern_value(patterns: Mapping[str, object], module: str, default):
-    """Look a module up in rank_pattern / alpha_pattern the way current PEFT does: first key whose regex matches
-    the end of the module path at a dot boundary, in the dict's order."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def scaling(config: Mapping, module: str, rank: int) -> float:
-    """LoRA's scale for one module: alpha/r, or alpha/sqrt(r) with use_rslora; alpha may come from alpha_pattern.
-
-    The rank is read from the tensors, not from the config: the tensors are what gets multiplied.
-    """
-    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-    if config.get("use_rslora"):
-        return float(alpha) / math.sqrt(rank)
-    return float(alpha) / rank
 
 
 @dataclass(frozen=True)

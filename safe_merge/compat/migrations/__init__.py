@@ -6,15 +6,19 @@ from safe_merge.compat.migrations import (
     bin_to_safetensors,
     explicit_targets,
     init_values,
+    patterns_fold,
     rslora_fold,
     safetensors_to_bin,
     strip_keys,
+    target_parameters,
 )
 
 STEPS = (
     bin_to_safetensors,
     init_values,
-    rslora_fold,
+    rslora_fold,  # before the pattern fold, which then reads alpha / r
+    patterns_fold,
+    target_parameters,
     base_layer_naming,
     explicit_targets,
     strip_keys,
