@@ -13,7 +13,7 @@ ROOT = Path(__file__).parent
 MATRIX = tomllib.loads((ROOT / "matrix" / "matrix.toml").read_text())
 
 nox.options.default_venv_backend = "uv" if shutil.which("uv") else "virtualenv"
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "crosscheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -79,6 +79,36 @@ def fixtures(session: nox.Session, cell: dict) -> None:
     )
     out = ROOT / "tests" / "fixtures" / f"peft-{cell['peft']}"
     session.run("python", str(ROOT / "tests" / "fixtures" / "produce.py"), str(out), env={"HF_HUB_OFFLINE": "1"})
+
+
+OLDER_CELLS = [c for c in FIXTURE_CELLS if c["peft"] != MATRIX["current"]["peft"]]
+
+
+@nox.session
+@nox.parametrize("cell", [nox.param(c, id=f"peft={c['peft']},transformers={c['transformers']}") for c in OLDER_CELLS])
+def crosscheck(session: nox.Session, cell: dict) -> None:
+    """Migrate the newest release's fixtures down to an older real release and load them there: each must give
+    its producer's logits, or be refused where the history table says so."""
+    constraints = Path(session.create_tmp()) / "constraints.txt"
+    constraints.write_text(f"torch=={torch_version()}\n")
+    session.install(*find_links(), f"torch=={torch_version()}")
+    session.install(
+        *find_links(),
+        "-c",
+        str(constraints),
+        f"peft=={cell['peft']}",
+        f"transformers=={cell['transformers']}",
+        "safetensors",
+        "packaging",
+        *cell.get("extra", []),
+    )
+    newest = ROOT / "tests" / "fixtures" / f"peft-{MATRIX['current']['peft']}"
+    session.run(
+        "python",
+        str(ROOT / "tests" / "fixtures" / "crosscheck.py"),
+        str(newest),
+        env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )
 
 
 @nox.session

@@ -8,14 +8,16 @@ the base weights, so a merge that did nothing, or did it wrong, cannot look righ
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from dataclasses import dataclass, field
 
 import peft
 import torch
 from hypothesis import strategies as st
+from packaging.version import Version
 from torch import nn
+
+from safe_merge.compat.history import History
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,10 +25,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ---------------------------------------------------------------------------------------------------------------
 # What the installed PEFT can do (feature-detected, never assumed from the newest release)
 
-LORA_FIELDS = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+INSTALLED = Version(peft.__version__).base_version
+HISTORY = History.load()
+
+
+def _has(key: str) -> bool:
+    """The installed release writes this LoraConfig key (the history table says so; a test checks the table
+    against the installed dataclass)."""
+    return HISTORY.entries[key].present_in(INSTALLED)
 
 
 def _has_dora_layer(name: str) -> bool:
+    """DoRA reached Embedding and Conv layers later than Linear; the layer classes say whether it is here."""
     try:
         from peft.tuners.lora import dora
     except ImportError:
@@ -35,13 +45,13 @@ def _has_dora_layer(name: str) -> bool:
 
 
 FEATURES = {
-    "rank_pattern": "rank_pattern" in LORA_FIELDS,
-    "use_rslora": "use_rslora" in LORA_FIELDS,
-    "use_dora": "use_dora" in LORA_FIELDS,
-    "dora_embedding": "use_dora" in LORA_FIELDS and _has_dora_layer("DoraEmbeddingLayer"),
-    "dora_conv": "use_dora" in LORA_FIELDS and _has_dora_layer("DoraConv2dLayer"),
-    "lora_bias": "lora_bias" in LORA_FIELDS,
-    "layers_to_transform": "layers_to_transform" in LORA_FIELDS,
+    "rank_pattern": _has("rank_pattern"),
+    "use_rslora": _has("use_rslora"),
+    "use_dora": _has("use_dora"),
+    "dora_embedding": _has("use_dora") and _has_dora_layer("DoraEmbeddingLayer"),
+    "dora_conv": _has("use_dora") and _has_dora_layer("DoraConv2dLayer"),
+    "lora_bias": _has("lora_bias"),
+    "layers_to_transform": _has("layers_to_transform"),
 }
 
 

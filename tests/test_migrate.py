@@ -68,8 +68,10 @@ def test_dora_adapter_to_0_7_1_is_refused_and_nothing_is_written(tmp_path, capsy
 
 def test_rslora_folds_into_lora_b_and_answers_the_same(tmp_path, capsys):
     _, base, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj", "embed_tokens"], use_rslora=True)
+    before = _digest(adapter)
     code, report, err = _migrate(adapter, tmp_path / "old", "0.7.1", capsys)
     assert code == 0, err
+    assert _digest(adapter) == before  # the input is read, never written
     assert "rslora-fold-into-lora-b" in [s["id"] for s in report["steps"]]
     config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
     assert "use_rslora" not in config and set(config) <= HISTORY.keys_in("0.7.1")
@@ -195,3 +197,15 @@ def test_target_parameters_on_linear_weights_become_target_modules(tmp_path, cap
     before, after = _logits(base, tmp_path / "adapter"), _logits(base, tmp_path / "v16")
     # a parameter LoRA adds B·A to the weight, a module LoRA adds x·Aᵀ·Bᵀ: the same sum, rounded differently
     assert (before - after).abs().max() <= 1e-6 and (before - _logits(base, tmp_path / "none")).abs().max() > 1e-3
+
+
+def test_a_removed_key_with_a_value_is_refused_as_gone_not_as_new(tmp_path):
+    _, _, adapter = _adapter(tmp_path, target_modules=["q_proj"])
+    files = load_adapter(adapter)
+    files.config.update({"enable_lora": [True, False, True], "merge_weights": True})
+    plan, state = make_plan(files, INSTALLED)
+    assert [(r["key"], r["first"]) for r in plan.refusals] == [("enable_lora", None)]
+    assert "no release since 0.3.0" in plan.refusals[0]["reason"]
+    files.config["enable_lora"] = None
+    plan, state = make_plan(files, INSTALLED)
+    assert not plan.refused and "enable_lora" not in state.config and "merge_weights" not in state.config

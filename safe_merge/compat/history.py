@@ -116,6 +116,9 @@ class History:
             elif entry.harmless_to_drop(config):
                 why = "its value never changes the model" if entry.drop == "always" else "its value here is neutral"
                 verdicts.append(Verdict(key, "strip", value, f"{target} lacks it; {why}", entry.first))
+            elif entry.removed and Version(str(target)) >= Version(entry.removed):
+                reason = f"{entry.effect}; no release since {entry.removed} understands it"
+                verdicts.append(Verdict(key, "refuse", value, reason, None))
             else:
                 verdicts.append(Verdict(key, "refuse", value, entry.effect, entry.first))
         return verdicts
