@@ -61,10 +61,8 @@ def demo(session: nox.Session) -> None:
 FIXTURE_CELLS = MATRIX.get("fixtures", [])
 
 
-@nox.session
-@nox.parametrize("cell", [nox.param(c, id=f"peft={c['peft']},transformers={c['transformers']}") for c in FIXTURE_CELLS])
-def fixtures(session: nox.Session, cell: dict) -> None:
-    """Regenerate tests/fixtures/peft-<release>/ with that real release (one venv per release)."""
+def install_release(session: nox.Session, cell: dict, *more: str) -> None:
+    """One real PEFT release on its transformers, torch pinned, without the project (it may predate it)."""
     constraints = Path(session.create_tmp()) / "constraints.txt"
     constraints.write_text(f"torch=={torch_version()}\n")
     session.install(*find_links(), f"torch=={torch_version()}")
@@ -75,8 +73,16 @@ def fixtures(session: nox.Session, cell: dict) -> None:
         f"peft=={cell['peft']}",
         f"transformers=={cell['transformers']}",
         "safetensors",
+        *more,
         *cell.get("extra", []),
     )
+
+
+@nox.session
+@nox.parametrize("cell", [nox.param(c, id=f"peft={c['peft']},transformers={c['transformers']}") for c in FIXTURE_CELLS])
+def fixtures(session: nox.Session, cell: dict) -> None:
+    """Regenerate tests/fixtures/peft-<release>/ with that real release (one venv per release)."""
+    install_release(session, cell)
     out = ROOT / "tests" / "fixtures" / f"peft-{cell['peft']}"
     session.run("python", str(ROOT / "tests" / "fixtures" / "produce.py"), str(out), env={"HF_HUB_OFFLINE": "1"})
 
@@ -89,19 +95,7 @@ OLDER_CELLS = [c for c in FIXTURE_CELLS if c["peft"] != MATRIX["current"]["peft"
 def crosscheck(session: nox.Session, cell: dict) -> None:
     """Migrate the newest release's fixtures down to an older real release and load them there: each must give
     its producer's logits, or be refused where the history table says so."""
-    constraints = Path(session.create_tmp()) / "constraints.txt"
-    constraints.write_text(f"torch=={torch_version()}\n")
-    session.install(*find_links(), f"torch=={torch_version()}")
-    session.install(
-        *find_links(),
-        "-c",
-        str(constraints),
-        f"peft=={cell['peft']}",
-        f"transformers=={cell['transformers']}",
-        "safetensors",
-        "packaging",
-        *cell.get("extra", []),
-    )
+    install_release(session, cell, "packaging")
     newest = ROOT / "tests" / "fixtures" / f"peft-{MATRIX['current']['peft']}"
     session.run(
         "python",

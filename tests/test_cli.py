@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,9 +151,7 @@ def test_non_lora_adapter_is_refused_naming_the_supported_types(inputs, tmp_path
 def test_quantized_base_is_refused_naming_the_key(inputs, tmp_path, capsys):
     base, adapter = inputs
     quantized = tmp_path / "base-4bit"
-    quantized.mkdir()
-    for item in base.iterdir():
-        (quantized / item.name).write_bytes(item.read_bytes())
+    shutil.copytree(base, quantized)
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (quantized / "config.json").write_text(json.dumps(config))
@@ -256,9 +255,7 @@ def test_a_base_whose_config_asks_for_unsaved_parameters_is_bad_input(inputs, tm
     attention_bias): transformers would invent random biases; safe-merge refuses and names them."""
     base, adapter = inputs
     edited = tmp_path / "base"
-    edited.mkdir()
-    for item in base.iterdir():
-        (edited / item.name).write_bytes(item.read_bytes())
+    shutil.copytree(base, edited)
     config = json.loads((base / "config.json").read_text())
     assert not config.get("mlp_bias")
     config["mlp_bias"] = True  # this base was saved without MLP biases

@@ -76,3 +76,13 @@ def parse_key(key: str) -> AdapterKey | None:
             module = module[: -len(wrapper)]
             return AdapterKey(key, module, role, f"{module}.{leaf}")
     return AdapterKey(key, module, Role.PARAM, rest)
+
+
+def targeted_modules(keys) -> set[str]:
+    """Module paths that carry LoRA tensors, from an adapter file's keys."""
+    out = set()
+    for key in keys:
+        parsed = parse_key(key)
+        if parsed is not None and parsed.role in LORA_ROLES:
+            out.add(parsed.module)
+    return out

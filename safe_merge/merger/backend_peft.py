@@ -9,19 +9,9 @@ import torch
 from torch import nn
 
 from safe_merge.compat.adapter_files import AdapterFiles
-from safe_merge.compat.keys import LORA_ROLES, parse_key
+from safe_merge.compat.keys import targeted_modules
 from safe_merge.merger import loading
 from safe_merge.merger.tying import record_broken_ties, shared_groups, untie_targets
-
-
-def targeted_modules(adapter: AdapterFiles) -> set[str]:
-    """Module paths that carry LoRA tensors in the adapter file."""
-    out = set()
-    for key in adapter.tensors:
-        parsed = parse_key(key)
-        if parsed is not None and parsed.role in LORA_ROLES:
-            out.add(parsed.module)
-    return out
 
 
 def merge_and_unload(peft_model: nn.Module) -> nn.Module:
@@ -41,7 +31,7 @@ def merge_model(model: nn.Module, adapter: AdapterFiles) -> tuple[nn.Module, lis
     """Merge one adapter into a loaded base model (consumed); returns the plain model and notes for the report."""
     notes = []
     groups = shared_groups(model)
-    untied = untie_targets(model, targeted_modules(adapter))
+    untied = untie_targets(model, targeted_modules(adapter.tensors))
     if untied:
         notes.append(
             f"untied {', '.join(untied)} from a LoRA-targeted weight, so the merged model keeps the adapter's "

@@ -9,7 +9,7 @@ import torch
 from packaging.version import Version
 
 from safe_merge.compat.history import History
-from safe_merge.compat.keys import LORA_ROLES, parse_key
+from safe_merge.compat.keys import targeted_modules
 
 SAFETENSORS = "adapter_model.safetensors"
 BIN = "adapter_model.bin"
@@ -28,12 +28,7 @@ class State:
 
     def targeted_modules(self) -> set[str]:
         """Module paths that carry LoRA tensors."""
-        out = set()
-        for key in self.tensors:
-            parsed = parse_key(key)
-            if parsed is not None and parsed.role in LORA_ROLES:
-                out.add(parsed.module)
-        return out
+        return targeted_modules(self.tensors)
 
 
 @dataclass
