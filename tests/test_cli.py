@@ -188,6 +188,9 @@ def test_demo_runs_offline_and_passes():
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["status"] == "passed" and "PASSED" in done.stderr
+    # its adapter is written as PEFT 0.6 did: the merge must rename the trained biases' keys to use them
+    assert [m["id"] for m in report["adapters"][0]["migrations"]] == ["base-layer-key-naming"]
+    assert report["ledger"]["replaced"] > 0
     assert Path(report["output"]["path"]).is_dir()
 
 
@@ -263,3 +266,26 @@ def test_a_base_whose_config_asks_for_unsaved_parameters_is_bad_input(inputs, tm
     code, _, err = _run(["merge", edited, adapter, "-o", tmp_path / "out"], capsys)
     assert code == 2 and "gate_proj.bias" in err and "random values" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_old_adapter_is_migrated_on_the_way_and_left_untouched(tmp_path, capsys):
+    fixture = Path(__file__).parent / "fixtures" / "peft-0.4.0" / "llama-plain"
+    before = {p.name: p.read_bytes() for p in fixture.iterdir()}
+    code, report, err = _run(
+        ["merge", fixture.parent / "base-llama", fixture, "-o", tmp_path / "out", "--json"], capsys
+    )
+    assert code == 0, err
+    assert [m["id"] for m in report["adapters"][0]["migrations"]] == ["bin-to-safetensors"]
+    assert report["adapters"][0]["origin_peft"].startswith(">= 0.4.0")
+    assert {p.name: p.read_bytes() for p in fixture.iterdir()} == before
+
+
+def test_an_adapter_with_a_key_no_release_knows_is_refused_before_any_work(inputs, tmp_path, capsys):
+    _, adapter = inputs
+    odd = tmp_path / "adapter"
+    shutil.copytree(adapter, odd)
+    config = json.loads((odd / "adapter_config.json").read_text())
+    (odd / "adapter_config.json").write_text(json.dumps({**config, "quantum_rank": 3}))
+    code, _, err = _run(["merge", inputs[0], odd, "-o", tmp_path / "out"], capsys)
+    assert code == 2 and "quantum_rank = 3" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -113,7 +113,7 @@ def cmd_inspect(args) -> int:
     from safe_merge.compat.inspect import inspect_adapter
     from safe_merge.merger import loading
 
-    target = args.target or installed_peft()
+    target = args.target or loading.installed_peft()
     _check_release(target)
     adapter = loading.resolve_dir(args.adapter, "adapter")
     report = {**inspect_adapter(adapter, target).report(), "exit_code": 0}
@@ -127,7 +127,7 @@ def cmd_migrate(args) -> int:
     from safe_merge.merger import loading
     from safe_merge.merger.staging import check_target, staged
 
-    target = args.target or installed_peft()
+    target = args.target or loading.installed_peft()
     _check_release(target)
     source = loading.resolve_dir(args.adapter, "adapter")
     check_target(args.out, args.force)
@@ -145,13 +145,6 @@ def cmd_migrate(args) -> int:
         report["output"] = {"path": str(args.out), "files": files}
         report["status"] = "migrated"
     return _emit("migrate", report, args.json)
-
-
-def installed_peft() -> str:
-    import peft
-    from packaging.version import Version
-
-    return Version(peft.__version__).base_version
 
 
 def _check_release(release: str) -> None:

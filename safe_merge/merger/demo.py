@@ -47,29 +47,38 @@ def build_base(directory: Path, vocab_size: int) -> None:
         bos_token_id=2,
         eos_token_id=3,
         tie_word_embeddings=False,
+        attention_bias=True,
     )
     LlamaForCausalLM(config).save_pretrained(str(directory))
 
 
 def build_adapter(base_dir: Path, directory: Path) -> None:
-    """An r=8 LoRA on attention and MLP projections with non-zero lora_B, as if trained."""
+    """An r=8 LoRA on attention and MLP projections with trained attention biases (bias="all"), non-zero lora_B."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(1)
     model = LlamaForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        task_type="CAUSAL_LM",
-    )
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, bias="all", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or name.endswith("_proj.base_layer.bias"):
                 param.normal_(0.0, 0.05)
     peft_model.save_pretrained(str(directory))
+
+
+def write_as_peft_0_6(adapter_dir: Path, directory: Path) -> dict:
+    """The same adapter as PEFT 0.6 would have saved it: fewer config keys, and each targeted layer's trained bias
+    under `q_proj.bias` (current PEFT reads only `q_proj.base_layer.bias`, and would silently drop it)."""
+    from safe_merge.compat.adapter_files import load_adapter
+    from safe_merge.compat.plan import make_plan, write_state
+
+    plan, state = make_plan(load_adapter(adapter_dir), "0.6.2")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_state(state, adapter_dir, directory)
+    return plan.report()
 
 
 def run_demo(out: Path | None = None) -> dict:
@@ -79,7 +88,8 @@ def run_demo(out: Path | None = None) -> dict:
     base_dir, adapter_dir, merged_dir = workdir / "base", workdir / "adapter", workdir / "merged"
     tokenizer = build_tokenizer(base_dir)
     build_base(base_dir, len(tokenizer))
-    build_adapter(base_dir, adapter_dir)
+    build_adapter(base_dir, workdir / "adapter-trained")
+    write_as_peft_0_6(workdir / "adapter-trained", adapter_dir)
     report = merge_command(MergeRequest(str(base_dir), [str(adapter_dir)], merged_dir, force=True))
-    report["demo"] = {"workdir": str(workdir), "base": str(base_dir), "adapter": str(adapter_dir)}
+    report["demo"] = {"workdir": str(workdir), "base": str(base_dir), "adapter (PEFT 0.6 format)": str(adapter_dir)}
     return report

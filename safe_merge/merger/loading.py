@@ -144,6 +144,13 @@ def load_peft(model: nn.Module, adapter_dir: Path) -> nn.Module:
         ) from exc
 
 
+def installed_peft() -> str:
+    """The installed PEFT release, as the history table names releases (no local or dev suffix)."""
+    import peft
+
+    return Version(peft.__version__).base_version
+
+
 def versions() -> dict:
     import peft
     import transformers

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from safe_merge.compat.adapter_files import load_adapter
+from safe_merge.compat.plan import make_plan, write_state
 from safe_merge.errors import BadInput
 from safe_merge.merger import backend_peft, loading
 from safe_merge.merger.staging import check_target, staged
@@ -39,13 +41,28 @@ def run_merge(req: MergeRequest) -> dict:
     out = Path(req.out)
     check_target(out, req.force)
     base_dir = loading.resolve_dir(req.base, "base model")
-    adapter_dir = loading.resolve_dir(req.adapters[0], "adapter")
-    adapter = load_adapter(adapter_dir)
-    require_lora(adapter)
+    source_dir = loading.resolve_dir(req.adapters[0], "adapter")
+    source = load_adapter(source_dir)
+    require_lora(source)
+    plan, state = make_plan(source, loading.installed_peft())
+    if plan.refused:
+        raise BadInput(plan.refusal_message(), hint="merge with a PEFT release that understands these keys")
     base_config = loading.read_model_config(base_dir)
     refuse_quantized(base_config, base_dir)
     dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
 
+    with tempfile.TemporaryDirectory(
+        prefix=".safe-merge-adapter-", dir=out.parent if out.parent.exists() else None
+    ) as t:
+        adapter_dir = source_dir
+        if plan.steps:  # merge a migrated copy; the user's adapter is never touched
+            adapter_dir = Path(t)
+            write_state(state, source_dir, adapter_dir)
+        return _merge_and_publish(req, out, base_dir, base_config, dtype, source_dir, adapter_dir, plan, started)
+
+
+def _merge_and_publish(req, out, base_dir, base_config, dtype, source_dir, adapter_dir, plan, started) -> dict:
+    adapter = load_adapter(adapter_dir)
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         merged, notes = backend_peft.merge(base_dir, adapter, dtype)
@@ -59,7 +76,14 @@ def run_merge(req: MergeRequest) -> dict:
         "status": None,
         "versions": loading.versions(),
         "base": {"path": str(base_dir), "class": loading.model_class(base_config).__name__},
-        "adapters": [{"path": str(adapter_dir), "origin_peft": adapter.config.get("peft_version"), "migrations": []}],
+        "adapters": [
+            {
+                "path": str(source_dir),
+                "origin_peft": plan.origin,
+                "peft_version": adapter.config.get("peft_version"),
+                "migrations": plan.steps,
+            }
+        ],
         "backend": "peft",
         "dtype": str(dtype).removeprefix("torch."),
         "quantization": None,
