@@ -81,3 +81,8 @@ def load_adapter(adapter_dir: str | Path) -> AdapterFiles:
         path=adapter_dir,
         hint="copy the weight file saved next to adapter_config.json",
     )
+
+
+def nonfinite_tensors(adapter: AdapterFiles) -> list[str]:
+    """Keys of adapter tensors holding NaN or Inf (a diverged or corrupted training run)."""
+    return [k for k, t in adapter.tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -181,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, str(exc), exc.exit_code)
     except KeyboardInterrupt:
         return _fail(args, "interrupted; nothing was written", EXIT_BAD_INPUT)
+    except OSError as exc:  # a full disk, a read-only target, a vanished file: nothing was published
+        return _fail(
+            args,
+            f"cannot read or write {exc.filename or 'a file'}: {exc.strerror or exc}; nothing was written",
+            EXIT_BAD_INPUT,
+        )
     except Exception as exc:  # an input we did not foresee: say so plainly, traceback only on request
         if os.environ.get("SAFE_MERGE_DEBUG"):
             traceback.print_exc()

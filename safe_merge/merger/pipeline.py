@@ -8,13 +8,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from safe_merge.compat.adapter_files import load_adapter
+from safe_merge.compat.adapter_files import load_adapter, nonfinite_tensors
 from safe_merge.compat.plan import make_plan, write_state
 from safe_merge.errors import BadInput
 from safe_merge.merger import backend_peft, loading
 from safe_merge.merger.staging import check_target, staged
 from safe_merge.merger.verify import PASSED, require_lora, verify_dirs
-from safe_merge.merger.write import DEFAULT_SHARD_SIZE, write_model
+from safe_merge.merger.write import DEFAULT_SHARD_SIZE, tokenizer_size, tokenizer_source, write_model
 
 
 @dataclass
@@ -44,11 +44,19 @@ def run_merge(req: MergeRequest) -> dict:
     source_dir = loading.resolve_dir(req.adapters[0], "adapter")
     source = load_adapter(source_dir)
     require_lora(source)
+    broken = nonfinite_tensors(source)
+    if broken:
+        raise BadInput(
+            f"{len(broken)} adapter tensors hold NaN or Inf (first: {broken[0]})",
+            path=source.weight_file,
+            hint="the training run diverged or the file is corrupt; use an earlier checkpoint",
+        )
     plan, state = make_plan(source, loading.installed_peft())
     if plan.refused:
         raise BadInput(plan.refusal_message(), hint="merge with a PEFT release that understands these keys")
     base_config = loading.read_model_config(base_dir)
     refuse_quantized(base_config, base_dir)
+    refuse_tokenizer_mismatch(base_config, base_dir, source_dir)
     dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
 
     with tempfile.TemporaryDirectory(
@@ -113,6 +121,20 @@ def _merge_and_publish(req, out, base_dir, base_config, dtype, source_dir, adapt
     report["seconds"] = round(time.monotonic() - started, 3)
     report["exit_code"] = 0
     return report
+
+
+def refuse_tokenizer_mismatch(config, base_dir: Path, adapter_dir: Path) -> None:
+    """The tokenizer that goes into OUT must not produce ids the model has no embedding row for."""
+    source = tokenizer_source(adapter_dir, base_dir)
+    size = tokenizer_size(source) if source else None
+    rows = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    if size and rows and size > rows:
+        raise BadInput(
+            f"the tokenizer has {size} token ids but the model's embedding has {rows} rows",
+            path=source / "tokenizer.json",
+            hint="resize the base's embeddings to the tokenizer (and train them) before merging, "
+            "or merge with the tokenizer the adapter was trained with",
+        )
 
 
 def refuse_quantized(config, base_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -32,6 +33,18 @@ def tokenizer_source(adapter_dir: Path, base_dir: Path) -> Path | None:
         if any((directory / name).is_file() for name in TOKENIZER_FILES):
             return directory
     return None
+
+
+def tokenizer_size(directory: Path) -> int | None:
+    """Number of token ids a saved fast tokenizer can produce (highest id + 1), or None without tokenizer.json."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+    ids += [t["id"] for t in data.get("added_tokens") or [] if "id" in t]
+    return max(ids) + 1 if ids else None
 
 
 def write_model(

@@ -1,0 +1,197 @@
+"""Every bad input: a clear message naming the file and what to do, exit 2, inputs untouched, no output left."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from safe_merge.merger import pipeline
+from safe_merge.merger.cli import main
+from safe_merge.merger.demo import build_tokenizer
+from tests.helpers import materialize
+from tests.strategies import Case
+
+SIZES = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
+
+
+def _digest(*dirs: Path) -> str:
+    h = hashlib.sha256()
+    for d in dirs:
+        for path in sorted(d.rglob("*")):
+            if path.is_file():
+                h.update(str(path.relative_to(d)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A fresh base and adapter per test (tests edit copies of them)."""
+    case = Case(
+        "llama", SIZES, False, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "float32", seed=4
+    )
+    base, adapter = materialize(case, tmp_path / "inputs")
+    return base, adapter
+
+
+def _merge_fails(base: Path, adapter: Path, tmp_path: Path, capsys, *needles: str, code: int = 2) -> str:
+    """Run merge into tmp_path/work/out; assert the exit code, the message, untouched inputs and no leftovers."""
+    before = _digest(base, adapter)
+    work = tmp_path / "work"
+    work.mkdir()
+    got = main(["merge", str(base), str(adapter), "-o", str(work / "out")])
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    assert list(work.iterdir()) == [], "an output or staging dir was left behind"
+    assert _digest(base, adapter) == before, "an input was modified"
+    return err
+
+
+def test_malformed_adapter_config(pair, tmp_path, capsys):
+    base, adapter = pair
+    (adapter / "adapter_config.json").write_text('{"r": 4,')
+    _merge_fails(base, adapter, tmp_path, capsys, "adapter_config.json", "not valid JSON")
+
+
+def test_missing_weight_file(pair, tmp_path, capsys):
+    base, adapter = pair
+    (adapter / "adapter_model.safetensors").unlink()
+    _merge_fails(base, adapter, tmp_path, capsys, "no adapter weights", "what to do")
+
+
+def test_truncated_weight_file(pair, tmp_path, capsys):
+    base, adapter = pair
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    _merge_fails(base, adapter, tmp_path, capsys, "adapter_model.safetensors", "cannot read the weights")
+
+
+class _Payload:
+    """Unpickling this would create a marker file: proof of executed code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_never_executed(pair, tmp_path, capsys):
+    base, adapter = pair
+    (adapter / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({"base_model.model.x.lora_A.weight": _Payload(str(marker))}, adapter / "adapter_model.bin")
+    _merge_fails(base, adapter, tmp_path, capsys, "adapter_model.bin", "cannot read the weights")
+    assert not marker.exists()
+
+
+def test_nan_in_adapter_tensors(pair, tmp_path, capsys):
+    base, adapter = pair
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    _merge_fails(base, adapter, tmp_path, capsys, "NaN or Inf", key)
+
+
+def test_adapter_trained_on_another_base(pair, tmp_path, capsys):
+    _, adapter = pair
+    other = Case("llama", {**SIZES, "hidden": 32}, False, {"r": 4, "target_modules": ["q_proj"]}, "float32", seed=5)
+    other_base, _ = materialize(other, tmp_path / "other")
+    _merge_fails(
+        other_base, adapter, tmp_path, capsys, "PEFT cannot load this adapter onto the base", "trained on this base"
+    )
+
+
+def test_adapter_targeting_modules_the_base_lacks(pair, tmp_path, capsys):
+    base, adapter = pair
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_modules"] = ["no_such_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    _merge_fails(base, adapter, tmp_path, capsys, "PEFT cannot load this adapter")
+
+
+def test_adapter_whose_tensors_disagree_with_its_own_rank(pair, tmp_path, capsys):
+    base, adapter = pair
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["r"] = 8  # the tensors are rank 4
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    _merge_fails(base, adapter, tmp_path, capsys, "PEFT cannot load this adapter")
+
+
+def test_tokenizer_larger_than_the_embedding(pair, tmp_path, capsys):
+    base, adapter = pair
+    tokenizer = build_tokenizer(adapter)  # the adapter ships its own tokenizer...
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(40)])  # ...with more ids than the base has rows
+    tokenizer.save_pretrained(str(adapter))
+    _merge_fails(base, adapter, tmp_path, capsys, "tokenizer.json", "token ids", "rows")
+
+
+@pytest.mark.parametrize(
+    ("error", "needle"),
+    [
+        (KeyboardInterrupt(), "interrupted"),
+        (OSError(errno.ENOSPC, "No space left on device", "model.safetensors"), "No space left on device"),
+    ],
+    ids=["ctrl-c", "disk-full"],
+)
+def test_interrupted_or_failed_write_leaves_nothing(pair, tmp_path, capsys, monkeypatch, error, needle):
+    base, adapter = pair
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pipeline, "write_model", fail)
+    _merge_fails(base, adapter, tmp_path, capsys, needle, "nothing was written")
+
+
+def test_existing_output_survives_a_failed_forced_merge(pair, tmp_path, capsys, monkeypatch):
+    base, adapter = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    monkeypatch.setattr(pipeline, "write_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["merge", str(base), str(adapter), "-o", str(out), "--force"]) == 2
+    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "out"]
+
+
+def test_hub_ids_resolve_from_the_local_cache_and_say_so_when_absent(pair, tmp_path):
+    base, adapter = pair
+    cache = tmp_path / "hub"
+    revision = "0" * 40
+    for repo, source in (("acme/tiny-base", base), ("acme/tiny-adapter", adapter)):
+        root = cache / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(source, root / "snapshots" / revision)
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, "-m", "safe_merge.merger.cli", "merge"]
+    done = subprocess.run(
+        [*run, "acme/tiny-base", "acme/tiny-adapter", "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    missing = subprocess.run(
+        [*run, "acme/not-cached", "acme/tiny-adapter", "-o", str(tmp_path / "out2")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert missing.returncode == 2 and "not a hub id in the local cache" in missing.stderr
+    assert "hf download acme/not-cached" in missing.stderr
