@@ -289,3 +289,17 @@ def test_an_adapter_with_a_key_no_release_knows_is_refused_before_any_work(input
     code, _, err = _run(["merge", inputs[0], odd, "-o", tmp_path / "out"], capsys)
     assert code == 2 and "quantum_rank = 3" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_merge_plan_says_what_would_happen_and_writes_nothing(inputs, tmp_path, capsys):
+    base, adapter = inputs
+    code, report, err = _run(["merge", base, adapter, "-o", tmp_path / "out", "--plan", "--json"], capsys)
+    assert code == 0 and report["status"] == "planned" and "written   nothing" in err
+    assert list(tmp_path.iterdir()) == []
+    assert report["backend"] == "peft" and report["dtype"] == "float32" and len(report["checks"]) == 3
+    estimated = report["output"]["estimated_bytes"]
+    assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "real")]) == 0
+    written = (tmp_path / "real" / "model.safetensors").stat().st_size
+    # the estimate counts the base's parameters; the merge adds the untied head's own copy and a header
+    assert estimated <= written <= estimated * 1.5, (estimated, written)
+    assert report["peak_memory_estimate"]["bytes"] >= 3 * estimated

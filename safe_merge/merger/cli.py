@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--backend", choices=("auto", "peft"), default="auto")
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
+    merge.add_argument("--plan", action="store_true", help="print what would be done; write nothing")
     merge.add_argument("--report", type=Path, help="also write the JSON report here")
     merge.add_argument("--json", action="store_true", help="print the JSON report on stdout")
 
@@ -84,7 +85,9 @@ def cmd_merge(args) -> int:
     from safe_merge.merger.pipeline import MergeRequest, merge_command
 
     report = merge_command(
-        MergeRequest(args.base, args.adapters, args.out, args.dtype, args.backend, args.force, args.max_shard_size)
+        MergeRequest(
+            args.base, args.adapters, args.out, args.dtype, args.backend, args.force, args.max_shard_size, args.plan
+        )
     )
     return _emit("merge", report, args.json, args.report)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 import warnings
 from pathlib import Path
@@ -68,13 +69,28 @@ def model_class(config):
     return transformers.AutoModel
 
 
-def stored_dtype(model_dir: Path, config=None) -> torch.dtype:
-    """The floating dtype the weights are stored in: read from safetensors headers, else from the config."""
-    counts: dict[torch.dtype, int] = {}
+def _headers(model_dir: Path):
     for file in sorted(model_dir.glob("*.safetensors")):
         with open(file, "rb") as fh:
             (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
+            yield json.loads(fh.read(size))
+
+
+def floating_numel(model_dir: Path) -> int | None:
+    """Number of floating-point values in a safetensors checkpoint, from its headers alone (None for .bin)."""
+    total, seen = 0, False
+    for header in _headers(model_dir):
+        for key, info in header.items():
+            if key != "__metadata__" and info.get("dtype") in _SAFETENSORS_DTYPES:
+                total += math.prod(info["shape"])
+                seen = True
+    return total if seen else None
+
+
+def stored_dtype(model_dir: Path, config=None) -> torch.dtype:
+    """The floating dtype the weights are stored in: read from safetensors headers, else from the config."""
+    counts: dict[torch.dtype, int] = {}
+    for header in _headers(model_dir):
         for key, info in header.items():
             if key != "__metadata__" and info.get("dtype") in _SAFETENSORS_DTYPES:
                 dtype = _SAFETENSORS_DTYPES[info["dtype"]]

@@ -8,6 +8,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from safe_merge.compat.adapter_files import load_adapter, nonfinite_tensors
 from safe_merge.compat.plan import make_plan, write_state
 from safe_merge.errors import BadInput
@@ -26,6 +28,7 @@ class MergeRequest:
     backend: str = "auto"
     force: bool = False
     max_shard_size: str = DEFAULT_SHARD_SIZE
+    plan: bool = False  # say what would happen; write nothing
 
 
 def run_merge(req: MergeRequest) -> dict:
@@ -59,6 +62,8 @@ def run_merge(req: MergeRequest) -> dict:
     refuse_tokenizer_mismatch(base_config, base_dir, source_dir)
     dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
 
+    if req.plan:
+        return merge_plan(req, base_dir, base_config, dtype, source_dir, plan, started)
     with tempfile.TemporaryDirectory(
         prefix=".safe-merge-adapter-", dir=out.parent if out.parent.exists() else None
     ) as t:
@@ -121,6 +126,53 @@ def _merge_and_publish(req, out, base_dir, base_config, dtype, source_dir, adapt
     report["seconds"] = round(time.monotonic() - started, 3)
     report["exit_code"] = 0
     return report
+
+
+def merge_plan(req, base_dir, base_config, dtype, source_dir, plan, started) -> dict:
+    """What `merge` would do, read from headers and configs only: nothing is loaded or written."""
+    from safe_merge.merger.outputs import available_memory
+    from safe_merge.merger.probes import probe_inputs
+
+    numel = loading.floating_numel(base_dir)
+    native = loading.stored_dtype(base_dir, base_config)
+
+    def size(dtype_: torch.dtype) -> int | None:
+        return numel * torch.tensor([], dtype=dtype_).element_size() if numel else None
+
+    free = available_memory()
+    twin = numel * 8 if numel and numel * 8 <= free // 2 else 0
+    # verification holds the merged model, the base as stored and the reference in the merged dtype at once, plus
+    # a float64 twin of the reference when it fits in half the free memory (the noise measurement)
+    peak = size(dtype) * 2 + size(native) + twin if numel else None
+    probes = probe_inputs(base_config)
+    return {
+        "status": "planned",
+        "versions": loading.versions(),
+        "base": {
+            "path": str(base_dir),
+            "class": loading.model_class(base_config).__name__,
+            "stored_dtype": str(native).removeprefix("torch."),
+            "parameters": numel,
+        },
+        "adapters": [{"path": str(source_dir), "origin_peft": plan.origin, "migrations": plan.steps}],
+        "backend": "peft",
+        "backend_reason": "the PEFT backend is the one this release has",
+        "dtype": str(dtype).removeprefix("torch."),
+        "output": {
+            "path": str(req.out),
+            "estimated_bytes": size(dtype),
+            "max_shard_size": req.max_shard_size,
+            "written": False,
+        },
+        "peak_memory_estimate": {"bytes": peak, "free_now": free, "float64_noise_twin": bool(twin)},
+        "checks": [
+            "ledger of every adapter tensor",
+            "weights: every parameter against the float64 merge",
+            f"outputs against the unmerged PeftModel on {', '.join(probes) if probes else 'no probe: a gap'}",
+        ],
+        "seconds": round(time.monotonic() - started, 3),
+        "exit_code": 0,
+    }
 
 
 def refuse_tokenizer_mismatch(config, base_dir: Path, adapter_dir: Path) -> None:

@@ -9,6 +9,16 @@ def _num(x) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
 
+def _size(n) -> str:
+    if not n:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 def summarize(command: str, report: dict) -> str:
     lines = [
         f"safe-merge {command}: {str(report.get('status')).upper()}  (exit {report.get('exit_code', '?')}"
@@ -81,6 +91,18 @@ def summarize(command: str, report: dict) -> str:
         lines.append(f"  PROBLEM   {problem}")
     for gap in report.get("gaps", []):
         lines.append(f"  gap       {gap}")
+    estimate = report.get("peak_memory_estimate")
+    if estimate:
+        out = report["output"]
+        lines.append(
+            f"  plan      write {_size(out.get('estimated_bytes'))} to {out['path']} "
+            f"(shards ≤ {out['max_shard_size']}); peak memory ≈ {_size(estimate.get('bytes'))} "
+            f"({_size(estimate.get('free_now'))} free now)"
+        )
+        for check in report.get("checks", []):
+            lines.append(f"  check     {check}")
+        lines.append("  written   nothing (--plan)")
+        return "\n".join(lines)
     output = report.get("output")
     if output:
         if output.get("path"):
