@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from safe_merge.compat.adapter_files import load_adapter, nonfinite_tensors
 from safe_merge.compat.plan import make_plan, write_state
@@ -76,9 +77,12 @@ def run_merge(req: MergeRequest) -> dict:
 
 def _merge_and_publish(req, out, base_dir, base_config, dtype, source_dir, adapter_dir, plan, started) -> dict:
     adapter = load_adapter(adapter_dir)
+    progress = tqdm(total=3, desc="safe-merge", unit="stage", disable=None, leave=False)
+    progress.set_postfix_str("merging")
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         merged, notes = backend_peft.merge(base_dir, adapter, dtype)
+    progress.update()
     caught = _unique(
         str(r.message).splitlines()[0][:300]
         for r in records
@@ -103,9 +107,14 @@ def _merge_and_publish(req, out, base_dir, base_config, dtype, source_dir, adapt
         "output": {"path": str(out), "files": []},
     }
     with staged(out, req.force) as stage:
+        progress.set_postfix_str("writing")
         files = write_model(merged, stage, base_dir, adapter_dir, req.max_shard_size)
         del merged
+        progress.update()
+        progress.set_postfix_str("verifying")
         verification = verify_dirs(base_dir, adapter_dir, stage)
+        progress.update()
+        progress.close()
         body = verification.report()
         report.update(
             status=body["status"],
