@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from safe_merge.compat.adapter_files import load_adapter, nonfinite_tensors
-from safe_merge.compat.plan import make_plan, write_state
+from safe_merge.compat.plan import Plan, make_plan, write_state
 from safe_merge.errors import BadInput
 from safe_merge.merger import backend_peft, loading
 from safe_merge.merger.staging import check_target, staged
@@ -30,6 +30,19 @@ class MergeRequest:
     force: bool = False
     max_shard_size: str = DEFAULT_SHARD_SIZE
     plan: bool = False  # say what would happen; write nothing
+
+
+@dataclass
+class Prepared:
+    """Everything checked and decided before any model is loaded."""
+
+    out: Path
+    base_dir: Path
+    base_config: object
+    dtype: torch.dtype
+    source_dir: Path  # the user's adapter, never written to
+    plan: Plan  # its migration to the installed PEFT
+    started: float
 
 
 def run_merge(req: MergeRequest) -> dict:
@@ -63,8 +76,9 @@ def run_merge(req: MergeRequest) -> dict:
     refuse_tokenizer_mismatch(base_config, base_dir, source_dir)
     dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
 
+    prep = Prepared(out, base_dir, base_config, dtype, source_dir, plan, started)
     if req.plan:
-        return merge_plan(req, base_dir, base_config, dtype, source_dir, plan, started)
+        return merge_plan(req, prep)
     with tempfile.TemporaryDirectory(
         prefix=".safe-merge-adapter-", dir=out.parent if out.parent.exists() else None
     ) as t:
@@ -72,10 +86,11 @@ def run_merge(req: MergeRequest) -> dict:
         if plan.steps:  # merge a migrated copy; the user's adapter is never touched
             adapter_dir = Path(t)
             write_state(state, source_dir, adapter_dir)
-        return _merge_and_publish(req, out, base_dir, base_config, dtype, source_dir, adapter_dir, plan, started)
+        return _merge_and_publish(req, prep, adapter_dir)
 
 
-def _merge_and_publish(req, out, base_dir, base_config, dtype, source_dir, adapter_dir, plan, started) -> dict:
+def _merge_and_publish(req: MergeRequest, prep: Prepared, adapter_dir: Path) -> dict:
+    out, base_dir, base_config, dtype, plan = prep.out, prep.base_dir, prep.base_config, prep.dtype, prep.plan
     adapter = load_adapter(adapter_dir)
     progress = tqdm(total=3, desc="safe-merge", unit="stage", disable=None, leave=False)
     progress.set_postfix_str("merging")
@@ -95,7 +110,7 @@ def _merge_and_publish(req, out, base_dir, base_config, dtype, source_dir, adapt
         "base": {"path": str(base_dir), "class": loading.model_class(base_config).__name__},
         "adapters": [
             {
-                "path": str(source_dir),
+                "path": str(prep.source_dir),
                 "origin_peft": plan.origin,
                 "peft_version": adapter.config.get("peft_version"),
                 "migrations": plan.steps,
@@ -132,16 +147,17 @@ def _merge_and_publish(req, out, base_dir, base_config, dtype, source_dir, adapt
                 "not_written": f"verification {verification.status}",
             }
             raise _Abandon(report, verification.exit_code)
-    report["seconds"] = round(time.monotonic() - started, 3)
+    report["seconds"] = round(time.monotonic() - prep.started, 3)
     report["exit_code"] = 0
     return report
 
 
-def merge_plan(req, base_dir, base_config, dtype, source_dir, plan, started) -> dict:
+def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
     """What `merge` would do, read from headers and configs only: nothing is loaded or written."""
     from safe_merge.merger.outputs import available_memory
     from safe_merge.merger.probes import probe_inputs
 
+    base_dir, base_config, dtype, plan = prep.base_dir, prep.base_config, prep.dtype, prep.plan
     numel = loading.floating_numel(base_dir)
     native = loading.stored_dtype(base_dir, base_config)
 
@@ -163,7 +179,7 @@ def merge_plan(req, base_dir, base_config, dtype, source_dir, plan, started) -> 
             "stored_dtype": str(native).removeprefix("torch."),
             "parameters": numel,
         },
-        "adapters": [{"path": str(source_dir), "origin_peft": plan.origin, "migrations": plan.steps}],
+        "adapters": [{"path": str(prep.source_dir), "origin_peft": plan.origin, "migrations": plan.steps}],
         "backend": "peft",
         "backend_reason": "the PEFT backend is the one this release has",
         "dtype": str(dtype).removeprefix("torch."),
@@ -179,7 +195,7 @@ def merge_plan(req, base_dir, base_config, dtype, source_dir, plan, started) -> 
             "weights: every parameter against the float64 merge",
             f"outputs against the unmerged PeftModel on {', '.join(probes) if probes else 'no probe: a gap'}",
         ],
-        "seconds": round(time.monotonic() - started, 3),
+        "seconds": round(time.monotonic() - prep.started, 3),
         "exit_code": 0,
     }
 
