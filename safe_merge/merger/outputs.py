@@ -20,7 +20,7 @@ class OutputCheck:
     max_abs: float = 0.0
     tol: float = 0.0
     effect: float = 0.0  # how far the adapter moves the outputs; a check that cannot see it proves little
-    noise: float | None = None  # how far the reference itself is from its float64 twin (None: not measured)
+    noise: float | None = None  # reference's + merged model's distance from their float64 twins (None: not measured)
     reason: str = ""
 
     @property
@@ -41,7 +41,7 @@ class OutputCheck:
             "max_abs": self.max_abs,
             "tol": self.tol,
             "tol_rule": f"max({OUTPUT_ULPS:g} ulps x sqrt(depth) of the largest reference output, "
-            f"{NOISE_FACTOR:g} x the reference's own rounding noise against float64)",
+            f"{NOISE_FACTOR:g} x the two models' own rounding noise against float64)",
             "rounding_noise": self.noise,
             "adapter_effect": self.effect,
             "discriminating": self.discriminating,
@@ -71,19 +71,23 @@ def model_depth(model: nn.Module) -> int:
     return 1
 
 
-def rounding_noise(reference: nn.Module, inputs, ref: torch.Tensor) -> float | None:
-    """max |reference in its dtype − reference in float64|: the rounding the model itself does on these inputs.
+def rounding_noise(model: nn.Module, inputs, out: torch.Tensor) -> float | None:
+    """max |model in its dtype − the same model in float64|: the rounding it does itself on these inputs.
 
-    Needs a float64 copy of the reference; skipped (None) when that would not fit in half the free memory.
+    Needs a float64 copy; skipped (None) when that would not fit in half the free memory.
     """
-    size = sum(p.numel() for p in reference.parameters()) * 8
+    size = sum(p.numel() for p in model.parameters()) * 8
     if size > available_memory() // 2:
         return None
-    twin = copy.deepcopy(reference).to(torch.float64)
+    twin = copy.deepcopy(model).to(torch.float64)
     try:
-        return float((run(twin, inputs) - ref).abs().max())
+        return float((run(twin, inputs) - out).abs().max())
     finally:
         del twin
+
+
+def _sum_or_none(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
 
 
 def available_memory() -> int:
@@ -113,7 +117,7 @@ def check_outputs(reference: nn.Module, merged: nn.Module, inputs, dtype: torch.
         with warnings.catch_warnings(), disable():  # PEFT warns that trained biases stay on; known, measured anyway
             warnings.simplefilter("ignore")
             effect = float((run(reference, inputs) - ref).abs().max())
-    noise = rounding_noise(reference, inputs, ref)
+    noise = _sum_or_none(rounding_noise(reference, inputs, ref), rounding_noise(merged, inputs, got))
     diff = (ref - got).abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     if not torch.isfinite(got).all():
