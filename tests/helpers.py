@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 
 import peft
@@ -14,6 +15,16 @@ from safe_merge.merger.backend_peft import merge_model
 from safe_merge.merger.kinds import layer_kinds
 from safe_merge.merger.verify import Verification, verify_models
 from tests.strategies import Case, build_base, fill_adapter, lora_config
+
+
+def digest(*dirs: Path) -> str:
+    """A hash of every file under the given directories (relative path + bytes): "was anything modified?"."""
+    h = hashlib.sha256()
+    for d in dirs:
+        for path in sorted(d.rglob("*")):
+            if path.is_file():
+                h.update(str(path.relative_to(d)).encode() + path.read_bytes())
+    return h.hexdigest()
 
 
 def save_adapter(case: Case, base: torch.nn.Module, adapter_dir: Path) -> None:

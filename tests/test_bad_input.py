@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -18,19 +17,10 @@ from safetensors.torch import load_file, save_file
 from safe_merge.merger import pipeline
 from safe_merge.merger.cli import main
 from safe_merge.merger.demo import build_tokenizer
-from tests.helpers import materialize
+from tests.helpers import digest, materialize
 from tests.strategies import Case
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
-
-
-def _digest(*dirs: Path) -> str:
-    h = hashlib.sha256()
-    for d in dirs:
-        for path in sorted(d.rglob("*")):
-            if path.is_file():
-                h.update(str(path.relative_to(d)).encode() + path.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture
@@ -45,7 +35,7 @@ def pair(tmp_path):
 
 def _merge_fails(base: Path, adapter: Path, tmp_path: Path, capsys, *needles: str, code: int = 2) -> str:
     """Run merge into tmp_path/work/out; assert the exit code, the message, untouched inputs and no leftovers."""
-    before = _digest(base, adapter)
+    before = digest(base, adapter)
     work = tmp_path / "work"
     work.mkdir()
     got = main(["merge", str(base), str(adapter), "-o", str(work / "out")])
@@ -55,7 +45,7 @@ def _merge_fails(base: Path, adapter: Path, tmp_path: Path, capsys, *needles: st
     for needle in needles:
         assert needle in err, err
     assert list(work.iterdir()) == [], "an output or staging dir was left behind"
-    assert _digest(base, adapter) == before, "an input was modified"
+    assert digest(base, adapter) == before, "an input was modified"
     return err
 
 

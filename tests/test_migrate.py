@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from safe_merge.compat.history import NEVER_WRITTEN, History
 from safe_merge.compat.plan import make_plan
 from safe_merge.merger import loading
 from safe_merge.merger.cli import main
-from tests.strategies import Case, build_base, fill_adapter, lora_config
+from tests.helpers import digest, save_adapter
+from tests.strategies import Case, build_base
 
 HISTORY = History.load()
 INSTALLED = Version(peft.__version__).base_version
@@ -28,20 +28,10 @@ RELEASES = sorted({e.first for e in HISTORY.entries.values()} | {"0.3.0", "0.6.2
 TABLE_RELEASES = [r for r in RELEASES if Version(r) >= Version("0.3.0")]
 
 
-def _digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()
-
-
 def _adapter(root: Path, arch: str = "llama", **lora) -> tuple[Case, torch.nn.Module, Path]:
     case = Case(arch, SIZES, False, {"r": 4, "lora_alpha": 8, **lora}, "float32", seed=21, delta_scale=1.0)
     base = build_base(case)
-    model = peft.get_peft_model(copy.deepcopy(base), lora_config(case))
-    fill_adapter(model, case)
-    model.save_pretrained(str(root / "adapter"))
+    save_adapter(case, base, root / "adapter")
     return case, base, root / "adapter"
 
 
@@ -59,19 +49,19 @@ def _migrate(adapter: Path, out: Path, target: str, capsys, *extra) -> tuple[int
 
 def test_dora_adapter_to_0_7_1_is_refused_and_nothing_is_written(tmp_path, capsys):
     _, _, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj"], use_dora=True)
-    before = _digest(adapter)
+    before = digest(adapter)
     code, _, err = _migrate(adapter, tmp_path / "out", "0.7.1", capsys)
     assert code == 2 and "use_dora = true" in err and "0.9.0" in err
-    assert not (tmp_path / "out").exists() and _digest(adapter) == before
+    assert not (tmp_path / "out").exists() and digest(adapter) == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging dir left
 
 
 def test_rslora_folds_into_lora_b_and_answers_the_same(tmp_path, capsys):
     _, base, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj", "embed_tokens"], use_rslora=True)
-    before = _digest(adapter)
+    before = digest(adapter)
     code, report, err = _migrate(adapter, tmp_path / "old", "0.7.1", capsys)
     assert code == 0, err
-    assert _digest(adapter) == before  # the input is read, never written
+    assert digest(adapter) == before  # the input is read, never written
     assert "rslora-fold-into-lora-b" in [s["id"] for s in report["steps"]]
     config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
     assert "use_rslora" not in config and set(config) <= HISTORY.keys_in("0.7.1")
@@ -142,9 +132,7 @@ def test_configs_saved_now_migrate_down_to_each_release_or_are_refused_by_the_ta
     target = data.draw(st.sampled_from(TABLE_RELEASES), label="target")
     root = tmp_path_factory.mktemp("mig")
     base = build_base(case)
-    model = peft.get_peft_model(copy.deepcopy(base), lora_config(case))
-    fill_adapter(model, case)
-    model.save_pretrained(str(root / "adapter"))
+    save_adapter(case, base, root / "adapter")
     plan, state = make_plan(load_adapter(root / "adapter"), target)
     if plan.refused:
         for refusal in plan.refusals:
