@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from safe_merge.errors import Unsupported
+from safe_merge.merger.combination import Combination
 from safe_merge.merger.combine import RANDOM, combined_delta
 from safe_merge.merger.delta import ModuleLora, low_rank_delta
 from safe_merge.merger.kinds import layer_kinds
@@ -78,7 +79,8 @@ def test_reference_matches_peft_for_each_deterministic_type(combination, target,
         warnings.simplefilter("ignore")
         model.add_weighted_adapter(names, weights, "combined", combination_type=combination, density=0.5)
     theirs = layer.get_delta_weight("combined").detach().double()
-    ours = combined_delta(_loras(layer, names, target), weights, combination, density=0.5)
+    kind = Combination(combination, tuple(weights)).effective_type(n)
+    ours = combined_delta(_loras(layer, names, target), weights, kind, density=0.5)
     scale = float(ours.abs().max())
     assert scale > 1e-3  # a real delta, not agreement on zeros
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-5 * scale), float((ours - theirs).abs().max())
@@ -88,9 +90,15 @@ def test_reference_matches_peft_for_each_deterministic_type(combination, target,
 def test_one_adapter_at_weight_w_is_w_times_its_own_delta(combination):
     _, layer, names = _adapters(1, "lin")
     (lora,) = _loras(layer, names, "lin")
-    assert torch.allclose(
-        combined_delta([lora], [0.6], combination, density=0.5), 0.6 * low_rank_delta(lora), atol=1e-12
-    )
+    kind = Combination(combination, (0.6,)).effective_type(1)
+    assert torch.allclose(combined_delta([lora], [0.6], kind, density=0.5), 0.6 * low_rank_delta(lora), atol=1e-12)
+
+
+def test_a_module_only_one_of_several_adapters_targets_is_still_pruned_by_ties():
+    _, layer, names = _adapters(1, "lin")
+    (lora,) = _loras(layer, names, "lin")
+    pruned = combined_delta([lora], [1.0], "ties", density=0.5)
+    assert not torch.allclose(pruned, low_rank_delta(lora))
 
 
 def test_rslora_sources_expose_peft_overscaling_the_combined_adapter():

@@ -80,12 +80,14 @@ class History:
         newest: str = "0.21.2",
         init_values: dict | None = None,
         boundaries: dict | None = None,
+        combination_types: dict | None = None,
     ):
         self.entries = entries
         self.oldest = oldest  # the releases the table was derived from
         self.newest = newest
         self.init_values = init_values or {}  # init_lora_weights string → {first, kind}
         self.boundaries = boundaries or {}  # format changes without a key: name → {first, note}
+        self.combination_types = combination_types or {}  # add_weighted_adapter type → first release
 
     def boundary(self, name: str) -> Version:
         return Version(self.boundaries[name]["first"])
@@ -97,7 +99,13 @@ class History:
         entries = {key: Entry(key=key, **row) for key, row in data["keys"].items()}
         boundaries = {k: v for k, v in data.get("boundaries", {}).items() if k != "about"}
         init_values = data.get("init_lora_weights_values", {}).get("values", {})
-        return cls(entries, data["covers"]["oldest"], data["covers"]["newest"], init_values, boundaries)
+        combinations = {k: v for k, v in data.get("combination_types", {}).items() if k != "about"}
+        return cls(entries, data["covers"]["oldest"], data["covers"]["newest"], init_values, boundaries, combinations)
+
+    def combination_first(self, combination: str) -> Version | None:
+        """The first release whose add_weighted_adapter accepts this combination type (None: no release does)."""
+        first = self.combination_types.get(combination)
+        return Version(first) if first else None
 
     def keys_in(self, release: str | Version) -> set[str]:
         """The config keys that release's LoraConfig accepts."""

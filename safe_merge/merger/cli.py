@@ -27,6 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
     merge.add_argument("--plan", action="store_true", help="print what would be done; write nothing")
+    joint = merge.add_argument_group("several adapters (PEFT's add_weighted_adapter)")
+    joint.add_argument(
+        "--combination",
+        help="how to join several adapters: cat (default: exact, the weighted sum of their deltas), linear, svd, "
+        "ties, ties_svd, dare_linear, dare_ties, magnitude_prune, magnitude_prune_svd",
+    )
+    joint.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per adapter (default 1 each)")
+    joint.add_argument("--density", type=float, help="share of entries kept by the pruning types (0, 1]")
+    joint.add_argument("--majority-sign", choices=("total", "frequency"), default="total", help="ties sign election")
+    joint.add_argument("--svd-rank", type=int, help="rank of the *svd types' result (default: the largest rank)")
     merge.add_argument("--report", type=Path, help="also write the JSON report here")
     merge.add_argument("--json", action="store_true", help="print the JSON report on stdout")
 
@@ -82,11 +92,26 @@ def _emit(command: str, report: dict, as_json: bool, report_path: Path | None = 
 
 
 def cmd_merge(args) -> int:
+    from safe_merge.merger.combination import parse_combination
     from safe_merge.merger.pipeline import MergeRequest, merge_command
 
+    combination = None
+    joint = (args.combination, args.weights, args.density, args.svd_rank)
+    if len(args.adapters) > 1 or any(x is not None for x in joint):
+        combination = parse_combination(
+            args.combination or "cat", args.weights, len(args.adapters), args.density, args.majority_sign, args.svd_rank
+        )
     report = merge_command(
         MergeRequest(
-            args.base, args.adapters, args.out, args.dtype, args.backend, args.force, args.max_shard_size, args.plan
+            args.base,
+            args.adapters,
+            args.out,
+            args.dtype,
+            args.backend,
+            args.force,
+            args.max_shard_size,
+            args.plan,
+            combination,
         )
     )
     return _emit("merge", report, args.json, args.report)

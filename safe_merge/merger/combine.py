@@ -11,8 +11,10 @@ Families (PEFT's definitions, 0.9+):
   weights sqrt(|w·s|) (the sign on A), and the delta is B·A of the results.
 - *_svd: the weighted deltas are combined as task tensors, then cut to their best rank-k approximation
   (k = svd_rank, else the largest source rank).
-- dare_*: random masks, which cannot be derived again; refused as unverifiable rather than trusted.
-Whatever the type, one adapter alone gives its own delta times its weight.
+- dare_*: random masks, which cannot be derived again: no delta here; combination_check tests each combined
+  factor entry against every subset the masks could have kept instead.
+PEFT runs a single adapter as "linear" whatever the type (Combination.effective_type); a module that only some
+of several adapters target is combined from those, with the type asked for.
 """
 
 from __future__ import annotations
@@ -65,6 +67,20 @@ def task_combine(
     return kept / agree.sum(0).clamp(min=1)
 
 
+def factor_weights(loras: Sequence[ModuleLora], weights: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Entrywise types weight A by sign(w·s)·sqrt(|w·s|) and B by sqrt(|w·s|): their product carries w·s."""
+    scaled = [w * lora.scale for lora, w in zip(loras, weights, strict=True)]
+    return [math.copysign(math.sqrt(abs(x)), x) for x in scaled], [math.sqrt(abs(x)) for x in scaled]
+
+
+def task_delta(
+    loras: Sequence[ModuleLora], weights: Sequence[float], combination: str, density: float | None, majority: str
+) -> torch.Tensor:
+    """What an *svd type combines before its cut: the weighted deltas, as linear / ties / magnitude_prune."""
+    method = combination.removesuffix("_svd")
+    return task_combine([low_rank_delta(lora) for lora in loras], weights, method, density, majority)
+
+
 def combined_delta(
     loras: Sequence[ModuleLora],
     weights: Sequence[float],
@@ -75,24 +91,18 @@ def combined_delta(
     svd_rank: int | None = None,
 ) -> torch.Tensor:
     """The float64 delta one module gets from combining ``loras`` with ``weights`` (stored-weight layout)."""
-    if len(loras) == 1:  # any type, one adapter: its own delta, weighted (PEFT runs it as "linear")
-        return weights[0] * low_rank_delta(loras[0])
     if combination in RANDOM:
         raise Unsupported(f"{combination} draws random masks; its result cannot be derived again to check it")
     if combination in EXACT:
         return sum(w * low_rank_delta(lora) for lora, w in zip(loras, weights, strict=True))
     if combination in TASK_ON_FACTORS:
         kind = loras[0].kind
-        scaled = [w * lora.scale for lora, w in zip(loras, weights, strict=True)]
-        weights_a = [math.copysign(math.sqrt(abs(x)), x) for x in scaled]
-        weights_b = [math.sqrt(abs(x)) for x in scaled]
+        weights_a, weights_b = factor_weights(loras, weights)
         a = task_combine([lora.a for lora in loras], weights_a, combination, density, majority)
         b = task_combine([lora.b for lora in loras], weights_b, combination, density, majority)
         return low_rank_delta(ModuleLora(loras[0].module, kind, a, b, 1.0))
     if combination in TASK_THEN_SVD:
-        method = combination.removesuffix("_svd")
-        deltas = [low_rank_delta(lora) for lora in loras]
-        full = task_combine(deltas, weights, method, density, majority)
+        full = task_delta(loras, weights, combination, density, majority)
         rank = svd_rank or max(lora.rank for lora in loras)
         matrix = full.reshape(full.shape[0], -1)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)

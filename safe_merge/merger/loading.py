@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
@@ -76,6 +77,27 @@ def _headers(model_dir: Path):
             yield json.loads(fh.read(size))
 
 
+def stored_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors checkpoint, from its headers alone (empty for .bin)."""
+    return {
+        key: tuple(info["shape"])
+        for header in _headers(model_dir)
+        for key, info in header.items()
+        if key != "__metadata__"
+    }
+
+
+def stored_tensor(model_dir: Path, name: str) -> torch.Tensor | None:
+    """One tensor of a safetensors checkpoint, read alone (None when it is not there or the base is .bin)."""
+    from safetensors import safe_open
+
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            if name in fh.keys():
+                return fh.get_tensor(name)
+    return None
+
+
 def floating_numel(model_dir: Path) -> int | None:
     """Number of floating-point values in a safetensors checkpoint, from its headers alone (None for .bin)."""
     total, seen = 0, False
@@ -143,14 +165,27 @@ class MissingWeights(BadInput):
         self.keys = keys
 
 
-def load_peft(model: nn.Module, adapter_dir: Path) -> nn.Module:
+def load_peft(model: nn.Module, adapter_dir: Path, adapter_name: str = "default") -> nn.Module:
     """Wrap a base model with the adapter, unmerged and active (PEFT's own loading path)."""
     from peft import PeftModel
 
+    with _adapter_errors(adapter_dir):
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name).eval()
+
+
+def load_extra_adapter(peft_model: nn.Module, adapter_dir: Path, adapter_name: str) -> None:
+    """Load one more adapter into a PeftModel, beside the ones it holds."""
+    with _adapter_errors(adapter_dir):
+        peft_model.load_adapter(str(adapter_dir), adapter_name=adapter_name)
+
+
+@contextlib.contextmanager
+def _adapter_errors(adapter_dir: Path):
+    """PEFT's loading errors, as a BadInput naming the adapter; its warnings are the report's business."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+            yield
     except Exception as exc:
         first_line = (str(exc).splitlines() or [""])[0][:300]
         raise BadInput(

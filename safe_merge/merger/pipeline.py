@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 import warnings
@@ -11,13 +12,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from safe_merge.compat.adapter_files import load_adapter, nonfinite_tensors
+from safe_merge.compat.adapter_files import AdapterFiles, load_adapter, nonfinite_tensors
+from safe_merge.compat.migrations.base import State
 from safe_merge.compat.plan import Plan, make_plan, write_state
 from safe_merge.errors import BadInput
 from safe_merge.merger import backend_peft, loading
+from safe_merge.merger.combination import Combination, parse_combination, refuse_uncombinable
+from safe_merge.merger.combination_check import CombinationCheck, check_combination
+from safe_merge.merger.kinds import layer_kinds
 from safe_merge.merger.staging import check_target, staged
 from safe_merge.merger.verify import PASSED, require_lora, verify_dirs
-from safe_merge.merger.write import DEFAULT_SHARD_SIZE, tokenizer_size, tokenizer_source, write_model
+from safe_merge.merger.write import (
+    DEFAULT_SHARD_SIZE,
+    TOKENIZER_FILES,
+    tokenizer_size,
+    tokenizer_source,
+    write_model,
+)
 
 
 @dataclass
@@ -30,6 +41,28 @@ class MergeRequest:
     force: bool = False
     max_shard_size: str = DEFAULT_SHARD_SIZE
     plan: bool = False  # say what would happen; write nothing
+    combination: Combination | None = None  # how to join several adapters (or weight one)
+
+
+@dataclass
+class Source:
+    """One adapter as the user gave it (never written to), and its migration to the installed PEFT."""
+
+    path: Path
+    files: AdapterFiles
+    plan: Plan
+    state: State
+
+    def report(self, weight: float | None = None) -> dict:
+        out = {
+            "path": str(self.path),
+            "origin_peft": self.plan.origin,
+            "peft_version": self.files.config.get("peft_version"),
+            "migrations": self.plan.steps,
+        }
+        if weight is not None:
+            out["weight"] = weight
+        return out
 
 
 @dataclass
@@ -40,57 +73,115 @@ class Prepared:
     base_dir: Path
     base_config: object
     dtype: torch.dtype
-    source_dir: Path  # the user's adapter, never written to
-    plan: Plan  # its migration to the installed PEFT
+    sources: list[Source]
+    combination: Combination | None
     started: float
 
 
 def run_merge(req: MergeRequest) -> dict:
     """Merge, verify and publish; returns the report (its status says whether OUT was written)."""
     started = time.monotonic()
-    if len(req.adapters) != 1:
-        raise BadInput(
-            f"{len(req.adapters)} adapters given; this release merges one adapter at a time",
-            hint="merge a single ADAPTER",
-        )
+    combination = req.combination
+    if combination is None and len(req.adapters) > 1:
+        combination = parse_combination("cat", None, len(req.adapters))
     if req.backend not in ("auto", "peft"):
         raise BadInput(f"backend {req.backend!r} is not available in this release", hint="use --backend peft")
     out = Path(req.out)
     check_target(out, req.force)
     base_dir = loading.resolve_dir(req.base, "base model")
-    source_dir = loading.resolve_dir(req.adapters[0], "adapter")
-    source = load_adapter(source_dir)
-    require_lora(source)
-    broken = nonfinite_tensors(source)
-    if broken:
-        raise BadInput(
-            f"{len(broken)} adapter tensors hold NaN or Inf (first: {broken[0]})",
-            path=source.weight_file,
-            hint="the training run diverged or the file is corrupt; use an earlier checkpoint",
-        )
-    plan, state = make_plan(source, loading.installed_peft())
-    if plan.refused:
-        raise BadInput(plan.refusal_message(), hint="merge with a PEFT release that understands these keys")
+    release = loading.installed_peft()
+    sources = [_read_source(loading.resolve_dir(a, "adapter"), release) for a in req.adapters]
+    if combination is not None:
+        refuse_uncombinable(combination, [s.files for s in sources], release, base_dir)
     base_config = loading.read_model_config(base_dir)
     refuse_quantized(base_config, base_dir)
-    refuse_tokenizer_mismatch(base_config, base_dir, source_dir)
+    for source in sources:
+        refuse_tokenizer_mismatch(base_config, base_dir, source.path)
     dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
 
-    prep = Prepared(out, base_dir, base_config, dtype, source_dir, plan, started)
+    prep = Prepared(out, base_dir, base_config, dtype, sources, combination, started)
     if req.plan:
         return merge_plan(req, prep)
     with tempfile.TemporaryDirectory(
         prefix=".safe-merge-adapter-", dir=out.parent if out.parent.exists() else None
     ) as t:
-        adapter_dir = source_dir
-        if plan.steps:  # merge a migrated copy; the user's adapter is never touched
-            adapter_dir = Path(t)
-            write_state(state, source_dir, adapter_dir)
-        return _merge_and_publish(req, prep, adapter_dir)
+        adapter_dirs = []
+        for i, source in enumerate(sources):
+            adapter_dir = source.path
+            if source.plan.steps:  # merge a migrated copy; the user's adapter is never touched
+                adapter_dir = Path(t) / f"migrated-{i}"
+                adapter_dir.mkdir()
+                write_state(source.state, source.path, adapter_dir)
+            adapter_dirs.append(adapter_dir)
+        if combination is None:
+            return _merge_and_publish(req, prep, adapter_dirs[0])
+        combined_dir = Path(t) / "combined"
+        notes, check = _combine(prep, adapter_dirs, combined_dir)
+        return _merge_and_publish(req, prep, combined_dir, notes, check)
 
 
-def _merge_and_publish(req: MergeRequest, prep: Prepared, adapter_dir: Path) -> dict:
-    out, base_dir, base_config, dtype, plan = prep.out, prep.base_dir, prep.base_config, prep.dtype, prep.plan
+def _read_source(path: Path, release: str) -> Source:
+    """Read one adapter and plan its migration; refuse what cannot be merged at all."""
+    files = load_adapter(path)
+    require_lora(files)
+    broken = nonfinite_tensors(files)
+    if broken:
+        raise BadInput(
+            f"{len(broken)} adapter tensors hold NaN or Inf (first: {broken[0]})",
+            path=files.weight_file,
+            hint="the training run diverged or the file is corrupt; use an earlier checkpoint",
+        )
+    plan, state = make_plan(files, release)
+    if plan.refused:
+        raise BadInput(plan.refusal_message(), hint="merge with a PEFT release that understands these keys")
+    return Source(path, files, plan, state)
+
+
+def _combine(prep: Prepared, adapter_dirs: list[Path], combined_dir: Path) -> tuple[list[str], CombinationCheck]:
+    """Build the combined adapter (float32, whatever the output dtype) and check it against the sources."""
+    combined_dir.mkdir()
+    model = loading.load_model(prep.base_dir, torch.float32)
+    kinds = layer_kinds(model)
+    base_params = {name: p.detach() for name, p in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        notes = backend_peft.combine(model, adapter_dirs, prep.combination, combined_dir)
+    del model
+    _carry_tokenizer([s.path for s in prep.sources], combined_dir)
+    sources = [load_adapter(d) for d in adapter_dirs]
+    check = check_combination(sources, load_adapter(combined_dir), prep.combination, base_params, kinds)
+    return notes, check
+
+
+def _carry_tokenizer(source_dirs: list[Path], combined_dir: Path) -> None:
+    """The adapters' own tokenizer goes with the combination when they agree on it; the base's otherwise."""
+    carrying = [d for d in source_dirs if tokenizer_source(d, d) is not None]
+    if not carrying:
+        return
+    first = carrying[0]
+    names = [n for n in TOKENIZER_FILES if (first / n).is_file()]
+    for other in carrying[1:]:
+        same = [n for n in TOKENIZER_FILES if (other / n).is_file()] == names and all(
+            (first / n).read_bytes() == (other / n).read_bytes() for n in names
+        )
+        if not same:
+            raise BadInput(
+                f"the adapters carry different tokenizers ({first} and {other})",
+                path=other,
+                hint="combine adapters trained with the same tokenizer",
+            )
+    for name in names:
+        shutil.copyfile(first / name, combined_dir / name)
+
+
+def _merge_and_publish(
+    req: MergeRequest,
+    prep: Prepared,
+    adapter_dir: Path,
+    combine_notes: list[str] | None = None,
+    combination_check: CombinationCheck | None = None,
+) -> dict:
+    out, base_dir, base_config, dtype = prep.out, prep.base_dir, prep.base_config, prep.dtype
     adapter = load_adapter(adapter_dir)
     progress = tqdm(total=3, desc="safe-merge", unit="stage", disable=None, leave=False)
     progress.set_postfix_str("merging")
@@ -108,14 +199,7 @@ def _merge_and_publish(req: MergeRequest, prep: Prepared, adapter_dir: Path) -> 
         "status": None,
         "versions": loading.versions(),
         "base": {"path": str(base_dir), "class": loading.model_class(base_config).__name__},
-        "adapters": [
-            {
-                "path": str(prep.source_dir),
-                "origin_peft": plan.origin,
-                "peft_version": adapter.config.get("peft_version"),
-                "migrations": plan.steps,
-            }
-        ],
+        "adapters": _adapters_report(prep, combination_check),
         "backend": "peft",
         "dtype": str(dtype).removeprefix("torch."),
         "quantization": None,
@@ -128,6 +212,7 @@ def _merge_and_publish(req: MergeRequest, prep: Prepared, adapter_dir: Path) -> 
         progress.update()
         progress.set_postfix_str("verifying")
         verification = verify_dirs(base_dir, adapter_dir, stage)
+        verification.combination = combination_check
         progress.update()
         progress.close()
         body = verification.report()
@@ -138,7 +223,9 @@ def _merge_and_publish(req: MergeRequest, prep: Prepared, adapter_dir: Path) -> 
             problems=body["problems"],
             gaps=body["gaps"],
         )
-        report["warnings"] = notes + body["warnings"] + caught
+        if prep.combination is not None:
+            report["combination"] = {**prep.combination.report(), "combined_rank": _rank(adapter)}
+        report["warnings"] = (combine_notes or []) + notes + body["warnings"] + caught
         report["output"]["files"] = files
         if verification.status != PASSED:
             report["output"] = {
@@ -157,7 +244,7 @@ def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
     from safe_merge.merger.outputs import available_memory
     from safe_merge.merger.probes import probe_inputs
 
-    base_dir, base_config, dtype, plan = prep.base_dir, prep.base_config, prep.dtype, prep.plan
+    base_dir, base_config, dtype = prep.base_dir, prep.base_config, prep.dtype
     numel = loading.floating_numel(base_dir)
     native = loading.stored_dtype(base_dir, base_config)
 
@@ -179,7 +266,8 @@ def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
             "stored_dtype": str(native).removeprefix("torch."),
             "parameters": numel,
         },
-        "adapters": [{"path": str(prep.source_dir), "origin_peft": plan.origin, "migrations": plan.steps}],
+        "adapters": _adapters_report(prep, None),
+        **({"combination": prep.combination.report()} if prep.combination else {}),
         "backend": "peft",
         "backend_reason": "the PEFT backend is the one this release has",
         "dtype": str(dtype).removeprefix("torch."),
@@ -191,6 +279,11 @@ def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
         },
         "peak_memory_estimate": {"bytes": peak, "free_now": free, "float64_noise_twin": bool(twin)},
         "checks": [
+            *(
+                [f"the combined adapter against what {prep.combination.type} of the adapters means"]
+                if prep.combination
+                else []
+            ),
             "ledger of every adapter tensor",
             "weights: every parameter against the float64 merge",
             f"outputs against the unmerged PeftModel on {', '.join(probes) if probes else 'no probe: a gap'}",
@@ -198,6 +291,20 @@ def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
         "seconds": round(time.monotonic() - prep.started, 3),
         "exit_code": 0,
     }
+
+
+def _adapters_report(prep: Prepared, check: CombinationCheck | None) -> list[dict]:
+    weights = prep.combination.weights if prep.combination else [None] * len(prep.sources)
+    rows = [s.report(w) for s, w in zip(prep.sources, weights, strict=True)]
+    if check is not None:
+        for row, ledger in zip(rows, check.sources, strict=True):
+            row["ledger"] = ledger.summary()
+    return rows
+
+
+def _rank(adapter: AdapterFiles) -> int | None:
+    ranks = [int(t.shape[0]) for k, t in adapter.tensors.items() if k.endswith(("lora_A.weight", "lora_embedding_A"))]
+    return max(ranks, default=None)
 
 
 def refuse_tokenizer_mismatch(config, base_dir: Path, adapter_dir: Path) -> None:

@@ -56,9 +56,20 @@ def summarize(command: str, report: dict) -> str:
         lines.append(f"  base      {base['path']} ({base.get('class')})")
     for adapter in report.get("adapters", []):
         migrations = ", ".join(m["id"] for m in adapter.get("migrations", [])) or "none"
+        weight = f"weight {adapter['weight']:g}; " if adapter.get("weight") is not None else ""
         lines.append(
-            f"  adapter   {adapter['path']} (origin peft {adapter.get('origin_peft') or 'unknown'}; "
+            f"  adapter   {adapter['path']} ({weight}origin peft {adapter.get('origin_peft') or 'unknown'}; "
             f"migrations: {migrations})"
+        )
+    combination = report.get("combination")
+    if combination:
+        options = ", ".join(
+            f"{k} {combination[k]}" for k in ("density", "majority_sign", "svd_rank") if k in combination
+        )
+        rank = f" → one adapter of rank {combination['combined_rank']}" if combination.get("combined_rank") else ""
+        lines.append(
+            f"  combine   {combination['type']} of {len(combination['weights'])} adapters"
+            f"{' (' + options + ')' if options else ''}{rank}"
         )
     if "backend" in report:
         lines.append(f"  backend   {report['backend']}   dtype {report.get('dtype')}")
@@ -77,6 +88,19 @@ def summarize(command: str, report: dict) -> str:
             f"  weights   {'ok' if w['passed'] else 'FAILED'}: max |residual| {_num(w['max_abs'])}, "
             f"max rel {_num(w['max_rel'])}; worst {w.get('worst_tensor')} at {_num(w.get('worst_ratio'))}"
             f"x tolerance ({w.get('tol_rule')})"
+        )
+    c = ver.get("combination")
+    if c:
+        kept = c.get("kept_share")
+        detail = (
+            "every entry a masked combination of the adapters'; kept "
+            + ", ".join(f"{v:.1%} of adapter {i}" for i, v in kept.items())
+            if kept
+            else f"worst {c.get('worst_module')} at {_num(c.get('worst_ratio'))}x tolerance"
+        )
+        lines.append(
+            f"  combined  {'ok' if c['passed'] else 'FAILED'} against what {c['type']} of the adapters means, "
+            f"{c['modules_checked']} modules: {detail}"
         )
     o = ver.get("outputs")
     if o:

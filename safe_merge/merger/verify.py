@@ -13,6 +13,7 @@ from torch import nn
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.errors import EXIT_COULD_NOT_VERIFY, EXIT_FAILED, EXIT_OK, BadInput
 from safe_merge.merger import loading
+from safe_merge.merger.combination_check import CombinationCheck
 from safe_merge.merger.delta import LayerKind
 from safe_merge.merger.kinds import layer_kinds
 from safe_merge.merger.ledger import Ledger, Status, build_ledger
@@ -29,11 +30,14 @@ class Verification:
     weights: WeightCheck
     outputs: OutputCheck
     warnings: list[str] = field(default_factory=list)
+    combination: CombinationCheck | None = None  # several adapters: the combined adapter against its sources
 
     @property
     def problems(self) -> list[str]:
         """What makes the merge wrong, one line each, tensors named."""
         out = [f"unmatched adapter tensor {e.key}: {e.reason}" for e in self.ledger.by_status(Status.UNMATCHED)]
+        if self.combination is not None:
+            out += [f"combination: {f}" for f in self.combination.failures]
         out += self.weights.failures
         if self.outputs.ran and not self.outputs.passed:
             detail = self.outputs.reason or f"max |diff| {self.outputs.max_abs:.3g} > tol {self.outputs.tol:.3g}"
@@ -44,6 +48,8 @@ class Verification:
     def gaps(self) -> list[str]:
         """What could not be checked; any gap turns a pass into 'could not verify'."""
         out = [f"{e.key}: {e.reason}" for e in self.ledger.by_status(Status.UNVERIFIED)]
+        if self.combination is not None:
+            out += [f"combination: {g}" for g in self.combination.gaps]
         if not self.outputs.ran:
             out.append(f"output check did not run: {self.outputs.reason}")
         return out
@@ -62,7 +68,11 @@ class Verification:
         return {
             "status": self.status,
             "ledger": self.ledger.summary(),
-            "verification": {"weights": self.weights.report(), "outputs": self.outputs.report()},
+            "verification": {
+                "weights": self.weights.report(),
+                "outputs": self.outputs.report(),
+                **({"combination": self.combination.report()} if self.combination is not None else {}),
+            },
             "problems": self.problems,
             "gaps": self.gaps,
             "warnings": self.all_warnings(),

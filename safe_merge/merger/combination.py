@@ -1,0 +1,245 @@
+"""Several adapters into one: the combination the user asked for, and every reason to refuse it before any
+model is loaded (a type the installed PEFT lacks, ranks or layer selections a type cannot join, adapter parts
+that a weighted combination has no meaning for, adapters from different bases)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import torch
+from packaging.version import Version
+
+from safe_merge.compat.adapter_files import AdapterFiles
+from safe_merge.compat.history import History
+from safe_merge.compat.keys import LORA_ROLES, Role, parse_key, targeted_modules
+from safe_merge.errors import BadInput, Unsupported
+from safe_merge.merger import loading
+
+NEEDS_DENSITY = frozenset(
+    {"ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune"}
+    | {"magnitude_prune_svd"}
+)
+SIGN_ELECTION = frozenset({"ties", "ties_svd", "dare_ties", "dare_ties_svd"})
+SVD = frozenset({"svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"})
+SAME_RANK = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})  # factors added entrywise
+UNCHECKABLE = frozenset({"dare_linear_svd", "dare_ties_svd"})  # random masks, then an SVD: nothing to check against
+# The combined adapter takes these from the first adapter; if the others differ, their modules may be dropped.
+INHERITED_SELECTION = ("layers_to_transform", "layers_pattern", "exclude_modules")
+_FEATURE = {
+    Role.MAGNITUDE: "a DoRA magnitude vector",
+    Role.LORA_B_BIAS: "a lora_B bias (lora_bias=True)",
+    Role.PARAM: "a saved copy of a base parameter (modules_to_save or bias)",
+    Role.BASE_LAYER_PARAM: "a saved copy of a base parameter (bias or a saved embedding)",
+    Role.ORIGINAL_COPY: "a saved module (modules_to_save)",
+    Role.TOKEN_DELTA: "trainable tokens",
+}
+
+
+_COPIES = frozenset({Role.PARAM, Role.BASE_LAYER_PARAM, Role.ORIGINAL_COPY})
+
+
+@dataclass(frozen=True)
+class Combination:
+    """PEFT's add_weighted_adapter arguments, as the user gave them."""
+
+    type: str
+    weights: tuple[float, ...]
+    density: float | None = None
+    majority_sign: str = "total"
+    svd_rank: int | None = None
+
+    def effective_type(self, n_adapters: int) -> str:
+        """PEFT combines a single adapter linearly whatever the type asked for."""
+        return "linear" if n_adapters == 1 else self.type
+
+    def report(self) -> dict:
+        out: dict = {"type": self.type, "weights": list(self.weights)}
+        if self.density is not None:
+            out["density"] = self.density
+        if self.type in SIGN_ELECTION:
+            out["majority_sign"] = self.majority_sign
+        if self.svd_rank is not None:
+            out["svd_rank"] = self.svd_rank
+        return out
+
+
+def parse_combination(
+    type_: str, weights: Sequence[float] | None, n_adapters: int, density=None, majority_sign="total", svd_rank=None
+) -> Combination:
+    """Check the arguments themselves (not yet the adapters): known type, one finite weight per adapter, the
+    options that type uses and no others."""
+    known = sorted(History.load().combination_types)
+    if type_ not in known:
+        raise BadInput(f"unknown combination type {type_!r}", hint=f"use one of: {', '.join(known)}")
+    weights = tuple(float(w) for w in weights) if weights else (1.0,) * n_adapters
+    if len(weights) != n_adapters:
+        raise BadInput(f"{len(weights)} weights for {n_adapters} adapters", hint="give one --weights value per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise BadInput(f"weights {list(weights)} are not all finite numbers", hint="give finite --weights")
+    if type_ in NEEDS_DENSITY:
+        if density is None:
+            raise BadInput(f"combination {type_} prunes entries and needs --density", hint="e.g. --density 0.5")
+        if not 0 < density <= 1:
+            raise BadInput(f"--density {density} is outside (0, 1]", hint="the fraction of entries to keep, e.g. 0.5")
+    elif density is not None:
+        raise BadInput(f"--density has no effect on combination {type_}", hint="drop --density, or pick a pruning type")
+    if svd_rank is not None and (type_ not in SVD or svd_rank < 1):
+        raise BadInput(
+            f"--svd-rank {svd_rank} needs a positive rank and an *svd combination type (got {type_})",
+            hint=f"use one of {', '.join(sorted(SVD))}, or drop --svd-rank",
+        )
+    if majority_sign not in ("total", "frequency"):
+        raise BadInput(f"--majority-sign {majority_sign!r}", hint="use total or frequency")
+    return Combination(type_, weights, density, majority_sign, svd_rank)
+
+
+def refuse_uncombinable(
+    combination: Combination, adapters: Sequence[AdapterFiles], release: str, base_dir: Path
+) -> None:
+    """Everything that makes this combination impossible or meaningless, found from configs, tensor shapes and
+    (for saved copies of base parameters) the base's stored tensors."""
+    kind = combination.effective_type(len(adapters))
+    first = History.load().combination_first(combination.type)
+    if first is None or Version(release) < first:
+        raise BadInput(
+            f"combination {combination.type} is not in the installed PEFT {release}; it arrived in {first}",
+            hint=f"install peft>={first}, or pick a type this release has",
+        )
+    if len(adapters) > 1 and combination.type in UNCHECKABLE:
+        raise Unsupported(
+            f"{combination.type} prunes the adapters' deltas at random and then cuts them by SVD: the result "
+            "cannot be checked against the adapters, and safe-merge publishes only what it verified\n"
+            f"  what to do: use {combination.type.removesuffix('_svd')} (its random masks are checked entry by "
+            "entry) or a deterministic *svd type"
+        )
+    for adapter in adapters:
+        _refuse_parts(adapter, base_dir)
+    _refuse_different_bases(adapters)
+    _refuse_different_selection(adapters)
+    if len(adapters) > 1 and kind in SAME_RANK:
+        _refuse_rank_mismatch(kind, adapters)
+    if len(adapters) > 1 and kind in SVD:
+        _refuse_rank_beyond_modules(combination, adapters, base_dir)
+
+
+def configured_rank(config: dict) -> int:
+    """The rank PEFT sizes an adapter by when combining: the largest of r and its rank_pattern."""
+    return max([int(config.get("r", 8)), *(config.get("rank_pattern") or {}).values()])
+
+
+def svd_rank(combination: Combination, configs: Sequence[dict]) -> int:
+    """The rank every module of an *svd combination is cut to: --svd-rank, else the largest configured rank."""
+    return combination.svd_rank or max(configured_rank(c) for c in configs)
+
+
+def _refuse_parts(adapter: AdapterFiles, base_dir: Path) -> None:
+    """Only the low-rank factors can be weighted and joined; anything else would be dropped or doubled. A saved
+    copy that equals the base (PEFT saves embedding weights beside embedding LoRAs) changes nothing: allowed."""
+    for key, tensor in adapter.tensors.items():
+        parsed = parse_key(key)
+        if parsed is not None and parsed.role in _COPIES:
+            stored = loading.stored_tensor(base_dir, parsed.param) if parsed.param else None
+            if stored is not None and stored.shape == tensor.shape and torch.equal(stored, tensor.to(stored.dtype)):
+                continue
+        if parsed is not None and parsed.role not in LORA_ROLES:
+            raise BadInput(
+                f"the adapter holds {_FEATURE.get(parsed.role, parsed.role.value)}, which add_weighted_adapter "
+                "cannot combine (it would be dropped or taken from one adapter only)",
+                path=adapter.weight_file,
+                key=key,
+                hint="merge this adapter on its own, then merge the others into that model",
+            )
+    if adapter.config.get("target_parameters"):
+        raise BadInput(
+            "adapters on nn.Parameter targets cannot be combined",
+            path=adapter.path / "adapter_config.json",
+            key="target_parameters",
+            hint="merge this adapter on its own",
+        )
+
+
+def _base_name(adapter: AdapterFiles) -> str | None:
+    name = adapter.config.get("base_model_name_or_path")
+    return PurePath(str(name).rstrip("/")).name.lower() if name else None
+
+
+def _refuse_different_bases(adapters: Sequence[AdapterFiles]) -> None:
+    """A hub id and a local copy of it share their last path part; different models do not."""
+    named = [(a, _base_name(a)) for a in adapters if _base_name(a)]
+    names = {n for _, n in named}
+    if len(names) > 1:
+        listing = "; ".join(f"{a.path}: {a.config.get('base_model_name_or_path')}" for a, _ in named)
+        raise BadInput(
+            f"the adapters were trained on different base models ({listing})",
+            key="base_model_name_or_path",
+            hint="combine only adapters trained on the same base",
+        )
+
+
+def _refuse_different_selection(adapters: Sequence[AdapterFiles]) -> None:
+    for key in INHERITED_SELECTION:
+        values = {repr(a.config.get(key)) for a in adapters}
+        if len(values) > 1:
+            raise BadInput(
+                f"the adapters select layers differently ({key}: {', '.join(sorted(values))}); PEFT's combined "
+                "adapter takes the first adapter's selection and would drop the others' modules",
+                key=key,
+                hint="combine adapters that target the same layers, or merge them one after another",
+            )
+    kinds = {type(a.config.get("target_modules")).__name__ for a in adapters}
+    if "str" in kinds and len(kinds) > 1:
+        raise BadInput(
+            "some adapters give target_modules as a regular expression and others as a list; PEFT cannot join them",
+            key="target_modules",
+            hint="merge them one after another",
+        )
+
+
+def _refuse_rank_mismatch(kind: str, adapters: Sequence[AdapterFiles]) -> None:
+    """Entrywise types add factor matrices: every module must have one rank across adapters, equal to the rank
+    PEFT gives the combined adapter (the largest configured rank), or the combined adapter cannot be saved."""
+    ranks: dict[str, dict[str, int]] = defaultdict(dict)
+    for adapter in adapters:
+        for key, tensor in adapter.tensors.items():
+            parsed = parse_key(key)
+            if parsed is not None and parsed.role in (Role.LORA_A, Role.EMBEDDING_A):
+                ranks[parsed.module][str(adapter.path)] = int(tensor.shape[0])
+    configured = {
+        str(a.path): max([int(a.config.get("r", 8)), *(a.config.get("rank_pattern") or {}).values()]) for a in adapters
+    }
+    if len(set(configured.values())) > 1:
+        raise BadInput(
+            f"{kind} adds the adapters' factors entry by entry and needs one rank; configured ranks: "
+            + ", ".join(f"{p}: r={r}" for p, r in configured.items()),
+            key="r",
+            hint="use --combination cat (exact for any ranks) or an *svd type",
+        )
+    rank = next(iter(configured.values()))
+    for module, by_adapter in sorted(ranks.items()):
+        odd = {p: r for p, r in by_adapter.items() if r != rank}
+        if odd:
+            raise BadInput(
+                f"module {module} has rank {', '.join(f'{r} in {p}' for p, r in odd.items())}, but {kind} builds "
+                f"every module of the combined adapter at rank {rank}",
+                key="rank_pattern",
+                hint="use --combination cat (exact for any ranks) or an *svd type",
+            )
+
+
+def _refuse_rank_beyond_modules(combination: Combination, adapters: Sequence[AdapterFiles], base_dir: Path) -> None:
+    """PEFT cuts every module to one rank; a module smaller than that rank gets factors that do not fit together."""
+    rank = svd_rank(combination, [a.config for a in adapters])
+    shapes = loading.stored_shapes(base_dir)
+    for module in sorted(targeted_modules(k for a in adapters for k in a.tensors)):
+        shape = shapes.get(f"{module}.weight")
+        if shape and len(shape) >= 2 and min(shape[0], math.prod(shape[1:])) < rank:
+            raise BadInput(
+                f"{combination.type} cuts every module to rank {rank}, but {module} is only "
+                f"{shape[0]}x{math.prod(shape[1:])}: PEFT would build factors that do not fit together",
+                key="r",
+                hint=f"pass --svd-rank {min(shape[0], math.prod(shape[1:]))} or less, or use --combination cat",
+            )

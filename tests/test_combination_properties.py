@@ -1,0 +1,74 @@
+"""Property test: for drawn tiny models, two or three drawn adapters, a drawn combination type and drawn weights,
+`merge` passes every check (the combined adapter against what the type means, the merged weights, the outputs
+against the PeftModel with the combined adapter active) in every dtype."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from packaging.version import Version
+
+from safe_merge.compat.history import History
+from safe_merge.merger import loading
+from safe_merge.merger.combination import NEEDS_DENSITY, SAME_RANK, UNCHECKABLE, parse_combination
+from safe_merge.merger.pipeline import MergeRequest, merge_command
+from safe_merge.merger.summary import summarize
+from tests.helpers import save_adapter
+from tests.strategies import ARCHS, DTYPES, Case, build_base, lora_kwargs, sizes_for
+
+HISTORY = History.load()
+TYPES = sorted(
+    t
+    for t in HISTORY.combination_types
+    if HISTORY.combination_first(t) <= Version(loading.installed_peft()) and t not in UNCHECKABLE
+)
+ARCH_NAMES = ("llama", "gpt2", "opt")  # bert_cls saves its classifier head, which no combination can weight
+
+
+@st.composite
+def several(draw):
+    arch = draw(st.sampled_from(ARCH_NAMES))
+    sizes = draw(sizes_for(arch))
+    tied = ARCHS[arch].tied == "always" or (ARCHS[arch].tied == "maybe" and draw(st.booleans()))
+    combination = draw(st.sampled_from(TYPES))
+    n = draw(st.integers(2, 3))
+    loras = []
+    for _ in range(n):
+        kw = draw(lora_kwargs(ARCHS[arch], sizes, plain=True))
+        kw.pop("layers_to_transform", None)  # the combined adapter takes the first adapter's selection
+        if combination in SAME_RANK:
+            kw.pop("rank_pattern", None)
+            kw.pop("alpha_pattern", None)
+            kw["r"] = loras[0]["r"] if loras else kw["r"]
+        loras.append(kw)
+    weights = draw(st.lists(st.sampled_from([-1.2, -0.5, 0.3, 0.7, 1.0, 1.5]), min_size=n, max_size=n))
+    density = draw(st.sampled_from([0.3, 0.5, 0.8, 1.0])) if combination in NEEDS_DENSITY else None
+    seed = draw(st.integers(0, 2**16))
+    cases = [Case(arch, sizes, tied, kw, "float32", seed + i) for i, kw in enumerate(loras)]
+    return cases, parse_combination(combination, weights, n, density)
+
+
+@settings(max_examples=max(3, settings.default.max_examples // 2))  # each example is 3 merges
+@given(drawn=several())
+def test_a_combination_of_drawn_adapters_passes_every_check_in_every_dtype(drawn):
+    cases, combination = drawn
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = build_base(cases[0])
+        base.save_pretrained(str(root / "base"))
+        adapters = []
+        for i, case in enumerate(cases):
+            save_adapter(case, base, root / f"a{i}")
+            adapters.append(str(root / f"a{i}"))
+        for dtype in DTYPES:
+            request = MergeRequest(str(root / "base"), adapters, root / f"out-{dtype}", dtype, combination=combination)
+            report = merge_command(request)
+            outputs = report["verification"]["outputs"]
+            if not outputs["ran"] and "overflow" in outputs.get("reason", ""):
+                assert report["verification"]["weights"]["passed"], report["problems"]
+                continue  # a float16 reference that overflows is 'could not verify', never a pass
+            assert report["status"] == "passed", f"{dtype}\n" + summarize("merge", report)
+            assert report["verification"]["combination"]["modules_checked"] > 0

@@ -1,0 +1,253 @@
+"""merge BASE A1 A2 ... --weights ... --combination TYPE: every type the installed PEFT has passes the verifier,
+a combination that is not what its type means is caught, and what cannot be combined is refused before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.version import Version
+from safetensors.torch import load_file, save_file
+
+from safe_merge.compat.history import History
+from safe_merge.merger import backend_peft, loading
+from safe_merge.merger.cli import main
+from safe_merge.merger.combination import UNCHECKABLE
+from tests.helpers import digest, save_adapter
+from tests.strategies import Case, build_base
+
+SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+INSTALLED = loading.installed_peft()
+TYPES = sorted(t for t in History.load().combination_types if History.load().combination_first(t) <= Version(INSTALLED))
+CHECKABLE = [t for t in TYPES if t not in UNCHECKABLE]
+PRUNING = {"ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune", "magnitude_prune_svd"}
+ADAPTERS = {
+    # the first one is rsLoRA: releases that give the combined adapter its use_rslora overscale it
+    "rs": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_rslora": True},
+    "plain": {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj", "down_proj"]},
+    "third": {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj"]},
+    "r8": {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "dora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True},
+    "head": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+    "layer0": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0]},
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("several")
+    case = Case("llama", SIZES, False, {}, "float32", seed=21)
+    base = build_base(case)
+    base.save_pretrained(str(root / "base"))
+    out = {"base": root / "base"}
+    for i, (name, lora) in enumerate(ADAPTERS.items()):
+        save_adapter(Case("llama", SIZES, False, lora, "float32", seed=30 + i), base, root / name)
+        out[name] = root / name
+    return out
+
+
+def _merge(args, capsys) -> tuple[int, dict | None, str]:
+    code = main(["merge", *map(str, args), "--json"])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if captured.out.strip() else None), captured.err
+
+
+def _density(combination: str) -> list[str]:
+    return ["--density", "0.5"] if combination in PRUNING else []
+
+
+@pytest.mark.parametrize("combination", CHECKABLE)
+def test_each_combination_type_of_three_adapters_passes_the_verifier(models, tmp_path, combination, capsys):
+    sources = [models["rs"], models["plain"], models["third"]]
+    before = digest(*sources)
+    out = tmp_path / "out"
+    args = [models["base"], *sources, "-o", out, "--weights", "0.7", "-0.4", "1.1", "--combination", combination]
+    code, report, err = _merge(args + _density(combination), capsys)
+    assert code == 0, err
+    check = report["verification"]["combination"]
+    assert check["passed"] and check["modules_checked"] == 10 and not check["gaps"]  # q,k,v,up,down × 2 layers
+    assert [a["weight"] for a in report["adapters"]] == [0.7, -0.4, 1.1]
+    assert all(a["ledger"]["merged"] > 0 and a["ledger"]["unmatched"] == 0 for a in report["adapters"])
+    assert report["verification"]["outputs"]["passed"] and report["verification"]["weights"]["passed"]
+    assert f"combine   {combination} of 3 adapters" in err
+    assert digest(*sources) == before
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+
+
+def test_an_rslora_first_adapter_does_not_overscale_the_combination(models, tmp_path, capsys):
+    code, report, err = _merge([models["base"], models["rs"], models["plain"], "-o", tmp_path / "o"], capsys)
+    assert code == 0, err
+    fixed = [w for w in report["warnings"] if "combined adapter with scaling" in w]
+    # PEFT releases that pass use_rslora on to the combined adapter scale it by sqrt(r) = 2; safe-merge sets it to 1
+    assert not fixed or "scaling 2" in fixed[0]
+
+
+def test_a_combined_adapter_left_overscaled_fails_verification(models, tmp_path, capsys, monkeypatch):
+    def overscale(peft_model):  # what PEFT 0.21.2 leaves when the first adapter is rsLoRA
+        peft_model.peft_config[backend_peft.COMBINED].use_rslora = True
+        return []
+
+    monkeypatch.setattr(backend_peft, "_unit_scaling", overscale)
+    work = tmp_path / "work"
+    work.mkdir()
+    code, report, err = _merge([models["base"], models["plain"], models["third"], "-o", work / "out"], capsys)
+    assert code == 1, err
+    assert any(
+        p.startswith("combination: model.layers.0.self_attn.q_proj: combined delta off") for p in report["problems"]
+    )
+    assert list(work.iterdir()) == []
+
+
+def _tamper(monkeypatch, change) -> None:
+    """Let PEFT combine, then change the saved combined adapter's tensors before they are checked and merged."""
+    real = backend_peft.combine
+
+    def tampered(model, adapter_dirs, combination, out_dir):
+        notes = real(model, adapter_dirs, combination, out_dir)
+        path = out_dir / "adapter_model.safetensors"
+        tensors = load_file(str(path))
+        change(tensors)
+        save_file(tensors, str(path))
+        return notes
+
+    monkeypatch.setattr(backend_peft, "combine", tampered)
+
+
+@pytest.mark.parametrize("combination", sorted({"dare_linear", "dare_ties"} & set(TYPES)))
+def test_a_dare_entry_no_mask_can_produce_fails_verification(models, tmp_path, capsys, monkeypatch, combination):
+    def nudge(tensors):
+        key = next(k for k in tensors if k.endswith("layers.1.self_attn.v_proj.lora_A.weight"))
+        tensors[key][0, 0] += 0.05 * float(tensors[key].abs().max())
+
+    _tamper(monkeypatch, nudge)
+    args = [models["base"], models["rs"], models["third"], "-o", tmp_path / "o", "--combination", combination]
+    code, report, err = _merge(args + _density(combination), capsys)
+    assert code == 1, err
+    assert any("v_proj: 1 of" in p and "no masked combination" in p for p in report["problems"]), report["problems"]
+
+
+@pytest.mark.parametrize("combination", sorted({"dare_linear", "dare_ties"} & set(TYPES)))
+def test_dare_that_kept_every_entry_fails_the_density_check(models, tmp_path, capsys, monkeypatch, combination):
+    # every entry kept (and rescaled by 1/density) is a value some mask gives, but not at density 0.5
+    monkeypatch.setattr(torch, "bernoulli", lambda t, *a, **k: torch.ones_like(t))
+    args = [models["base"], models["rs"], models["third"], "-o", tmp_path / "o", "--combination", combination]
+    code, report, err = _merge(args + _density(combination), capsys)
+    assert code == 1, err
+    share = "keep 100.0%" if combination == "dare_linear" else "at density 0.5 keeps at most 50%"
+    assert any(share in p for p in report["problems"]), report["problems"]
+
+
+def test_an_svd_combination_of_other_weights_fails_verification(models, tmp_path, capsys, monkeypatch):
+    real = backend_peft.combine
+
+    def other_weights(model, adapter_dirs, combination, out_dir):
+        from dataclasses import replace
+
+        return real(model, adapter_dirs, replace(combination, weights=(0.7, -0.3)), out_dir)
+
+    monkeypatch.setattr(backend_peft, "combine", other_weights)
+    args = [models["base"], models["plain"], models["third"], "-o", tmp_path / "o", "--weights", "0.7", "-0.4"]
+    code, report, err = _merge(args + ["--combination", "svd"], capsys)
+    assert code == 1, err
+    assert any("combined delta off what svd of the adapters means" in p for p in report["problems"])
+
+
+def test_one_adapter_with_a_weight_merges_that_share_of_its_delta(models, tmp_path, capsys):
+    code, report, err = _merge([models["base"], models["plain"], "-o", tmp_path / "o", "--weights", "0.5"], capsys)
+    assert code == 0, err
+    assert report["combination"]["weights"] == [0.5] and report["verification"]["combination"]["passed"]
+
+
+def test_the_plan_lists_every_adapter_with_its_weight_and_the_combination_check(models, tmp_path, capsys):
+    args = [models["base"], models["rs"], models["plain"], "-o", tmp_path / "o", "--plan", "--weights", "1", "2"]
+    code, report, err = _merge(args, capsys)
+    assert code == 0 and report["status"] == "planned" and list(tmp_path.iterdir()) == []
+    assert [a["weight"] for a in report["adapters"]] == [1.0, 2.0] and report["combination"]["type"] == "cat"
+    assert report["checks"][0].startswith("the combined adapter against what cat")
+
+
+def _refused(models, tmp_path, capsys, names, extra, *needles, code=2) -> None:
+    sources = [models[n] for n in names]
+    before = digest(models["base"], *sources)
+    work = tmp_path / "work"
+    work.mkdir()
+    got, _, err = _merge([models["base"], *sources, "-o", work / "out", *extra], capsys)
+    assert got == code, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    assert list(work.iterdir()) == [] and digest(models["base"], *sources) == before
+
+
+def test_linear_refuses_adapters_of_different_ranks(models, tmp_path, capsys):
+    _refused(models, tmp_path, capsys, ["plain", "r8"], ["--combination", "linear"], "needs one rank", "r=8", "cat")
+
+
+def test_dora_adapters_are_refused_naming_the_tensor(models, tmp_path, capsys):
+    _refused(models, tmp_path, capsys, ["plain", "dora"], [], "DoRA magnitude", "lora_magnitude_vector")
+
+
+def test_saved_modules_are_refused(models, tmp_path, capsys):
+    _refused(models, tmp_path, capsys, ["plain", "head"], [], "modules_to_save", "lm_head")
+
+
+def test_different_layer_selections_are_refused(models, tmp_path, capsys):
+    _refused(models, tmp_path, capsys, ["plain", "layer0"], [], "layers_to_transform", "select layers differently")
+
+
+def _trained_on(models, tmp_path, **bases: str) -> dict[str, Path]:
+    """Copies of the named adapters whose configs say they were trained on the given base."""
+    renamed = dict(models)
+    for name, base in bases.items():
+        renamed[name] = tmp_path / name
+        renamed[name].mkdir()
+        for f in models[name].iterdir():
+            (renamed[name] / f.name).write_bytes(f.read_bytes())
+        config = json.loads((renamed[name] / "adapter_config.json").read_text())
+        (renamed[name] / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+    return renamed
+
+
+def test_adapters_of_different_bases_are_refused(models, tmp_path, capsys):
+    renamed = _trained_on(models, tmp_path, plain="/models/Llama-2-7b-hf/", third="org/mistral-7b")
+    _refused(renamed, tmp_path, capsys, ["plain", "third"], [], "different base models", "org/mistral-7b")
+
+
+def test_a_hub_id_and_a_local_copy_of_it_count_as_one_base(models, tmp_path, capsys):
+    renamed = _trained_on(models, tmp_path, plain="/models/Llama-2-7b-hf/", third="meta-llama/Llama-2-7b-hf")
+    code, _, err = _merge([models["base"], renamed["plain"], renamed["third"], "-o", tmp_path / "o"], capsys)
+    assert code == 0, err
+
+
+def test_a_type_the_installed_peft_lacks_is_refused_naming_its_first_release(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(loading, "installed_peft", lambda: "0.8.2")
+    args = ["--combination", "ties", "--density", "0.5"]
+    _refused(models, tmp_path, capsys, ["plain", "third"], args, "not in the installed PEFT 0.8.2", "arrived in 0.9.0")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--weights", "1"], "1 weights for 2 adapters"),
+        (["--combination", "ties"], "needs --density"),
+        (["--combination", "cat", "--density", "0.5"], "--density has no effect on combination cat"),
+        (["--combination", "ties", "--density", "1.5"], "outside (0, 1]"),
+        (["--combination", "average"], "unknown combination type 'average'"),
+        (["--combination", "linear", "--svd-rank", "2"], "--svd-rank 2 needs"),
+    ],
+)
+def test_bad_combination_arguments_are_refused(models, tmp_path, capsys, extra, needle):
+    _refused(models, tmp_path, capsys, ["plain", "third"], extra, needle)
+
+
+@pytest.mark.parametrize("combination", sorted(UNCHECKABLE & set(TYPES)))
+def test_dare_svd_types_are_refused_as_uncheckable(models, tmp_path, capsys, combination):
+    args = ["--combination", combination, "--density", "0.5"]
+    _refused(models, tmp_path, capsys, ["plain", "third"], args, "cannot be checked", code=3)
+
+
+def test_an_svd_rank_larger_than_a_module_is_refused_naming_the_module(models, tmp_path, capsys):
+    args = ["--combination", "svd", "--svd-rank", "20"]
+    _refused(models, tmp_path, capsys, ["plain", "third"], args, "cuts every module to rank 20", "--svd-rank 16")
