@@ -6,6 +6,7 @@ from collections import defaultdict
 
 _rows: dict[str, list[dict]] = defaultdict(list)
 _overflows = [0]
+_combinations: dict[str, list[dict]] = defaultdict(list)
 
 
 def count_overflow() -> None:
@@ -32,6 +33,14 @@ def record(dtype: str, arch: str, report: dict) -> None:
     )
 
 
+def record_combination(report: dict) -> None:
+    """Keep the combination check's figures of one several-adapter merge, by combination type."""
+    c = report["verification"]["combination"]
+    _combinations[c["type"]].append(
+        {"ratio": c["worst_ratio"], "abs": c["max_abs"], "kept": list((c.get("kept_share") or {}).values())}
+    )
+
+
 def table() -> list[str]:
     """One line per dtype: the worst figures seen, as multiples of the tolerance and in absolute terms."""
     lines = []
@@ -47,6 +56,13 @@ def table() -> list[str]:
             f"outputs: worst {worst('out_ratio'):.3f}x tol, max |diff| {worst('out_abs'):.3g}, "
             f"worst diff/noise {worst('noise_ratio'):.2f}; "
             f"no-op would fail outputs in {sum(r['discriminating'] for r in rows)}/{len(rows)}"
+        )
+    for kind, rows in sorted(_combinations.items()):
+        kept = [k for r in rows for k in r["kept"]]
+        share = f", kept share {min(kept):.3f}..{max(kept):.3f}" if kept else ""
+        lines.append(
+            f"combination {kind:19s} n={len(rows):4d}  combined adapter: worst {max(r['ratio'] for r in rows):.3f}x "
+            f"tol, max |diff| {max(r['abs'] for r in rows):.3g}{share}"
         )
     if _overflows[0]:
         lines.append(f"draws whose unmerged model overflowed (verdict could_not_verify): {_overflows[0]}")

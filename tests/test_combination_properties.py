@@ -16,6 +16,7 @@ from safe_merge.merger import loading
 from safe_merge.merger.combination import NEEDS_DENSITY, SAME_RANK, UNCHECKABLE, parse_combination
 from safe_merge.merger.pipeline import MergeRequest, merge_command
 from safe_merge.merger.summary import summarize
+from tests import stats
 from tests.helpers import save_adapter
 from tests.strategies import ARCHS, DTYPES, Case, build_base, lora_kwargs, sizes_for
 
@@ -72,3 +73,4 @@ def test_a_combination_of_drawn_adapters_passes_every_check_in_every_dtype(drawn
                 continue  # a float16 reference that overflows is 'could not verify', never a pass
             assert report["status"] == "passed", f"{dtype}\n" + summarize("merge", report)
             assert report["verification"]["combination"]["modules_checked"] > 0
+            stats.record_combination(report)

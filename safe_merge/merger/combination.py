@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -138,21 +138,17 @@ def svd_rank(combination: Combination, configs: Sequence[dict]) -> int:
 
 def _refuse_parts(adapter: AdapterFiles, base_dir: Path) -> None:
     """Only the low-rank factors can be weighted and joined; anything else would be dropped or doubled. A saved
-    copy that equals the base (PEFT saves embedding weights beside embedding LoRAs) changes nothing: allowed."""
+    copy that equals the base (PEFT saves embedding weights beside embedding LoRAs) changes nothing: allowed.
+    A copy of a parameter the base file does not hold (a tied head) waits for refuse_changed_copies."""
     for key, tensor in adapter.tensors.items():
         parsed = parse_key(key)
-        if parsed is not None and parsed.role in _COPIES:
+        if parsed is None or parsed.role in LORA_ROLES:
+            continue
+        if parsed.role in _COPIES:
             stored = loading.stored_tensor(base_dir, parsed.param) if parsed.param else None
-            if stored is not None and stored.shape == tensor.shape and torch.equal(stored, tensor.to(stored.dtype)):
+            if stored is None or _same(stored, tensor):
                 continue
-        if parsed is not None and parsed.role not in LORA_ROLES:
-            raise BadInput(
-                f"the adapter holds {_FEATURE.get(parsed.role, parsed.role.value)}, which add_weighted_adapter "
-                "cannot combine (it would be dropped or taken from one adapter only)",
-                path=adapter.weight_file,
-                key=key,
-                hint="merge this adapter on its own, then merge the others into that model",
-            )
+        _refuse_part(adapter, key, parsed.role)
     if adapter.config.get("target_parameters"):
         raise BadInput(
             "adapters on nn.Parameter targets cannot be combined",
@@ -160,6 +156,31 @@ def _refuse_parts(adapter: AdapterFiles, base_dir: Path) -> None:
             key="target_parameters",
             hint="merge this adapter on its own",
         )
+
+
+def refuse_changed_copies(adapters: Sequence[AdapterFiles], base_params: Mapping[str, torch.Tensor]) -> None:
+    """Once the base is loaded: every saved copy of a base parameter must equal it."""
+    for adapter in adapters:
+        for key, tensor in adapter.tensors.items():
+            parsed = parse_key(key)
+            if parsed is not None and parsed.role in _COPIES:
+                base = base_params.get(parsed.param)
+                if base is None or not _same(base, tensor):
+                    _refuse_part(adapter, key, parsed.role)
+
+
+def _same(base: torch.Tensor, copy: torch.Tensor) -> bool:
+    return base.shape == copy.shape and torch.equal(base, copy.to(base.dtype))
+
+
+def _refuse_part(adapter: AdapterFiles, key: str, role: Role) -> None:
+    raise BadInput(
+        f"the adapter holds {_FEATURE.get(role, role.value)}, which add_weighted_adapter cannot combine (it "
+        "would be dropped or taken from one adapter only)",
+        path=adapter.weight_file,
+        key=key,
+        hint="merge this adapter on its own, then merge the others into that model",
+    )
 
 
 def _base_name(adapter: AdapterFiles) -> str | None:

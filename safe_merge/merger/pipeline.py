@@ -17,7 +17,12 @@ from safe_merge.compat.migrations.base import State
 from safe_merge.compat.plan import Plan, make_plan, write_state
 from safe_merge.errors import BadInput
 from safe_merge.merger import backend_peft, loading
-from safe_merge.merger.combination import Combination, parse_combination, refuse_uncombinable
+from safe_merge.merger.combination import (
+    Combination,
+    parse_combination,
+    refuse_changed_copies,
+    refuse_uncombinable,
+)
 from safe_merge.merger.combination_check import CombinationCheck, check_combination
 from safe_merge.merger.kinds import layer_kinds
 from safe_merge.merger.staging import check_target, staged
@@ -143,6 +148,7 @@ def _combine(prep: Prepared, adapter_dirs: list[Path], combined_dir: Path) -> tu
     model = loading.load_model(prep.base_dir, torch.float32)
     kinds = layer_kinds(model)
     base_params = {name: p.detach() for name, p in model.state_dict().items()}
+    refuse_changed_copies([s.files for s in prep.sources], base_params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         notes = backend_peft.combine(model, adapter_dirs, prep.combination, combined_dir)
