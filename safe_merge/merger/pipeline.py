@@ -262,6 +262,8 @@ def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
     # verification holds the merged model, the base as stored and the reference in the merged dtype at once, plus
     # a float64 twin of the reference when it fits in half the free memory (the noise measurement)
     peak = size(dtype) * 2 + size(native) + twin if numel else None
+    if peak and prep.combination is not None:  # combining holds the base in float32 with every adapter loaded
+        peak = max(peak, size(torch.float32) + sum(s.files.weight_file.stat().st_size for s in prep.sources) * 2)
     probes = probe_inputs(base_config)
     return {
         "status": "planned",
