@@ -72,6 +72,9 @@ def combine(model: nn.Module, adapter_dirs: list[Path], combination: Combination
     with torch.no_grad():
         peft_model.add_weighted_adapter(names, list(combination.weights), COMBINED, **kwargs)
     notes = _unit_scaling(peft_model)
+    for name, param in peft_model.named_parameters():
+        if f".{COMBINED}." in name and not param.data.is_contiguous():  # some releases leave SVD slices strided
+            param.data = param.data.contiguous()
     peft_model.save_pretrained(str(out_dir), selected_adapters=[COMBINED], safe_serialization=True)
     return notes
 

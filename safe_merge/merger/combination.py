@@ -16,6 +16,7 @@ from packaging.version import Version
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.history import History
 from safe_merge.compat.keys import LORA_ROLES, Role, parse_key, targeted_modules
+from safe_merge.compat.scaling import scaling
 from safe_merge.errors import BadInput, Unsupported
 from safe_merge.merger import loading
 
@@ -116,6 +117,13 @@ def refuse_uncombinable(
             f"  what to do: use {combination.type.removesuffix('_svd')} (its random masks are checked entry by "
             "entry) or a deterministic *svd type"
         )
+    negative = History.load().boundary("negative_combination_weights")
+    if kind in SAME_RANK and Version(release) < negative and any(w < 0 for w in combination.weights):
+        raise BadInput(
+            f"{kind} with a negative weight needs PEFT {negative} or newer (the installed {release} takes the "
+            "square root of each weight)",
+            hint=f"install peft>={negative}, or use --combination cat / svd, which take negative weights",
+        )
     for adapter in adapters:
         _refuse_parts(adapter, base_dir)
     _refuse_different_bases(adapters)
@@ -124,6 +132,7 @@ def refuse_uncombinable(
         _refuse_rank_mismatch(kind, adapters)
     if len(adapters) > 1 and kind in SVD:
         _refuse_rank_beyond_modules(combination, adapters, base_dir)
+    _refuse_release_bugs(combination, kind, adapters, release)
 
 
 def configured_rank(config: dict) -> int:
@@ -134,6 +143,38 @@ def configured_rank(config: dict) -> int:
 def svd_rank(combination: Combination, configs: Sequence[dict]) -> int:
     """The rank every module of an *svd combination is cut to: --svd-rank, else the largest configured rank."""
     return combination.svd_rank or max(configured_rank(c) for c in configs)
+
+
+def _in_window(name: str, release: str) -> dict | None:
+    window = History.load().boundaries[name]
+    return window if Version(window["first"]) <= Version(release) < Version(window["until"]) else None
+
+
+def _refuse_release_bugs(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
+    """Releases whose combination code is known to compute something else than the type means."""
+    dare = _in_window("dare_rescale_missing", release)
+    if dare and kind.startswith("dare") and combination.density < 1:
+        raise BadInput(
+            f"{kind} in the installed PEFT {release} drops DARE's 1/density rescale of the kept entries; "
+            f"fixed in {dare['until']}",
+            hint=f"install peft>={dare['until']}, or use ties / magnitude_prune",
+        )
+    window = _in_window("svd_combination_scale_twice", release)
+    if kind not in SVD or not window:
+        return
+    for adapter in adapters:
+        for key, tensor in adapter.tensors.items():
+            parsed = parse_key(key)
+            if parsed is not None and parsed.role in (Role.LORA_A, Role.EMBEDDING_A):
+                scale = scaling(adapter.config, parsed.module, int(tensor.shape[0]))
+                if abs(scale - 1.0) > 1e-12:
+                    raise BadInput(
+                        f"{kind} in the installed PEFT {release} applies each adapter's scale twice ({parsed.module} "
+                        f"has scale {scale:.4g}); fixed in {window['until']}",
+                        path=adapter.path / "adapter_config.json",
+                        key="lora_alpha",
+                        hint=f"install peft>={window['until']}, or use --combination cat (exact)",
+                    )
 
 
 def _refuse_parts(adapter: AdapterFiles, base_dir: Path) -> None:
