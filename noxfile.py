@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import nox
+import nox.command
 import tomllib
 
 ROOT = Path(__file__).parent
@@ -27,10 +28,13 @@ def find_links() -> list[str]:
     return [arg for link in links for arg in ("--find-links", link)]
 
 
-def install_project(session: nox.Session, peft: str, transformers: str, extras: str = "test") -> None:
+def install_project(
+    session: nox.Session, peft: str, transformers: str, extras: str = "test", extra: list[str] | None = None
+) -> None:
     """torch first and pinned (a constraint keeps every later install from replacing it), then the project."""
     constraints = Path(session.create_tmp()) / "constraints.txt"
-    constraints.write_text(f"torch=={torch_version()}\npeft=={peft}\ntransformers=={transformers}\n")
+    pins = [f"torch=={torch_version()}", f"peft=={peft}", f"transformers=={transformers}", *(extra or [])]
+    constraints.write_text("\n".join(pins) + "\n")
     session.install(*find_links(), f"torch=={torch_version()}")
     session.install(*find_links(), "-c", str(constraints), "-e", f".[{extras}]")
 
@@ -59,6 +63,44 @@ def demo(session: nox.Session) -> None:
 
 
 FIXTURE_CELLS = MATRIX.get("fixtures", [])
+
+
+def _cell_params() -> list:
+    """Every cell of matrix.toml, known-bad pairs included (they skip with their reason), tagged by tier."""
+    out = []
+    for cell in MATRIX.get("cells", []):
+        out.append(nox.param(cell["peft"], cell["transformers"], tags=cell["tiers"]))
+    for cell in MATRIX.get("known_bad", []):
+        out.append(nox.param(cell["peft"], cell["transformers"], tags=[*cell["tiers"], "known-bad"]))
+    return out
+
+
+def _cell(peft: str, transformers: str) -> dict:
+    for section in ("cells", "known_bad"):
+        for cell in MATRIX.get(section, []):
+            if (cell["peft"], cell["transformers"]) == (peft, transformers):
+                return cell
+    raise KeyError((peft, transformers))
+
+
+@nox.session
+@nox.parametrize("peft, transformers", _cell_params())
+def matrix(session: nox.Session, peft: str, transformers: str) -> None:
+    """The whole suite with one PEFT × transformers pair. A known-bad pair skips, saying why; a pair that fails
+    to import fails, saying so."""
+    cell = _cell(peft, transformers)
+    if "reason" in cell:
+        session.skip(f"known-bad pair: peft {peft} with transformers {transformers}: {cell['reason']}")
+    install_project(session, peft, transformers, extra=cell.get("extra", []))
+    try:
+        session.run("python", "-c", "import peft, transformers, safe_merge.merger.pipeline", silent=True)
+    except nox.command.CommandFailed:
+        session.error(
+            f"peft {peft} does not import with transformers {transformers}; if that is expected, list the pair "
+            "under [[known_bad]] in matrix/matrix.toml with the reason"
+        )
+    env = {"HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "matrix"), "HF_HUB_OFFLINE": "1"}
+    session.run("pytest", "-p", "no:cacheprovider", "-q", *(session.posargs or ["tests"]), env=env)
 
 
 def install_release(session: nox.Session, cell: dict, *more: str) -> None:

@@ -12,6 +12,7 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 settings.register_profile("dev", max_examples=5, **_COMMON)
 settings.register_profile("ci", max_examples=40, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("thorough", max_examples=400, **_COMMON)
+settings.register_profile("matrix", max_examples=8, derandomize=True, print_blob=True, **_COMMON)  # one cell of many
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
