@@ -26,8 +26,21 @@ from tests.strategies import ARCHS, DTYPES, Case, build_base, lora_kwargs, sizes
 
 HISTORY = History.load()
 INSTALLED = Version(loading.installed_peft())
+
+
+def _refused_here(t: str) -> bool:
+    """Types whose code in the installed release is known wrong are refused (tested in test_several_adapters)."""
+    for name, applies in (("dare_rescale_missing", t.startswith("dare")), ("svd_combination_scale_twice", t in SVD)):
+        window = HISTORY.boundaries[name]
+        if applies and Version(window["first"]) <= INSTALLED < Version(window["until"]):
+            return True
+    return False
+
+
 TYPES = sorted(
-    t for t in HISTORY.combination_types if HISTORY.combination_first(t) <= INSTALLED and t not in UNCHECKABLE
+    t
+    for t in HISTORY.combination_types
+    if HISTORY.combination_first(t) <= INSTALLED and t not in UNCHECKABLE and not _refused_here(t)
 )
 ARCH_NAMES = ("llama", "gpt2", "opt")  # bert_cls saves its classifier head, which no combination can weight
 

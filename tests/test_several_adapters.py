@@ -273,7 +273,7 @@ def test_an_svd_rank_larger_than_a_module_is_refused_naming_the_module(models, t
 def test_negative_weights_on_a_release_that_cannot_take_them_are_refused(models, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.17.1")
     args = ["--combination", "linear", "--weights", "1", "-0.5"]
-    _refused(models, tmp_path, capsys, ["plain", "third"], args, "needs PEFT 0.18.0 or newer")
+    _refused(models, tmp_path, capsys, ["plain", "third"], args, "needs PEFT 0.19.0 or newer")
 
 
 def test_svd_on_a_release_that_scales_twice_is_refused_naming_the_fix(models, tmp_path, capsys, monkeypatch):

@@ -120,8 +120,8 @@ def refuse_uncombinable(
     negative = History.load().boundary("negative_combination_weights")
     if kind in SAME_RANK and Version(release) < negative and any(w < 0 for w in combination.weights):
         raise BadInput(
-            f"{kind} with a negative weight needs PEFT {negative} or newer (the installed {release} takes the "
-            "square root of each weight)",
+            f"{kind} with a negative weight needs PEFT {negative} or newer (the installed {release} loses the "
+            "sign: it takes the square root of each weight for both factors)",
             hint=f"install peft>={negative}, or use --combination cat / svd, which take negative weights",
         )
     for adapter in adapters:
