@@ -30,11 +30,9 @@ INSTALLED = Version(loading.installed_peft())
 
 def _refused_here(t: str) -> bool:
     """Types whose code in the installed release is known wrong are refused (tested in test_several_adapters)."""
-    for name, applies in (("dare_rescale_missing", t.startswith("dare")), ("svd_combination_scale_twice", t in SVD)):
-        window = HISTORY.boundaries[name]
-        if applies and Version(window["first"]) <= INSTALLED < Version(window["until"]):
-            return True
-    return False
+    return (t.startswith("dare") and HISTORY.affected("dare_rescale_missing", INSTALLED)) or (
+        t in SVD and HISTORY.affected("svd_combination_scale_twice", INSTALLED)
+    )
 
 
 TYPES = sorted(

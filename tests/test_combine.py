@@ -86,8 +86,7 @@ def test_reference_matches_peft_for_each_deterministic_type(combination, target,
     theirs = layer.get_delta_weight("combined").detach().double()
     kind = Combination(combination, tuple(weights)).effective_type(n)
     loras = _loras(layer, names, target)
-    twice = History.load().boundaries["svd_combination_scale_twice"]
-    if kind in SVD and Version(twice["first"]) <= Version(installed_peft()) < Version(twice["until"]):
+    if kind in SVD and History.load().affected("svd_combination_scale_twice", installed_peft()):
         # the release's known double scaling (refused by merge): each scaled delta weighted by w·s again
         weights = [w * lora.scale for w, lora in zip(weights, loras, strict=True)]
     ours = combined_delta(loras, weights, kind, density=0.5)

@@ -97,3 +97,11 @@ def test_a_key_the_table_does_not_know_is_reported_as_unknown():
 def test_removed_keys_are_only_present_before_their_removal():
     assert HISTORY.entries["enable_lora"].present_in("0.2.0")
     assert not HISTORY.entries["enable_lora"].present_in("0.3.0")
+
+
+def test_a_bug_window_covers_its_first_release_and_stops_at_the_fix():
+    history = History.load()
+    assert history.affected("svd_combination_scale_twice", "0.9.0")
+    assert history.affected("svd_combination_scale_twice", "0.20.0")
+    assert not history.affected("svd_combination_scale_twice", "0.21.0")
+    assert not history.affected("svd_combination_scale_twice", "0.8.2")

@@ -24,10 +24,8 @@ TYPES = sorted(t for t in History.load().combination_types if History.load().com
 CHECKABLE = [t for t in TYPES if t not in UNCHECKABLE]
 HISTORY = History.load()
 NEGATIVE_OK = Version(INSTALLED) >= HISTORY.boundary("negative_combination_weights")
-_TWICE = HISTORY.boundaries["svd_combination_scale_twice"]
-SVD_SCALED_TWICE = Version(_TWICE["first"]) <= Version(INSTALLED) < Version(_TWICE["until"])
-_DARE = HISTORY.boundaries["dare_rescale_missing"]
-DARE_UNSCALED = Version(_DARE["first"]) <= Version(INSTALLED) < Version(_DARE["until"])
+SVD_SCALED_TWICE = HISTORY.affected("svd_combination_scale_twice", INSTALLED)
+DARE_UNSCALED = HISTORY.affected("dare_rescale_missing", INSTALLED)
 PRUNING = {"ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune", "magnitude_prune_svd"}
 ADAPTERS = {
     # the first one is rsLoRA: releases that give the combined adapter its use_rslora overscale it

@@ -92,6 +92,11 @@ class History:
     def boundary(self, name: str) -> Version:
         return Version(self.boundaries[name]["first"])
 
+    def affected(self, name: str, release: str | Version) -> bool:
+        """Whether a release lies in a known-bug window [first, until) of the boundaries table."""
+        window = self.boundaries[name]
+        return Version(window["first"]) <= Version(str(release)) < Version(window["until"])
+
     @classmethod
     @cache
     def load(cls, path: Path = TABLE) -> History:

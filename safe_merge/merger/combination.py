@@ -117,13 +117,6 @@ def refuse_uncombinable(
             f"  what to do: use {combination.type.removesuffix('_svd')} (its random masks are checked entry by "
             "entry) or a deterministic *svd type"
         )
-    negative = History.load().boundary("negative_combination_weights")
-    if kind in SAME_RANK and Version(release) < negative and any(w < 0 for w in combination.weights):
-        raise BadInput(
-            f"{kind} with a negative weight needs PEFT {negative} or newer (the installed {release} loses the "
-            "sign: it takes the square root of each weight for both factors)",
-            hint=f"install peft>={negative}, or use --combination cat / svd, which take negative weights",
-        )
     for adapter in adapters:
         _refuse_parts(adapter, base_dir)
     _refuse_different_bases(adapters)
@@ -145,23 +138,26 @@ def svd_rank(combination: Combination, configs: Sequence[dict]) -> int:
     return combination.svd_rank or max(configured_rank(c) for c in configs)
 
 
-def _in_window(name: str, release: str) -> dict | None:
-    window = History.load().boundaries[name]
-    return window if Version(window["first"]) <= Version(release) < Version(window["until"]) else None
-
-
 def _refuse_release_bugs(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
     """Releases whose combination code is known to compute something else than the type means."""
-    dare = _in_window("dare_rescale_missing", release)
-    if dare and kind.startswith("dare") and combination.density < 1:
+    history = History.load()
+    negative = history.boundary("negative_combination_weights")
+    if kind in SAME_RANK and Version(release) < negative and any(w < 0 for w in combination.weights):
+        raise BadInput(
+            f"{kind} with a negative weight needs PEFT {negative} or newer (the installed {release} loses the "
+            "sign: it takes the square root of each weight for both factors)",
+            hint=f"install peft>={negative}, or use --combination cat / svd, which take negative weights",
+        )
+    if kind.startswith("dare") and combination.density < 1 and history.affected("dare_rescale_missing", release):
+        fixed = history.boundaries["dare_rescale_missing"]["until"]
         raise BadInput(
             f"{kind} in the installed PEFT {release} drops DARE's 1/density rescale of the kept entries; "
-            f"fixed in {dare['until']}",
-            hint=f"install peft>={dare['until']}, or use ties / magnitude_prune",
+            f"fixed in {fixed}",
+            hint=f"install peft>={fixed}, or use ties / magnitude_prune",
         )
-    window = _in_window("svd_combination_scale_twice", release)
-    if kind not in SVD or not window:
+    if kind not in SVD or not history.affected("svd_combination_scale_twice", release):
         return
+    window = history.boundaries["svd_combination_scale_twice"]
     for adapter in adapters:
         for key, tensor in adapter.tensors.items():
             parsed = parse_key(key)
