@@ -35,6 +35,7 @@ ADAPTERS = {
     "r8": {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "dora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True},
     "head": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+    "pattern": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "alpha_pattern": {"q_proj": 2}},
     "layer0": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0]},
 }
 
@@ -284,3 +285,15 @@ def test_dare_on_a_release_that_drops_the_rescale_is_refused(models, tmp_path, c
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.17.1")
     args = ["--combination", "dare_linear", "--density", "0.5"]
     _refused(models, tmp_path, capsys, ["plain", "third"], args, "drops DARE's 1/density rescale", "fixed in 0.19.0")
+
+
+def test_patterns_first_on_a_release_that_passes_them_on_are_refused(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(loading, "installed_peft", lambda: "0.13.2")
+    _refused(models, tmp_path, capsys, ["pattern", "third"], [], "first adapter's rank_pattern", "fixed in 0.16.0")
+
+
+def test_patterns_first_combine_right_on_a_release_that_resets_them(models, tmp_path, capsys):
+    if HISTORY.affected("combined_adapter_inherits_patterns", INSTALLED):
+        pytest.skip("refused on this release (tested above)")
+    code, report, err = _merge([models["base"], models["pattern"], models["third"], "-o", tmp_path / "o"], capsys)
+    assert code == 0, err

@@ -155,6 +155,18 @@ def _refuse_release_bugs(combination: Combination, kind: str, adapters: Sequence
             f"fixed in {fixed}",
             hint=f"install peft>={fixed}, or use ties / magnitude_prune",
         )
+    first = adapters[0].config
+    if history.affected("combined_adapter_inherits_patterns", release) and (
+        first.get("rank_pattern") or first.get("alpha_pattern")
+    ):
+        fixed = history.boundaries["combined_adapter_inherits_patterns"]["until"]
+        raise BadInput(
+            f"the installed PEFT {release} gives the combined adapter the first adapter's rank_pattern / "
+            f"alpha_pattern, which changes its ranks and scales; fixed in {fixed}",
+            path=adapters[0].path / "adapter_config.json",
+            key="rank_pattern" if first.get("rank_pattern") else "alpha_pattern",
+            hint=f"install peft>={fixed}, or put an adapter without patterns first",
+        )
     if kind not in SVD or not history.affected("svd_combination_scale_twice", release):
         return
     window = history.boundaries["svd_combination_scale_twice"]
