@@ -44,11 +44,16 @@ def _has_dora_layer(name: str) -> bool:
     return hasattr(dora, name)
 
 
+# Releases whose merge of a feature is known wrong or crashes refuse it (tests/test_known_bugs.py): not drawn there.
+_DORA_MERGES = not HISTORY.affected("dora_half_precision_merge_raises", INSTALLED)
 FEATURES = {
     "rank_pattern": _has("rank_pattern"),
     "use_rslora": _has("use_rslora"),
-    "use_dora": _has("use_dora"),
-    "dora_embedding": _has("use_dora") and _has_dora_layer("DoraEmbeddingLayer"),
+    "use_dora": _has("use_dora") and _DORA_MERGES,
+    "dora_embedding": _has("use_dora")
+    and _DORA_MERGES
+    and _has_dora_layer("DoraEmbeddingLayer")
+    and not HISTORY.affected("dora_embedding_merge_wrong", INSTALLED),
     "dora_conv": _has("use_dora") and _has_dora_layer("DoraConv2dLayer"),
     "lora_bias": _has("lora_bias"),
     "layers_to_transform": _has("layers_to_transform"),

@@ -25,6 +25,7 @@ from safe_merge.merger.combination import (
 )
 from safe_merge.merger.combination_check import CombinationCheck, check_combination
 from safe_merge.merger.kinds import layer_kinds
+from safe_merge.merger.known_bugs import refuse_known_bugs
 from safe_merge.merger.staging import check_target, staged
 from safe_merge.merger.verify import PASSED, require_lora, verify_dirs
 from safe_merge.merger.write import (
@@ -103,6 +104,8 @@ def run_merge(req: MergeRequest) -> dict:
     for source in sources:
         refuse_tokenizer_mismatch(base_config, base_dir, source.path)
     dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
+    for source in sources:
+        refuse_known_bugs(source.files, release, dtype)
 
     prep = Prepared(out, base_dir, base_config, dtype, sources, combination, started)
     if req.plan:
