@@ -38,7 +38,10 @@ def test_fixture_migrates_loads_and_merges_to_its_producers_logits(case, tmp_pat
     expected = load_file(str(case / "expected.safetensors"))["logits"]
     base_dir = case.parent / meta["base"]
     plan, state = make_plan(load_adapter(case), INSTALLED)
-    assert not plan.refused, plan.refusals  # going up, nothing in the table is refused
+    if plan.refused:  # going down to an older installed release: only keys it lacks may be refused
+        assert all(Version(r["first"]) > Version(INSTALLED) for r in plan.refusals), plan.refusals
+        assert Version(meta["peft"]) > Version(INSTALLED), plan.refusals
+        return
     migrated = tmp_path / "adapter"
     migrated.mkdir()
     write_state(state, case, migrated)

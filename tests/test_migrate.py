@@ -115,9 +115,10 @@ def test_unknown_keys_go_only_when_empty(tmp_path):
     assert [r["key"] for r in plan.refusals] == ["future_knob"]
 
 
+@pytest.mark.skipif(Version(INSTALLED) < Version("0.7.0"), reason="0.6.2 reads what this release writes")
 def test_plan_flag_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     _, _, adapter = _adapter(tmp_path, target_modules=["q_proj"])
-    code, report, _ = _migrate(adapter, tmp_path / "out", "0.10.0", capsys, "--plan")
+    code, report, _ = _migrate(adapter, tmp_path / "out", "0.6.2", capsys, "--plan")
     assert code == 0 and report["status"] == "migrate" and report["steps"]
     assert not (tmp_path / "out").exists()
 
@@ -167,6 +168,10 @@ def test_rank_and_alpha_patterns_fold_for_releases_before_0_6(tmp_path, capsys):
     assert diff <= 1e-5, diff
 
 
+@pytest.mark.skipif(
+    not HISTORY.entries["target_parameters"].present_in(INSTALLED),
+    reason="the installed PEFT cannot write target_parameters adapters",
+)
 def test_target_parameters_on_linear_weights_become_target_modules(tmp_path, capsys):
     case = Case("llama", SIZES, False, {"r": 4, "lora_alpha": 8}, "float32", seed=3)
     base = build_base(case)
