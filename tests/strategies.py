@@ -55,6 +55,7 @@ FEATURES = {
     and _has_dora_layer("DoraEmbeddingLayer")
     and not HISTORY.affected("dora_embedding_merge_wrong", INSTALLED),
     "dora_conv": _has("use_dora") and _has_dora_layer("DoraConv2dLayer"),
+    "dora_fan_in_fan_out": not HISTORY.affected("dora_fan_in_fan_out_crashes", INSTALLED),
     "lora_bias": _has("lora_bias"),
     "layers_to_transform": _has("layers_to_transform"),
 }
@@ -353,7 +354,9 @@ def lora_kwargs(draw, arch: Arch, sizes: dict, *, plain: bool = False) -> dict:
     if plain:
         return kw
     dora_ok = FEATURES["use_dora"] and (
-        ("embedding" not in kinds or FEATURES["dora_embedding"]) and ("conv" not in kinds or FEATURES["dora_conv"])
+        ("embedding" not in kinds or FEATURES["dora_embedding"])
+        and ("conv" not in kinds or FEATURES["dora_conv"])
+        and ("conv1d" not in kinds or FEATURES["dora_fan_in_fan_out"])
     )
     if dora_ok and draw(st.booleans()):
         kw["use_dora"] = True

@@ -21,6 +21,10 @@ def refuse_known_bugs(adapter: AdapterFiles, release: str, dtype: torch.dtype) -
     dora = sorted(m for m, r in roles.items() if Role.MAGNITUDE in r)
     if not dora:
         return
+    if adapter.config.get("fan_in_fan_out") and history.affected("dora_fan_in_fan_out_crashes", release):
+        _refuse(
+            adapter, release, "dora_fan_in_fan_out_crashes", f"cannot load DoRA on fan_in_fan_out layers ({dora[0]})"
+        )
     embeddings = [m for m in dora if Role.EMBEDDING_A in roles[m]]
     if embeddings and history.affected("dora_embedding_merge_wrong", release):
         _refuse(adapter, release, "dora_embedding_merge_wrong", f"merges DoRA on embeddings wrongly ({embeddings[0]})")

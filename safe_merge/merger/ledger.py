@@ -63,9 +63,13 @@ _B = {LayerKind.EMBEDDING: Role.EMBEDDING_B}
 
 
 def build_ledger(
-    adapter: AdapterFiles, base_params: Mapping[str, torch.Tensor], kinds: Mapping[str, LayerKind]
+    adapter: AdapterFiles,
+    base_params: Mapping[str, torch.Tensor],
+    kinds: Mapping[str, LayerKind],
+    compute_dtype: torch.dtype = torch.float32,
 ) -> Ledger:
-    """Account for every adapter tensor against the base model's parameters and targetable module kinds."""
+    """Account for every adapter tensor against the base model's parameters and targetable module kinds.
+    ``compute_dtype``: the precision the merging PEFT held the LoRA factors in."""
     ledger = Ledger()
     by_module: dict[str, dict[Role, str]] = defaultdict(dict)
     for key in adapter.tensors:
@@ -119,6 +123,7 @@ def build_ledger(
             scale=scaling(adapter.config, module, int(a.shape[0])),
             magnitude=adapter.tensors[magnitude].to(torch.float64) if magnitude else None,
             bias=adapter.tensors[bias].to(torch.float64) if bias else None,
+            compute_dtype=compute_dtype,
         )
         for role, key in roles.items():
             param = f"{module}.bias" if role is Role.LORA_B_BIAS else f"{module}.weight"

@@ -76,8 +76,10 @@ def merge_magnitudes(
 
 
 def product_error(magnitude: torch.Tensor, rank: int, compute_dtype: torch.dtype) -> torch.Tensor:
-    """Bound on the rounding error of an r-term product computed in ``compute_dtype``."""
-    return rank * eps(compute_dtype) * magnitude
+    """Bound on the rounding error of an r-term product computed in ``compute_dtype``; factors held in a 16-bit
+    dtype were also rounded once each on the way in."""
+    stored = 2 if compute_dtype in (torch.bfloat16, torch.float16) else 0
+    return (rank + stored) * eps(compute_dtype) * magnitude
 
 
 def output_tolerance(reference: torch.Tensor, dtype: torch.dtype, depth: int = 1, noise: float | None = None) -> float:

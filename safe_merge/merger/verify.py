@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from packaging.version import Version
 from torch import nn
 
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
@@ -108,8 +109,9 @@ def verify_models(
     ``base_params`` is the base model's state dict taken before any PEFT wrapping; ``reference`` is the unmerged
     PeftModel with the adapter active, in the merged model's dtype (None skips the output check, which is a gap).
     """
-    ledger = build_ledger(adapter, base_params, kinds)
-    weights = check_weights(ledger, base_params, merged_params if merged_params is not None else merged.state_dict())
+    params = merged_params if merged_params is not None else merged.state_dict()
+    ledger = build_ledger(adapter, base_params, kinds, adapter_precision(next(merged.parameters()).dtype))
+    weights = check_weights(ledger, base_params, params)
     if reference is None or inputs is None:
         reason = "no unmerged reference model" if reference is None else "no probe inputs for this model type"
         outputs = OutputCheck(False, reason=reason)
@@ -153,6 +155,15 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
     if missing:
         result.weights.failures.insert(0, f"missing from the merged checkpoint: {', '.join(missing[:5])}")
     return result
+
+
+def adapter_precision(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the installed PEFT holds LoRA factors in within a model of ``model_dtype``."""
+    from safe_merge.compat.history import History
+
+    if History.load().boundary("adapter_float32_in_half_models") <= Version(loading.installed_peft()):
+        return torch.float32
+    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
