@@ -144,6 +144,20 @@ def test_a_dare_entry_no_mask_can_produce_fails_verification(models, tmp_path, c
 
 
 @pytest.mark.parametrize("combination", DARE)
+def test_a_dare_combination_that_kept_nothing_fails_verification(models, tmp_path, capsys, monkeypatch, combination):
+    def zero(tensors):  # every entry is then "the empty subset": only the share of kept positions can tell
+        for key in tensors:
+            tensors[key].zero_()
+
+    _tamper(monkeypatch, zero)
+    args = [models["base"], models["rs"], models["third"], "-o", tmp_path / "o", "--combination", combination]
+    code, report, err = _merge(args + _density(combination), capsys)
+    assert code == 1, err
+    assert any("positions" in p and "keeps at least" in p for p in report["problems"]), report["problems"]
+    assert report["output"]["path"] is None
+
+
+@pytest.mark.parametrize("combination", DARE)
 def test_dare_that_kept_every_entry_fails_the_density_check(models, tmp_path, capsys, monkeypatch, combination):
     # every entry kept (and rescaled by 1/density) is a value some mask gives, but not at density 0.5
     monkeypatch.setattr(torch, "bernoulli", lambda t, *a, **k: torch.ones_like(t))

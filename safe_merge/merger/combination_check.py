@@ -46,6 +46,18 @@ class ModuleResult:
 
 
 @dataclass
+class _Tally:
+    """DARE: what the masks kept, per source and per position, against what the density predicts."""
+
+    kept: list[int]  # entries of each source that the combination kept
+    seen: list[int]  # nonzero entries of each source
+    positions: int = 0  # factor entries where some source is nonzero
+    filled: int = 0  # of those, entries the combination kept something at
+    expected: float = 0.0  # sum over positions of P(some entry survives its mask) = 1 - (1 - d)^k
+    variance: float = 0.0
+
+
+@dataclass
 class CombinationCheck:
     combination: Combination
     source_files: list[AdapterFiles]
@@ -92,7 +104,7 @@ def check_combination(
                 continue
             check.failures.append(f"adapter {i} ({sources[i].path.name}): {entry.key} {entry.status.value}")
     kind = combination.effective_type(len(sources))
-    counts = [[0, 0] for _ in sources]  # DARE: entries kept, entries seen, per source
+    tally = _Tally([0] * len(sources), [0] * len(sources))
     modules = sorted({m for ledger in ledgers for m in ledger.modules})
     for module in modules:
         present = [(i, ledger.modules[module]) for i, ledger in enumerate(ledgers) if module in ledger.modules]
@@ -104,14 +116,14 @@ def check_combination(
         loras = [lora for _, lora in present]
         weights = [combination.weights[i] for i, _ in present]
         if kind in RANDOM:
-            _check_random(check, module, kind, present, weights, got, counts)
+            _check_random(check, module, kind, present, weights, got, tally)
         else:
             _check_delta(check, module, kind, loras, weights, got)
     for module, lora in check.combined.modules.items():
         if module not in modules and float(lora.b.abs().max()) * float(lora.a.abs().max()) != 0:
             check.failures.append(f"{module}: the combined adapter changes it, no source adapter does")
     if kind in RANDOM:
-        _check_density(check, kind, counts)
+        _check_density(check, kind, tally)
     return check
 
 
@@ -123,10 +135,6 @@ def _base_copy(entry, ledger: Ledger, base_params: Mapping[str, torch.Tensor]) -
     if entry.status is not Status.REPLACED or entry.param not in base_params:
         return False
     return torch.equal(ledger.replacements[entry.param], base_params[entry.param].to(torch.float64))
-
-
-def _unit(lora: ModuleLora) -> float:
-    return eps(lora.compute_dtype) if lora.compute_dtype != torch.float64 else eps(torch.float32)
 
 
 def _check_delta(check, module, kind, loras, weights, got: ModuleLora) -> None:
@@ -144,7 +152,7 @@ def _check_delta(check, module, kind, loras, weights, got: ModuleLora) -> None:
             f"{module}: combined delta has shape {tuple(delta.shape)}, expected {tuple(reference.shape)}"
         )
         return
-    unit = max(_unit(got), *(_unit(lora) for lora in loras))
+    unit = max(eps(got.compute_dtype), *(eps(lora.compute_dtype) for lora in loras))
     n = len(loras)
     # the sources' weighted products, as PEFT forms them in float32
     terms = sum(abs(w) * product_magnitude(lora) for lora, w in zip(loras, weights, strict=True))
@@ -208,8 +216,8 @@ def _svd_tolerance(check, module, loras, weights, terms, unit, rank) -> float | 
     return tol
 
 
-def _check_random(check, module, kind, present, weights, got: ModuleLora, counts) -> None:
-    """Every combined factor entry must be a value some mask could give; count what each mask kept."""
+def _check_random(check, module, kind, present, weights, got: ModuleLora, tally: _Tally) -> None:
+    """Every combined factor entry must be a value some mask could give; count what the masks kept."""
     c = check.combination
     loras = [lora for _, lora in present]
     if abs(got.scale - 1.0) > 1e-12:
@@ -218,7 +226,8 @@ def _check_random(check, module, kind, present, weights, got: ModuleLora, counts
             "every weight and scale, so it must be 1"
         )
     wa, wb = factor_weights(loras, weights)
-    unit = max(_unit(got), *(_unit(lora) for lora in loras))
+    unit = max(eps(got.compute_dtype), *(eps(lora.compute_dtype) for lora in loras))
+    worst = ModuleResult(module, 0.0, 0.0, 0.0, 0.0)
     for side, factor_w, theirs in (("A", wa, got.a), ("B", wb, got.b)):
         mine = [lora.a if side == "A" else lora.b for lora in loras]
         if any(tuple(m.shape) != tuple(theirs.shape) for m in mine):
@@ -228,18 +237,30 @@ def _check_random(check, module, kind, present, weights, got: ModuleLora, counts
             continue
         terms = torch.stack([w * m / c.density for w, m in zip(factor_w, mine, strict=True)])
         best_diff, best_subset = _nearest_subset(terms, theirs, mean=kind == "dare_ties")
-        tol = (len(mine) + 4) * unit * terms.abs().sum(0)
-        off = best_diff > tol
+        tol = ((len(mine) + 4) * unit * terms.abs().sum(0)).clamp(min=torch.finfo(torch.float64).tiny)
+        ratio = best_diff / tol
+        if float(ratio.max()) > worst.ratio:
+            at = int(torch.argmax(ratio))
+            worst = ModuleResult(
+                module, float(best_diff.max()), float(tol.flatten()[at]), float(ratio.max()), float(theirs.abs().max())
+            )
+        off = ratio > 1
         if bool(off.any()):
             check.failures.append(
                 f"{module}: {int(off.sum())} of {off.numel()} lora_{side} entries are no masked combination of the "
                 f"sources (max |diff| {float(best_diff.max()):.3g})"
             )
+        nonzero = terms != 0
         for j, (i, _) in enumerate(present):
-            nonzero = terms[j] != 0
-            counts[i][0] += int(((best_subset >> j) & 1).bool()[nonzero].sum())
-            counts[i][1] += int(nonzero.sum())
-    check.modules.append(ModuleResult(module, 0.0, 0.0, 0.0, 0.0))
+            tally.kept[i] += int(((best_subset >> j) & 1).bool()[nonzero[j]].sum())
+            tally.seen[i] += int(nonzero[j].sum())
+        sources_here = nonzero.sum(0)
+        survive = 1 - (1 - c.density) ** sources_here[sources_here > 0].to(torch.float64)
+        tally.positions += int((sources_here > 0).sum())
+        tally.filled += int(((best_subset != 0) & (sources_here > 0)).sum())
+        tally.expected += float(survive.sum())
+        tally.variance += float((survive * (1 - survive)).sum())
+    check.modules.append(worst)
 
 
 def _nearest_subset(terms: torch.Tensor, got: torch.Tensor, *, mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,11 +280,12 @@ def _nearest_subset(terms: torch.Tensor, got: torch.Tensor, *, mean: bool) -> tu
     return best, which
 
 
-def _check_density(check: CombinationCheck, kind: str, counts) -> None:
-    """dare_linear keeps each entry with probability density; dare_ties keeps at most that (it also drops the
-    entries that disagree with the elected sign)."""
+def _check_density(check: CombinationCheck, kind: str, tally: _Tally) -> None:
+    """dare_linear keeps each entry with probability density, dare_ties at most that (it also drops entries that
+    disagree with the elected sign). Both keep something at each position where some source's entry survived its
+    mask (ties: at least one survivor agrees with the sign they elect), which a combination that kept nothing fails."""
     d = check.combination.density
-    for i, (kept, seen) in enumerate(counts):
+    for i, (kept, seen) in enumerate(zip(tally.kept, tally.seen, strict=True)):
         if not seen:
             continue
         share = kept / seen
@@ -276,3 +298,9 @@ def _check_density(check: CombinationCheck, kind: str, counts) -> None:
                 f"adapter {i}: the combined factors keep {share:.1%} of its {seen} entries; {kind} at density "
                 f"{d:g} keeps {'about' if kind == 'dare_linear' else 'at most'} {d:.0%}"
             )
+    if tally.positions and tally.filled < tally.expected - DENSITY_SIGMAS * math.sqrt(tally.variance) - 2:
+        check.failures.append(
+            f"the combined factors hold something at {tally.filled / tally.positions:.1%} of {tally.positions} "
+            f"positions; {kind} at density {d:g} keeps at least {tally.expected / tally.positions:.1%} (wherever "
+            "some source's entry survives its mask)"
+        )
