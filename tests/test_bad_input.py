@@ -167,21 +167,13 @@ def test_hub_ids_resolve_from_the_local_cache_and_say_so_when_absent(pair, tmp_p
         (root / "refs").mkdir()
         (root / "refs" / "main").write_text(revision)
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    run = [sys.executable, "-m", "safe_merge.merger.cli", "merge"]
-    done = subprocess.run(
-        [*run, "acme/tiny-base", "acme/tiny-adapter", "-o", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+
+    def merge(base_id: str, out: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "safe_merge.merger.cli", "merge", base_id, "acme/tiny-adapter", "-o", out]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    done = merge("acme/tiny-base", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr[-2000:]
-    missing = subprocess.run(
-        [*run, "acme/not-cached", "acme/tiny-adapter", "-o", str(tmp_path / "out2")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    missing = merge("acme/not-cached", str(tmp_path / "out2"))
     assert missing.returncode == 2 and "not a hub id in the local cache" in missing.stderr
     assert "hf download acme/not-cached" in missing.stderr

@@ -241,12 +241,14 @@ def _trained_on(models, tmp_path, **bases: str) -> dict[str, Path]:
 
 
 def test_adapters_of_different_bases_are_refused(models, tmp_path, capsys):
-    renamed = _trained_on(models, tmp_path, plain="/models/Llama-2-7b-hf/", third="org/mistral-7b")
+    local = f"{tmp_path / 'models' / 'Llama-2-7b-hf'}/"
+    renamed = _trained_on(models, tmp_path, plain=local, third="org/mistral-7b")
     _refused(renamed, tmp_path, capsys, ["plain", "third"], [], "different base models", "org/mistral-7b")
 
 
 def test_a_hub_id_and_a_local_copy_of_it_count_as_one_base(models, tmp_path, capsys):
-    renamed = _trained_on(models, tmp_path, plain="/models/Llama-2-7b-hf/", third="meta-llama/Llama-2-7b-hf")
+    local = f"{tmp_path / 'models' / 'Llama-2-7b-hf'}/"  # a local copy, named by its directory
+    renamed = _trained_on(models, tmp_path, plain=local, third="meta-llama/Llama-2-7b-hf")
     code, _, err = _merge([models["base"], renamed["plain"], renamed["third"], "-o", tmp_path / "o"], capsys)
     assert code == 0, err
 

@@ -19,15 +19,13 @@ from safe_merge.compat.keys import LORA_ROLES, Role, parse_key, targeted_modules
 from safe_merge.compat.scaling import scaling
 from safe_merge.errors import BadInput, Unsupported
 from safe_merge.merger import loading
+from safe_merge.merger.combine import PRUNING, RANDOM, TASK_ON_FACTORS, TASK_THEN_SVD
 
-NEEDS_DENSITY = frozenset(
-    {"ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune"}
-    | {"magnitude_prune_svd"}
-)
-SIGN_ELECTION = frozenset({"ties", "ties_svd", "dare_ties", "dare_ties_svd"})
-SVD = frozenset({"svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"})
-SAME_RANK = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})  # factors added entrywise
-UNCHECKABLE = frozenset({"dare_linear_svd", "dare_ties_svd"})  # random masks, then an SVD: nothing to check against
+SVD = TASK_THEN_SVD | {t for t in RANDOM if t.endswith("_svd")}
+SAME_RANK = TASK_ON_FACTORS | (RANDOM - SVD)  # factors added entry by entry
+UNCHECKABLE = RANDOM & SVD  # random masks, then an SVD: nothing to check against
+NEEDS_DENSITY = RANDOM | PRUNING | {f"{t}_svd" for t in PRUNING}
+SIGN_ELECTION = frozenset(t for t in NEEDS_DENSITY if "ties" in t)
 # The combined adapter takes these from the first adapter; if the others differ, their modules may be dropped.
 INHERITED_SELECTION = ("layers_to_transform", "layers_pattern", "exclude_modules")
 _FEATURE = {

@@ -25,7 +25,14 @@ import torch
 
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.merger.combination import Combination, svd_rank
-from safe_merge.merger.combine import RANDOM, TASK_THEN_SVD, combined_delta, factor_weights, task_delta
+from safe_merge.merger.combine import (
+    RANDOM,
+    TASK_THEN_SVD,
+    best_rank,
+    combined_delta,
+    factor_weights,
+    task_delta,
+)
 from safe_merge.merger.delta import LayerKind, ModuleLora, low_rank_delta, product_magnitude
 from safe_merge.merger.ledger import Ledger, Status, build_ledger
 from safe_merge.merger.tolerance import eps
@@ -140,7 +147,11 @@ def _base_copy(entry, ledger: Ledger, base_params: Mapping[str, torch.Tensor]) -
 def _check_delta(check, module, kind, loras, weights, got: ModuleLora) -> None:
     c = check.combination
     rank = svd_rank(c, [s.config for s in check.source_files])
-    reference = combined_delta(loras, weights, kind, density=c.density, majority=c.majority_sign, svd_rank=rank)
+    sigma = None
+    if kind in TASK_THEN_SVD:
+        reference, sigma = best_rank(task_delta(loras, weights, kind, c.density, c.majority_sign), rank)
+    else:
+        reference = combined_delta(loras, weights, kind, density=c.density, majority=c.majority_sign)
     if got.a.shape[0] != got.b.shape[1]:
         check.failures.append(
             f"{module}: combined factors do not fit together (A {tuple(got.a.shape)}, B {tuple(got.b.shape)})"
@@ -156,8 +167,8 @@ def _check_delta(check, module, kind, loras, weights, got: ModuleLora) -> None:
     n = len(loras)
     # the sources' weighted products, as PEFT forms them in float32
     terms = sum(abs(w) * product_magnitude(lora) for lora, w in zip(loras, weights, strict=True))
-    if kind in TASK_THEN_SVD:
-        tol = _svd_tolerance(check, module, loras, weights, terms, unit, rank)
+    if sigma is not None:
+        tol = _svd_tolerance(check, module, reference, sigma, terms, unit, rank)
         if tol is None:
             return
     elif kind == "cat":
@@ -187,26 +198,23 @@ def _check_delta(check, module, kind, loras, weights, got: ModuleLora) -> None:
         )
 
 
-def _svd_tolerance(check, module, loras, weights, terms, unit, rank) -> float | None:
+def _svd_tolerance(check, module, reference, sigma, terms, unit, rank) -> float | None:
     """A bound on |PEFT's cut − ours|: float32 error in what is cut (inputs and the SVD itself), amplified by
     1 + 2·sigma_1/gap at the cut (Wedin), or, whatever the gap, twice the error plus the cut-off part."""
-    c = check.combination
-    full = task_delta(loras, weights, c.effective_type(len(check.sources)), c.density, c.majority_sign)
-    matrix = full.reshape(full.shape[0], -1)
-    sigma = torch.linalg.svdvals(matrix)
     s1 = float(sigma[0]) if sigma.numel() else 0.0
     s_k = float(sigma[rank - 1]) if rank <= sigma.numel() else 0.0
     s_next = float(sigma[rank]) if rank < sigma.numel() else 0.0
+    shape = (reference.shape[0], reference[0].numel())
     error = (
-        float(torch.linalg.matrix_norm(ARITHMETIC_ULPS * unit * terms.reshape(matrix.shape)))
-        + SVD_BACKWARD * unit * math.sqrt(max(matrix.shape)) * s1
+        float(torch.linalg.matrix_norm(ARITHMETIC_ULPS * unit * terms.reshape(shape)))
+        + SVD_BACKWARD * unit * math.sqrt(max(shape)) * s1
         + 2 * unit * rank * s1  # storing U·S and V
     )
     gap = s_k - s_next
     tol = 2 * (error + s_next)
     if gap > 0:
         tol = min(tol, error * (2 + 2 * s1 / gap))
-    size = float(full.abs().max())
+    size = float(reference.abs().max())
     if size > 0 and tol >= UNDETERMINED * size:
         check.gaps.append(
             f"{module}: the rank-{rank} cut falls between singular values {s_k:.4g} and {s_next:.4g}; the "

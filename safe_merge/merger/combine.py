@@ -27,10 +27,12 @@ import torch
 from safe_merge.errors import Unsupported
 from safe_merge.merger.delta import ModuleLora, low_rank_delta
 
+# Every add_weighted_adapter type, by how its result is derived (combination.py builds its sets from these).
 EXACT = frozenset({"cat"})
 TASK_ON_FACTORS = frozenset({"linear", "ties", "magnitude_prune"})
 TASK_THEN_SVD = frozenset({"svd", "ties_svd", "magnitude_prune_svd"})
 RANDOM = frozenset({"dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"})
+PRUNING = frozenset({"ties", "magnitude_prune"})  # need a density, with their *_svd forms and every dare type
 
 
 def prune_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
@@ -81,6 +83,14 @@ def task_delta(
     return task_combine([low_rank_delta(lora) for lora in loras], weights, method, density, majority)
 
 
+def best_rank(full: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` approximation of a delta (its output axis against the rest), and all its singular
+    values (how sharply that cut is determined)."""
+    matrix = full.reshape(full.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(full.shape), s
+
+
 def combined_delta(
     loras: Sequence[ModuleLora],
     weights: Sequence[float],
@@ -103,8 +113,5 @@ def combined_delta(
         return low_rank_delta(ModuleLora(loras[0].module, kind, a, b, 1.0))
     if combination in TASK_THEN_SVD:
         full = task_delta(loras, weights, combination, density, majority)
-        rank = svd_rank or max(lora.rank for lora in loras)
-        matrix = full.reshape(full.shape[0], -1)
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return ((u[:, :rank] * s[:rank]) @ vh[:rank]).reshape(full.shape)
+        return best_rank(full, svd_rank or max(lora.rank for lora in loras))[0]
     raise ValueError(f"unknown combination type {combination!r}")
