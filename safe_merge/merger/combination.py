@@ -16,7 +16,6 @@ from packaging.version import Version
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.history import History
 from safe_merge.compat.keys import LORA_ROLES, Role, parse_key, targeted_modules
-from safe_merge.compat.scaling import scaling
 from safe_merge.errors import BadInput, Unsupported
 from safe_merge.merger import loading
 from safe_merge.merger.combine import PRUNING, RANDOM, TASK_ON_FACTORS, TASK_THEN_SVD
@@ -123,7 +122,6 @@ def refuse_uncombinable(
         _refuse_rank_mismatch(kind, adapters)
     if len(adapters) > 1 and kind in SVD:
         _refuse_rank_beyond_modules(combination, adapters, base_dir)
-    _refuse_release_bugs(combination, kind, adapters, release)
 
 
 def configured_rank(config: dict) -> int:
@@ -134,53 +132,6 @@ def configured_rank(config: dict) -> int:
 def svd_rank(combination: Combination, configs: Sequence[dict]) -> int:
     """The rank every module of an *svd combination is cut to: --svd-rank, else the largest configured rank."""
     return combination.svd_rank or max(configured_rank(c) for c in configs)
-
-
-def _refuse_release_bugs(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
-    """Releases whose combination code is known to compute something else than the type means."""
-    history = History.load()
-    negative = history.boundary("negative_combination_weights")
-    if kind in SAME_RANK and Version(release) < negative and any(w < 0 for w in combination.weights):
-        raise BadInput(
-            f"{kind} with a negative weight needs PEFT {negative} or newer (the installed {release} loses the "
-            "sign: it takes the square root of each weight for both factors)",
-            hint=f"install peft>={negative}, or use --combination cat / svd, which take negative weights",
-        )
-    if kind.startswith("dare") and combination.density < 1 and history.affected("dare_rescale_missing", release):
-        fixed = history.boundaries["dare_rescale_missing"]["until"]
-        raise BadInput(
-            f"{kind} in the installed PEFT {release} drops DARE's 1/density rescale of the kept entries; "
-            f"fixed in {fixed}",
-            hint=f"install peft>={fixed}, or use ties / magnitude_prune",
-        )
-    first = adapters[0].config
-    if history.affected("combined_adapter_inherits_patterns", release) and (
-        first.get("rank_pattern") or first.get("alpha_pattern")
-    ):
-        fixed = history.boundaries["combined_adapter_inherits_patterns"]["until"]
-        raise BadInput(
-            f"the installed PEFT {release} gives the combined adapter the first adapter's rank_pattern / "
-            f"alpha_pattern, which changes its ranks and scales; fixed in {fixed}",
-            path=adapters[0].path / "adapter_config.json",
-            key="rank_pattern" if first.get("rank_pattern") else "alpha_pattern",
-            hint=f"install peft>={fixed}, or put an adapter without patterns first",
-        )
-    if kind not in SVD or not history.affected("svd_combination_scale_twice", release):
-        return
-    window = history.boundaries["svd_combination_scale_twice"]
-    for adapter in adapters:
-        for key, tensor in adapter.tensors.items():
-            parsed = parse_key(key)
-            if parsed is not None and parsed.role in (Role.LORA_A, Role.EMBEDDING_A):
-                scale = scaling(adapter.config, parsed.module, int(tensor.shape[0]))
-                if abs(scale - 1.0) > 1e-12:
-                    raise BadInput(
-                        f"{kind} in the installed PEFT {release} applies each adapter's scale twice ({parsed.module} "
-                        f"has scale {scale:.4g}); fixed in {window['until']}",
-                        path=adapter.path / "adapter_config.json",
-                        key="lora_alpha",
-                        hint=f"install peft>={window['until']}, or use --combination cat (exact)",
-                    )
 
 
 def _refuse_parts(adapter: AdapterFiles, base_dir: Path) -> None:

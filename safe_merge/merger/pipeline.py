@@ -25,7 +25,7 @@ from safe_merge.merger.combination import (
 )
 from safe_merge.merger.combination_check import CombinationCheck, check_combination
 from safe_merge.merger.kinds import layer_kinds
-from safe_merge.merger.known_bugs import refuse_known_bugs
+from safe_merge.merger.known_bugs import refuse_combination_bugs, refuse_known_bugs
 from safe_merge.merger.staging import check_target, staged
 from safe_merge.merger.verify import PASSED, require_lora, verify_dirs
 from safe_merge.merger.write import (
@@ -99,6 +99,7 @@ def run_merge(req: MergeRequest) -> dict:
     sources = [_read_source(loading.resolve_dir(a, "adapter"), release) for a in req.adapters]
     if combination is not None:
         refuse_uncombinable(combination, [s.files for s in sources], release, base_dir)
+        refuse_combination_bugs(combination, [s.files for s in sources], release)
     base_config = loading.read_model_config(base_dir)
     refuse_quantized(base_config, base_dir)
     for source in sources:
