@@ -27,6 +27,25 @@ def digest(*dirs: Path) -> str:
     return h.hexdigest()
 
 
+def merge_refused(tmp_path: Path, capsys, inputs: list[Path], extra: list[str], *needles: str, code: int = 2) -> str:
+    """Run `merge BASE ADAPTER... -o tmp_path/work/out EXTRA`; assert the exit code, the message (no traceback),
+    that the inputs are byte-identical and that nothing (output or staging dir) was left; returns stderr."""
+    from safe_merge.merger.cli import main
+
+    before = digest(*inputs)
+    work = tmp_path / "work"
+    work.mkdir()
+    got = main(["merge", *map(str, inputs), "-o", str(work / "out"), *map(str, extra)])
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    assert list(work.iterdir()) == [], "an output or staging dir was left behind"
+    assert digest(*inputs) == before, "an input was modified"
+    return err
+
+
 def save_adapter(case: Case, base: torch.nn.Module, adapter_dir: Path) -> None:
     """Train-like adapter: get_peft_model on a float32 copy of the base, real values filled in, saved."""
     peft_model = peft.get_peft_model(copy.deepcopy(base), lora_config(case))

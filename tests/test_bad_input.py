@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from safe_merge.merger import pipeline
 from safe_merge.merger.cli import main
 from safe_merge.merger.demo import build_tokenizer
-from tests.helpers import digest, materialize
+from tests.helpers import materialize, merge_refused
 from tests.strategies import Case
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
@@ -34,19 +34,7 @@ def pair(tmp_path):
 
 
 def _merge_fails(base: Path, adapter: Path, tmp_path: Path, capsys, *needles: str, code: int = 2) -> str:
-    """Run merge into tmp_path/work/out; assert the exit code, the message, untouched inputs and no leftovers."""
-    before = digest(base, adapter)
-    work = tmp_path / "work"
-    work.mkdir()
-    got = main(["merge", str(base), str(adapter), "-o", str(work / "out")])
-    err = capsys.readouterr().err
-    assert got == code, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    assert list(work.iterdir()) == [], "an output or staging dir was left behind"
-    assert digest(base, adapter) == before, "an input was modified"
-    return err
+    return merge_refused(tmp_path, capsys, [base, adapter], [], *needles, code=code)
 
 
 def test_malformed_adapter_config(pair, tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 
 from safe_merge.merger import loading
 from safe_merge.merger.cli import main
-from tests.helpers import digest, materialize
+from tests.helpers import materialize, merge_refused
 from tests.strategies import FEATURES, HISTORY, INSTALLED, Case, _has_dora_layer
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
@@ -18,23 +18,11 @@ def _pair(tmp_path, targets):
     return materialize(Case("llama", SIZES, False, lora, "float32", seed=5), tmp_path / "inputs")
 
 
-def _merge(tmp_path, capsys, base, adapter, *extra) -> tuple[int, str]:
-    work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
-    before = digest(base, adapter)
-    code = main(["merge", str(base), str(adapter), "-o", str(work / "out"), *extra])
-    err = capsys.readouterr().err
-    if code != 0:
-        assert list(work.iterdir()) == [] and digest(base, adapter) == before
-    return code, err
-
-
 @pytest.mark.skipif(not FEATURES["use_dora"] or not _has_dora_layer("DoraEmbeddingLayer"), reason="no DoRA embeddings")
 def test_dora_on_embeddings_is_refused_where_peft_merges_it_wrongly(tmp_path, capsys, monkeypatch):
     base, adapter = _pair(tmp_path, ["embed_tokens", "q_proj"])
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.13.2")
-    code, err = _merge(tmp_path, capsys, base, adapter)
-    assert code == 2 and "merges DoRA on embeddings wrongly" in err and "fixed in 0.16.0" in err, err
+    merge_refused(tmp_path, capsys, [base, adapter], [], "merges DoRA on embeddings wrongly", "fixed in 0.16.0")
 
 
 @pytest.mark.skipif(not HISTORY.entries["use_dora"].present_in(INSTALLED), reason="no DoRA in this release")
@@ -42,16 +30,16 @@ def test_dora_on_embeddings_is_refused_where_peft_merges_it_wrongly(tmp_path, ca
 def test_dora_into_a_16_bit_model_is_refused_where_peft_crashes(tmp_path, capsys, monkeypatch, dtype):
     base, adapter = _pair(tmp_path, ["q_proj"])
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.14.0")
-    code, err = _merge(tmp_path, capsys, base, adapter, "--dtype", dtype)
-    assert code == 2 and f"cannot merge DoRA into a {dtype} model" in err and "--dtype float32" in err, err
+    needles = (f"cannot merge DoRA into a {dtype} model", "--dtype float32")
+    merge_refused(tmp_path, capsys, [base, adapter], ["--dtype", dtype], *needles)
 
 
 @pytest.mark.skipif(not HISTORY.entries["use_dora"].present_in(INSTALLED), reason="no DoRA in this release")
 def test_the_same_dora_adapter_merges_in_float32_there(tmp_path, capsys, monkeypatch):
     base, adapter = _pair(tmp_path, ["q_proj"])
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.14.0")
-    code, err = _merge(tmp_path, capsys, base, adapter, "--dtype", "float32")
-    assert code == 0, err
+    code = main(["merge", str(base), str(adapter), "-o", str(tmp_path / "out"), "--dtype", "float32"])
+    assert code == 0, capsys.readouterr().err
 
 
 def test_dora_on_fan_in_fan_out_layers_is_refused_where_peft_cannot_load_it(tmp_path, capsys, monkeypatch):
@@ -61,5 +49,5 @@ def test_dora_on_fan_in_fan_out_layers_is_refused_where_peft_cannot_load_it(tmp_
     sizes = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
     base, adapter = materialize(Case("gpt2", sizes, True, lora, "float32", seed=6), tmp_path / "inputs")
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.10.0")
-    code, err = _merge(tmp_path, capsys, base, adapter)
-    assert code == 2 and "cannot load DoRA on fan_in_fan_out layers" in err and "fixed in 0.11.0" in err, err
+    needles = ("cannot load DoRA on fan_in_fan_out layers", "fixed in 0.11.0")
+    merge_refused(tmp_path, capsys, [base, adapter], [], *needles)

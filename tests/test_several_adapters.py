@@ -15,7 +15,7 @@ from safe_merge.compat.history import History
 from safe_merge.merger import backend_peft, loading
 from safe_merge.merger.cli import main
 from safe_merge.merger.combination import SAME_RANK, SVD, UNCHECKABLE
-from tests.helpers import digest, save_adapter
+from tests.helpers import digest, merge_refused, save_adapter
 from tests.strategies import Case, build_base
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
@@ -199,16 +199,7 @@ def test_the_plan_lists_every_adapter_with_its_weight_and_the_combination_check(
 
 
 def _refused(models, tmp_path, capsys, names, extra, *needles, code=2) -> None:
-    sources = [models[n] for n in names]
-    before = digest(models["base"], *sources)
-    work = tmp_path / "work"
-    work.mkdir()
-    got, _, err = _merge([models["base"], *sources, "-o", work / "out", *extra], capsys)
-    assert got == code, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    assert list(work.iterdir()) == [] and digest(models["base"], *sources) == before
+    merge_refused(tmp_path, capsys, [models["base"], *(models[n] for n in names)], extra, *needles, code=code)
 
 
 def test_linear_refuses_adapters_of_different_ranks(models, tmp_path, capsys):
