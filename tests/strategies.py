@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 import peft
 import torch
 from hypothesis import strategies as st
-from packaging.version import Version
 from torch import nn
 
-from safe_merge.compat.history import History
+from tests.release import HISTORY, INSTALLED, has_key
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,14 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ---------------------------------------------------------------------------------------------------------------
 # What the installed PEFT can do (feature-detected, never assumed from the newest release)
 
-INSTALLED = Version(peft.__version__).base_version
-HISTORY = History.load()
-
-
-def _has(key: str) -> bool:
-    """The installed release writes this LoraConfig key (the history table says so; a test checks the table
-    against the installed dataclass)."""
-    return HISTORY.entries[key].present_in(INSTALLED)
+_has = has_key
 
 
 def _has_dora_layer(name: str) -> bool:
@@ -291,7 +283,7 @@ def _fill_pair(module, adapter, a, b, noise, case: Case) -> None:
         b.zero_()
         return
     b.copy_(noise(b))
-    base_weight = module.get_base_layer().weight
+    base_weight = (module.get_base_layer() if hasattr(module, "get_base_layer") else module).weight  # 0.7.0+
     scale = module.scaling[adapter]
     delta_std = float((scale * _product(module, a, b)).float().std())
     target = case.delta_scale * max(float(base_weight.float().std()), 1e-3)

@@ -12,13 +12,13 @@ import torch
 from packaging.version import Version
 from torch import nn
 
-from safe_merge.compat.history import History
 from safe_merge.errors import Unsupported
 from safe_merge.merger.combination import SAME_RANK, SVD, Combination
 from safe_merge.merger.combine import RANDOM, combined_delta
 from safe_merge.merger.delta import ModuleLora, low_rank_delta
 from safe_merge.merger.kinds import layer_kinds
 from safe_merge.merger.loading import installed_peft
+from tests.release import HISTORY, combination_param, requires, weighted_adapter_options
 
 DETERMINISTIC = ["cat", "linear", "svd", "ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd"]
 
@@ -72,24 +72,28 @@ def _loras(layer, names, target) -> list[ModuleLora]:
     return out
 
 
-@pytest.mark.parametrize("combination", DETERMINISTIC)
+@pytest.mark.parametrize("combination", [combination_param(c) for c in DETERMINISTIC])
 @pytest.mark.parametrize("target", ["lin", "gpt", "emb"])
 @pytest.mark.parametrize("n", [1, 3])
 def test_reference_matches_peft_for_each_deterministic_type(combination, target, n):
+    kind = Combination(combination, (1.0,) * n).effective_type(n)
+    if target == "emb" and kind in SVD and HISTORY.affected("svd_combination_embedding_crashes", installed_peft()):
+        pytest.skip("this release transposes svd-combined embeddings (merge refuses it: test_known_bugs)")
     model, layer, names = _adapters(n, target)
     weights = [0.7, -0.4, 1.3][:n]
-    if combination in SAME_RANK and Version(installed_peft()) < History.load().boundary("negative_combination_weights"):
+    if combination in SAME_RANK and Version(installed_peft()) < HISTORY.boundary("negative_combination_weights"):
         weights = [abs(w) for w in weights]  # older releases take sqrt(w) for both factors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.add_weighted_adapter(names, weights, "combined", combination_type=combination, density=0.5)
+        model.add_weighted_adapter(
+            names, weights, "combined", combination_type=combination, **weighted_adapter_options(0.5)
+        )
     theirs = layer.get_delta_weight("combined").detach().double()
-    kind = Combination(combination, tuple(weights)).effective_type(n)
     loras = _loras(layer, names, target)
-    if kind in SVD and History.load().affected("svd_combination_scale_twice", installed_peft()):
+    if kind in SVD and HISTORY.affected("svd_combination_scale_twice", installed_peft()):
         # the release's known double scaling (refused by merge): each scaled delta weighted by w·s again
         weights = [w * lora.scale for w, lora in zip(weights, loras, strict=True)]
-    ours = combined_delta(loras, weights, kind, density=0.5)
+    ours = combined_delta(loras, weights, kind, density=0.5, release=installed_peft())
     scale = float(ours.abs().max())
     assert scale > 1e-3  # a real delta, not agreement on zeros
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-5 * scale), float((ours - theirs).abs().max())
@@ -110,6 +114,7 @@ def test_a_module_only_one_of_several_adapters_targets_is_still_pruned_by_ties()
     assert not torch.allclose(pruned, low_rank_delta(lora))
 
 
+@requires("use_rslora")
 def test_rslora_sources_expose_peft_overscaling_the_combined_adapter():
     model, layer, names = _adapters(1, "lin", rank=4, use_rslora=True)
     own = low_rank_delta(_loras(layer, names, "lin")[0])

@@ -7,10 +7,16 @@ import pytest
 
 from safe_merge.merger import loading
 from safe_merge.merger.cli import main
-from tests.helpers import materialize, merge_refused
-from tests.strategies import FEATURES, HISTORY, INSTALLED, Case, _has_dora_layer
+from tests.helpers import materialize, merge_refused, save_adapter
+from tests.release import requires
+from tests.strategies import FEATURES, HISTORY, INSTALLED, Case, _has_dora_layer, build_base
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
+
+
+def _base():
+    """The base every adapter of a several-adapter test here is trained on (materialize builds it from seed 7)."""
+    return build_base(Case("llama", SIZES, False, {}, "float32", seed=7))
 
 
 def _pair(tmp_path, targets):
@@ -51,3 +57,28 @@ def test_dora_on_fan_in_fan_out_layers_is_refused_where_peft_cannot_load_it(tmp_
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.10.0")
     needles = ("cannot load DoRA on fan_in_fan_out layers", "fixed in 0.11.0")
     merge_refused(tmp_path, capsys, [base, adapter], [], *needles)
+
+
+def test_svd_of_adapters_on_embeddings_is_refused_where_peft_transposes_them(tmp_path, capsys, monkeypatch):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}
+    base, first = materialize(Case("llama", SIZES, False, lora, "float32", seed=7), tmp_path / "one")
+    second = tmp_path / "two"
+    save_adapter(
+        Case("llama", SIZES, False, lora, "float32", seed=8),
+        build_base(Case("llama", SIZES, False, lora, "float32", seed=7)),
+        second,
+    )
+    monkeypatch.setattr(loading, "installed_peft", lambda: "0.8.2")
+    needles = ("cannot combine adapters on embeddings", "embed_tokens", "fixed in 0.9.0")
+    merge_refused(tmp_path, capsys, [base, first, second], ["--combination", "svd"], *needles)
+
+
+@requires("rank_pattern")
+def test_cat_of_an_adapter_whose_rank_pattern_exceeds_r_is_refused_where_peft_overflows(tmp_path, capsys, monkeypatch):
+    lora = {"r": 2, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"q_proj": 4}}
+    base, first = materialize(Case("llama", SIZES, False, {**lora, "rank_pattern": {}}, "float32", seed=7), tmp_path)
+    second = tmp_path / "patterned"
+    save_adapter(Case("llama", SIZES, False, lora, "float32", seed=8), _base(), second)
+    monkeypatch.setattr(loading, "installed_peft", lambda: "0.13.2")
+    needles = ("cannot hold rank_pattern 'q_proj': 4 (r = 2)", "fixed in 0.16.0")
+    merge_refused(tmp_path, capsys, [base, first, second], [], *needles)

@@ -19,6 +19,7 @@ from safe_merge.compat.plan import make_plan
 from safe_merge.merger import loading
 from safe_merge.merger.cli import main
 from tests.helpers import digest, save_adapter
+from tests.release import requires
 from tests.strategies import Case, build_base
 
 HISTORY = History.load()
@@ -47,6 +48,7 @@ def _migrate(adapter: Path, out: Path, target: str, capsys, *extra) -> tuple[int
     return code, json.loads(captured.out) if captured.out.strip() else None, captured.err
 
 
+@requires("use_dora")
 def test_dora_adapter_to_0_7_1_is_refused_and_nothing_is_written(tmp_path, capsys):
     _, _, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj"], use_dora=True)
     before = digest(adapter)
@@ -56,6 +58,7 @@ def test_dora_adapter_to_0_7_1_is_refused_and_nothing_is_written(tmp_path, capsy
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging dir left
 
 
+@requires("use_rslora")
 def test_rslora_folds_into_lora_b_and_answers_the_same(tmp_path, capsys):
     _, base, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj", "embed_tokens"], use_rslora=True)
     before = digest(adapter)
@@ -150,6 +153,7 @@ def test_configs_saved_now_migrate_down_to_each_release_or_are_refused_by_the_ta
         assert diff <= 1e-5, f"{target}: {plan.steps} moved logits by {diff}"
 
 
+@requires("use_rslora", "rank_pattern", "alpha_pattern")
 def test_rank_and_alpha_patterns_fold_for_releases_before_0_6(tmp_path, capsys):
     layer = "layers.0.self_attn.q_proj"
     _, base, adapter = _adapter(

@@ -16,6 +16,7 @@ from safe_merge.merger import backend_peft, loading
 from safe_merge.merger.cli import main
 from safe_merge.merger.combination import SAME_RANK, SVD, UNCHECKABLE
 from tests.helpers import digest, merge_refused, save_adapter
+from tests.release import requires
 from tests.strategies import Case, build_base
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
@@ -96,6 +97,7 @@ def test_an_rslora_first_adapter_does_not_overscale_the_combination(models, tmp_
     assert not fixed or "scaling 2" in fixed[0]
 
 
+@requires("use_rslora")
 def test_a_combined_adapter_left_overscaled_fails_verification(models, tmp_path, capsys, monkeypatch):
     def overscale(peft_model):  # what PEFT 0.21.2 leaves when the first adapter is rsLoRA
         peft_model.peft_config[backend_peft.COMBINED].use_rslora = True
@@ -206,6 +208,7 @@ def test_linear_refuses_adapters_of_different_ranks(models, tmp_path, capsys):
     _refused(models, tmp_path, capsys, ["plain", "r8"], ["--combination", "linear"], "needs one rank", "r=8", "cat")
 
 
+@requires("use_dora")
 def test_dora_adapters_are_refused_naming_the_tensor(models, tmp_path, capsys):
     _refused(models, tmp_path, capsys, ["plain", "dora"], [], "DoRA magnitude", "lora_magnitude_vector")
 

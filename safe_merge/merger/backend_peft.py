@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from safe_merge.compat.adapter_files import AdapterFiles
+from safe_merge.compat.history import History
 from safe_merge.compat.keys import targeted_modules
 from safe_merge.merger import loading
 from safe_merge.merger.combination import Combination
@@ -16,9 +17,13 @@ from safe_merge.merger.tying import record_broken_ties, shared_groups, untie_tar
 
 
 def merge_and_unload(peft_model: nn.Module) -> nn.Module:
-    """merge_and_unload with safe_merge (a NaN check) where the installed PEFT has it (0.6+)."""
+    """merge_and_unload with safe_merge (a NaN check) where the installed PEFT has it (0.6+) and it works.
+
+    0.6.0-0.8.1 crash in it on Embedding and Conv2d layers; there the verifier's own finiteness check stands alone.
+    """
     kwargs = {}
-    if "safe_merge" in inspect.signature(peft_model.merge_and_unload).parameters:
+    has_it = "safe_merge" in inspect.signature(peft_model.merge_and_unload).parameters
+    if has_it and not History.load().affected("safe_merge_copy_crashes", loading.installed_peft()):
         kwargs["safe_merge"] = True
     return peft_model.merge_and_unload(**kwargs)
 

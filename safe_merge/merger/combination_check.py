@@ -102,7 +102,9 @@ def check_combination(
     combination: Combination,
     base_params: Mapping[str, torch.Tensor],
     kinds: Mapping[str, LayerKind],
+    release: str | None = None,
 ) -> CombinationCheck:
+    """The combined adapter against what ``combination`` of ``sources`` means in ``release`` (None: current PEFT)."""
     ledgers = [build_ledger(s, base_params, kinds) for s in sources]
     check = CombinationCheck(combination, list(sources), ledgers, build_ledger(combined, base_params, kinds))
     for i, ledger in enumerate(ledgers):
@@ -125,7 +127,7 @@ def check_combination(
         if kind in RANDOM:
             _check_random(check, module, kind, present, weights, got, tally)
         else:
-            _check_delta(check, module, kind, loras, weights, got)
+            _check_delta(check, module, kind, loras, weights, got, release)
     for module, lora in check.combined.modules.items():
         if module not in modules and float(lora.b.abs().max()) * float(lora.a.abs().max()) != 0:
             check.failures.append(f"{module}: the combined adapter changes it, no source adapter does")
@@ -144,14 +146,14 @@ def _base_copy(entry, ledger: Ledger, base_params: Mapping[str, torch.Tensor]) -
     return torch.equal(ledger.replacements[entry.param], base_params[entry.param].to(torch.float64))
 
 
-def _check_delta(check, module, kind, loras, weights, got: ModuleLora) -> None:
+def _check_delta(check, module, kind, loras, weights, got: ModuleLora, release: str | None) -> None:
     c = check.combination
     rank = svd_rank(c, [s.config for s in check.source_files])
     sigma = None
     if kind in TASK_THEN_SVD:
         reference, sigma = best_rank(task_delta(loras, weights, kind, c.density, c.majority_sign), rank)
     else:
-        reference = combined_delta(loras, weights, kind, density=c.density, majority=c.majority_sign)
+        reference = combined_delta(loras, weights, kind, density=c.density, majority=c.majority_sign, release=release)
     if got.a.shape[0] != got.b.shape[1]:
         check.failures.append(
             f"{module}: combined factors do not fit together (A {tuple(got.a.shape)}, B {tuple(got.b.shape)})"
@@ -174,7 +176,7 @@ def _check_delta(check, module, kind, loras, weights, got: ModuleLora) -> None:
     elif kind == "cat":
         tol = ARITHMETIC_ULPS * unit * terms
     else:  # entrywise on factors: each combined factor is off by (n+3) roundings of its summed magnitude
-        wa, wb = factor_weights(loras, weights)
+        wa, wb = factor_weights(loras, weights, release)
         a_mag = sum(abs(x) * lora.a.abs() for x, lora in zip(wa, loras, strict=True))
         b_mag = sum(abs(x) * lora.b.abs() for x, lora in zip(wb, loras, strict=True))
         bound = product_magnitude(ModuleLora(module, got.kind, a_mag, b_mag, 1.0))

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from safe_merge.compat.history import History
 from safe_merge.errors import Unsupported
 from safe_merge.merger.delta import ModuleLora, low_rank_delta
 
@@ -69,9 +70,24 @@ def task_combine(
     return kept / agree.sum(0).clamp(min=1)
 
 
-def factor_weights(loras: Sequence[ModuleLora], weights: Sequence[float]) -> tuple[list[float], list[float]]:
-    """Entrywise types weight A by sign(w·s)·sqrt(|w·s|) and B by sqrt(|w·s|): their product carries w·s."""
-    scaled = [w * lora.scale for lora, w in zip(loras, weights, strict=True)]
+def factor_weights(
+    loras: Sequence[ModuleLora], weights: Sequence[float], release: str | None = None
+) -> tuple[list[float], list[float]]:
+    """Entrywise types weight A by sign(w·s)·sqrt(|w·s|) and B by sqrt(|w·s|): their product carries w·s.
+
+    Releases before 0.9.0 (``release``; None is the current meaning) split w·s between the factors otherwise, which
+    changes the cross terms B_i·A_j when adapters have different scales: 0.4-0.6 put w·s on A and 1 on B, 0.7-0.8
+    sqrt(w)·s on A and sqrt(w) on B (history.json boundaries).
+    """
+    scales = [lora.scale for lora in loras]
+    history = History.load()
+    if release is not None and history.affected("linear_weight_on_a_only", release):
+        return [w * s for w, s in zip(weights, scales, strict=True)], [1.0] * len(loras)
+    if release is not None and history.affected("linear_sqrt_weight_scale_on_a", release):
+        roots = [math.sqrt(abs(w)) for w in weights]
+        signed = [math.copysign(r * s, w) for r, s, w in zip(roots, scales, weights, strict=True)]
+        return signed, roots
+    scaled = [w * s for s, w in zip(scales, weights, strict=True)]
     return [math.copysign(math.sqrt(abs(x)), x) for x in scaled], [math.sqrt(abs(x)) for x in scaled]
 
 
@@ -99,15 +115,17 @@ def combined_delta(
     density: float | None = None,
     majority: str = "total",
     svd_rank: int | None = None,
+    release: str | None = None,
 ) -> torch.Tensor:
-    """The float64 delta one module gets from combining ``loras`` with ``weights`` (stored-weight layout)."""
+    """The float64 delta one module gets from combining ``loras`` with ``weights`` (stored-weight layout), as
+    ``release`` defines the type (None: as current PEFT does)."""
     if combination in RANDOM:
         raise Unsupported(f"{combination} draws random masks; its result cannot be derived again to check it")
     if combination in EXACT:
         return sum(w * low_rank_delta(lora) for lora, w in zip(loras, weights, strict=True))
     if combination in TASK_ON_FACTORS:
         kind = loras[0].kind
-        weights_a, weights_b = factor_weights(loras, weights)
+        weights_a, weights_b = factor_weights(loras, weights, release)
         a = task_combine([lora.a for lora in loras], weights_a, combination, density, majority)
         b = task_combine([lora.b for lora in loras], weights_b, combination, density, majority)
         return low_rank_delta(ModuleLora(loras[0].module, kind, a, b, 1.0))

@@ -44,7 +44,13 @@ def refuse_combination_bugs(combination: Combination, adapters: Sequence[Adapter
     history = History.load()
     kind = combination.effective_type(len(adapters))
     negative = history.boundary("negative_combination_weights")
-    if kind in SAME_RANK and Version(release) < negative and any(w < 0 for w in combination.weights):
+    signed_on_a = history.affected("linear_weight_on_a_only", release)  # w·s goes on A whole: the sign survives
+    if (
+        kind in SAME_RANK
+        and Version(release) < negative
+        and not signed_on_a
+        and any(w < 0 for w in combination.weights)
+    ):
         raise BadInput(
             f"{kind} with a negative weight needs PEFT {negative} or newer (the installed {release} loses the "
             "sign: it takes the square root of each weight for both factors)",
@@ -69,6 +75,32 @@ def refuse_combination_bugs(combination: Combination, adapters: Sequence[Adapter
             key="rank_pattern" if first.get("rank_pattern") else "alpha_pattern",
             hint=f"install peft>={fixed}, or put an adapter without patterns first",
         )
+    if kind == "cat" and history.affected("cat_rank_pattern_overflow", release):
+        for adapter in adapters:
+            config = adapter.config
+            larger = {m: r for m, r in (config.get("rank_pattern") or {}).items() if r > config.get("r", 8)}
+            if larger:
+                fixed = history.boundaries["cat_rank_pattern_overflow"]["until"]
+                module, rank = next(iter(larger.items()))
+                raise BadInput(
+                    f"cat in the installed PEFT {release} sizes the combined adapter by each adapter's r and cannot "
+                    f"hold rank_pattern {module!r}: {rank} (r = {config.get('r', 8)}); fixed in {fixed}",
+                    path=adapter.path / "adapter_config.json",
+                    key="rank_pattern",
+                    hint=f"install peft>={fixed}",
+                )
+    if kind in SVD and history.affected("svd_combination_embedding_crashes", release):
+        for adapter in adapters:
+            embedding = next((k for k in adapter.tensors if _role(k) is Role.EMBEDDING_A), None)
+            if embedding is not None:
+                fixed = history.boundaries["svd_combination_embedding_crashes"]["until"]
+                raise BadInput(
+                    f"{kind} in the installed PEFT {release} cannot combine adapters on embeddings ({embedding}); "
+                    f"fixed in {fixed}",
+                    path=adapter.weight_file,
+                    key=embedding,
+                    hint=f"install peft>={fixed}, or use --combination cat (exact)",
+                )
     if kind not in SVD or not history.affected("svd_combination_scale_twice", release):
         return
     window = history.boundaries["svd_combination_scale_twice"]
@@ -85,6 +117,11 @@ def refuse_combination_bugs(combination: Combination, adapters: Sequence[Adapter
                         key="lora_alpha",
                         hint=f"install peft>={window['until']}, or use --combination cat (exact)",
                     )
+
+
+def _role(key: str) -> Role | None:
+    parsed = parse_key(key)
+    return parsed.role if parsed is not None else None
 
 
 def _refuse(adapter: AdapterFiles, release: str, bug: str, what: str, alternative: str = "") -> None:

@@ -159,7 +159,8 @@ def _combine(prep: Prepared, adapter_dirs: list[Path], combined_dir: Path) -> tu
     del model
     _carry_tokenizer([s.path for s in prep.sources], combined_dir)
     sources = [load_adapter(d) for d in adapter_dirs]
-    check = check_combination(sources, load_adapter(combined_dir), prep.combination, base_params, kinds)
+    combined = load_adapter(combined_dir)
+    check = check_combination(sources, combined, prep.combination, base_params, kinds, loading.installed_peft())
     return notes, check
 
 

@@ -1,0 +1,47 @@
+"""What the installed PEFT release can do, for tests that need a feature it may lack: the skip names the release
+and the first release that has the feature (from history.json, which a test checks against the wheel)."""
+
+from __future__ import annotations
+
+import inspect
+
+import peft
+import pytest
+from packaging.version import Version
+
+from safe_merge.compat.history import History
+
+INSTALLED = Version(peft.__version__).base_version
+HISTORY = History.load()
+
+
+def has_key(key: str) -> bool:
+    """The installed LoraConfig has this field."""
+    return HISTORY.entries[key].present_in(INSTALLED)
+
+
+def requires(*keys: str) -> pytest.MarkDecorator:
+    """Skip where the installed LoraConfig lacks one of these fields."""
+    missing = [k for k in keys if not has_key(k)]
+    reason = ", ".join(f"{k} (first in {HISTORY.entries[k].first})" for k in missing)
+    return pytest.mark.skipif(bool(missing), reason=f"peft {INSTALLED} lacks {reason}")
+
+
+def has_combination(combination: str) -> bool:
+    first = HISTORY.combination_first(combination)
+    return first is not None and first <= Version(INSTALLED)
+
+
+def combination_param(combination: str):
+    """A pytest.param for a combination type, skipped where the installed add_weighted_adapter lacks it."""
+    first = HISTORY.combination_first(combination)
+    mark = pytest.mark.skipif(
+        not has_combination(combination), reason=f"peft {INSTALLED} lacks combination {combination} (first {first})"
+    )
+    return pytest.param(combination, marks=mark)
+
+
+def weighted_adapter_options(density: float) -> dict:
+    """add_weighted_adapter's density argument, where the installed release takes one (0.9.0+)."""
+    model = peft.tuners.lora.LoraModel
+    return {"density": density} if "density" in inspect.signature(model.add_weighted_adapter).parameters else {}
