@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 from pathlib import Path
 
 import peft
@@ -46,18 +47,32 @@ def merge_refused(tmp_path: Path, capsys, inputs: list[Path], extra: list[str], 
     return err
 
 
+def save_model(model: torch.nn.Module, directory: Path) -> None:
+    """save_pretrained as safetensors whatever the installed release's default (transformers before 4.35 and PEFT
+    before 0.6 write .bin unless asked)."""
+    accepted = inspect.signature(model.save_pretrained).parameters
+    try:
+        model.save_pretrained(
+            str(directory), **({"safe_serialization": True} if "safe_serialization" in accepted else {})
+        )
+    except RuntimeError as error:
+        if "share memory" not in str(error):
+            raise
+        model.save_pretrained(str(directory))  # PEFT 0.4 with bias="all" and a saved module: .bin, as its users got
+
+
 def save_adapter(case: Case, base: torch.nn.Module, adapter_dir: Path) -> None:
     """Train-like adapter: get_peft_model on a float32 copy of the base, real values filled in, saved."""
     peft_model = peft.get_peft_model(copy.deepcopy(base), lora_config(case))
     fill_adapter(peft_model, case)
-    peft_model.save_pretrained(str(adapter_dir))
+    save_model(peft_model, adapter_dir)
 
 
 def materialize(case: Case, root: Path) -> tuple[Path, Path]:
     """Write the base (float32) and the adapter of an HF-architecture case; returns their directories."""
     base = build_base(case)
     base_dir, adapter_dir = root / "base", root / "adapter"
-    base.save_pretrained(str(base_dir))
+    save_model(base, base_dir)
     save_adapter(case, base, adapter_dir)
     return base_dir, adapter_dir
 

@@ -45,3 +45,8 @@ def weighted_adapter_options(density: float) -> dict:
     """add_weighted_adapter's density argument, where the installed release takes one (0.9.0+)."""
     model = peft.tuners.lora.LoraModel
     return {"density": density} if "density" in inspect.signature(model.add_weighted_adapter).parameters else {}
+
+
+def base_layer(module):
+    """The layer a LoRA wraps: get_base_layer() from 0.7.0; before, the LoRA layer is the base layer itself."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module

@@ -16,7 +16,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from tests.release import HISTORY, INSTALLED, has_key
+from tests.release import HISTORY, INSTALLED, base_layer, has_key
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -283,7 +283,7 @@ def _fill_pair(module, adapter, a, b, noise, case: Case) -> None:
         b.zero_()
         return
     b.copy_(noise(b))
-    base_weight = (module.get_base_layer() if hasattr(module, "get_base_layer") else module).weight  # 0.7.0+
+    base_weight = base_layer(module).weight
     scale = module.scaling[adapter]
     delta_std = float((scale * _product(module, a, b)).float().std())
     target = case.delta_scale * max(float(base_weight.float().std()), 1e-3)

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from safetensors.torch import load_file
 
 from safe_merge.merger import backend_peft, loading
 from safe_merge.merger.cli import main
 from safe_merge.merger.demo import build_tokenizer
-from tests.helpers import materialize
+from tests.helpers import materialize, save_model
+from tests.release import HISTORY, INSTALLED
 from tests.strategies import Case
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
@@ -90,11 +92,16 @@ def test_tokenizer_comes_from_the_adapter_when_it_saved_its_own(inputs, tmp_path
 def test_merge_keeps_the_base_dtype_with_dtype_auto(inputs, tmp_path, capsys):
     base, adapter = inputs
     half_base = tmp_path / "base-bf16"
-    loading.load_model(base, torch.bfloat16).save_pretrained(str(half_base))
+    save_model(loading.load_model(base, torch.bfloat16), half_base)
     code, report, err = _run(["merge", half_base, adapter, "-o", tmp_path / "out", "--json"], capsys)
     assert code == 0, err
     assert report["dtype"] == "bfloat16"
-    assert {t.dtype for t in load_file(str(tmp_path / "out" / "model.safetensors")).values()} == {torch.bfloat16}
+    merged = {k: t.dtype for k, t in load_file(str(tmp_path / "out" / "model.safetensors")).items()}
+    stored = {k: t.dtype for k, t in load_file(str(half_base / "model.safetensors")).items()}
+    # every tensor as the base stores it: bfloat16 weights (transformers 4.31 also saves a float32 rotary buffer)
+    common = merged.keys() & stored.keys()
+    assert {k: merged[k] for k in common} == {k: stored[k] for k in common} and len(common) >= len(stored) - 1
+    assert set(merged.values()) <= set(stored.values()) and torch.bfloat16 in merged.values()
 
 
 def test_merge_shards_when_asked(inputs, tmp_path, capsys):
@@ -188,9 +195,11 @@ def test_demo_runs_offline_and_passes():
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["status"] == "passed" and "PASSED" in done.stderr
-    # its adapter is written as PEFT 0.6 did: the merge must rename the trained biases' keys to use them
-    assert [m["id"] for m in report["adapters"][0]["migrations"]] == ["base-layer-key-naming"]
-    assert report["ledger"]["replaced"] > 0
+    # its adapter is written as PEFT 0.6 did: from 0.7.0 the merge must rename the trained biases' keys to use them
+    # (the 0.4.0 cell's transformers 4.31 builds a Llama without attention biases: nothing to rename there)
+    renamed = Version(INSTALLED) >= HISTORY.boundary("targeted_bias_under_base_layer")
+    assert [m["id"] for m in report["adapters"][0]["migrations"]] == (["base-layer-key-naming"] if renamed else [])
+    assert (report["ledger"]["replaced"] > 0) == renamed
     assert Path(report["output"]["path"]).is_dir()
 
 
@@ -215,7 +224,7 @@ def test_vision_model_is_verified_on_pixel_probes(tmp_path, capsys):
         intermediate_size=32,
         num_labels=3,
     )
-    ViTForImageClassification(config).save_pretrained(str(tmp_path / "base"))
+    save_model(ViTForImageClassification(config), tmp_path / "base")
     model = ViTForImageClassification.from_pretrained(str(tmp_path / "base"))
     leaves = {name.rpartition(".")[2] for name, _ in model.named_modules()}
     targets = [n for n in ("q_proj", "v_proj", "query", "value") if n in leaves]  # renamed in transformers 5
@@ -227,7 +236,7 @@ def test_vision_model_is_verified_on_pixel_probes(tmp_path, capsys):
         for name, param in peft_model.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
                 param.add_(0.5 * torch.randn_like(param))
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    save_model(peft_model, tmp_path / "adapter")
     code, report, err = _run(
         ["merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", "--json"], capsys
     )

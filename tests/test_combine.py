@@ -79,6 +79,8 @@ def test_reference_matches_peft_for_each_deterministic_type(combination, target,
     kind = Combination(combination, (1.0,) * n).effective_type(n)
     if target == "emb" and kind in SVD and HISTORY.affected("svd_combination_embedding_crashes", installed_peft()):
         pytest.skip("this release transposes svd-combined embeddings (merge refuses it: test_known_bugs)")
+    if kind in SVD and HISTORY.affected("svd_combination_clamps", installed_peft()):
+        pytest.skip("this release clamps svd-combined factors (merge refuses it: test_known_bugs)")
     model, layer, names = _adapters(n, target)
     weights = [0.7, -0.4, 1.3][:n]
     if combination in SAME_RANK and Version(installed_peft()) < HISTORY.boundary("negative_combination_weights"):

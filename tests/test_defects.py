@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from safe_merge.merger.cli import main
 from safe_merge.merger.pipeline import MergeRequest, merge_command
-from tests.helpers import materialize
+from tests.helpers import materialize, save_model
 from tests.strategies import Case
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
@@ -162,7 +162,7 @@ def test_plain_merge_into_a_tied_embedding_is_caught(tmp_path, capsys):
     )
     base, adapter = materialize(case, tmp_path)
     plain = loading.load_peft(loading.load_model(base, torch.float32), adapter).merge_and_unload()
-    plain.save_pretrained(str(tmp_path / "plain"))
+    save_model(plain, tmp_path / "plain")
     code, report = _verify(base, adapter, tmp_path / "plain", capsys)
     assert code == 1
     assert any(p.startswith("lm_head.weight") for p in report["problems"]), report["problems"]

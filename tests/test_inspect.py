@@ -13,6 +13,7 @@ from safe_merge.compat.adapter_files import load_adapter
 from safe_merge.compat.history import NEVER_WRITTEN, History
 from safe_merge.compat.inspect import infer_origin, inspect_adapter
 from safe_merge.merger.cli import main
+from tests.helpers import save_model
 from tests.release import requires
 from tests.strategies import Case, build_base
 
@@ -32,7 +33,7 @@ def saved(tmp_path_factory):
     config = peft.LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], use_dora=True, use_rslora=True, modules_to_save=["lm_head"]
     )
-    peft.get_peft_model(build_base(case), config).save_pretrained(str(root))
+    save_model(peft.get_peft_model(build_base(case), config), root)
     return root
 
 

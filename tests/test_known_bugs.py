@@ -82,3 +82,23 @@ def test_cat_of_an_adapter_whose_rank_pattern_exceeds_r_is_refused_where_peft_ov
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.13.2")
     needles = ("cannot hold rank_pattern 'q_proj': 4 (r = 2)", "fixed in 0.16.0")
     merge_refused(tmp_path, capsys, [base, first, second], [], *needles)
+
+
+def test_adapters_on_different_modules_are_refused_where_peft_cannot_combine_them(tmp_path, capsys, monkeypatch):
+    base, first = materialize(Case("llama", SIZES, False, {"target_modules": ["q_proj"]}, "float32", seed=7), tmp_path)
+    second = tmp_path / "other"
+    save_adapter(
+        Case("llama", SIZES, False, {"target_modules": ["q_proj", "v_proj"]}, "float32", seed=8), _base(), second
+    )
+    monkeypatch.setattr(loading, "installed_peft", lambda: "0.5.0")
+    needles = ("can only combine adapters that target the same modules", "v_proj", "fixed in 0.6.0")
+    merge_refused(tmp_path, capsys, [base, first, second], ["--combination", "linear"], *needles)
+
+
+def test_svd_is_refused_where_peft_clamps_the_combined_factors(tmp_path, capsys, monkeypatch):
+    base, first = materialize(Case("llama", SIZES, False, {"target_modules": ["q_proj"]}, "float32", seed=7), tmp_path)
+    second = tmp_path / "other"
+    save_adapter(Case("llama", SIZES, False, {"target_modules": ["q_proj"]}, "float32", seed=8), _base(), second)
+    monkeypatch.setattr(loading, "installed_peft", lambda: "0.4.0")
+    needles = ("clamps the combined factors", "from 0.5.0")
+    merge_refused(tmp_path, capsys, [base, first, second], ["--combination", "svd"], *needles)

@@ -19,6 +19,7 @@ from safe_merge.merger.probes import probe_inputs
 from safe_merge.merger.summary import summarize
 from tests import stats
 from tests.helpers import materialize, merge_in_memory, probe_ids
+from tests.release import HISTORY, INSTALLED
 from tests.strategies import DTYPES, Case, build_base, cases
 
 HF_ARCHS = ("llama", "gpt2", "bert_cls", "opt")
@@ -60,7 +61,9 @@ def _assert_checks_can_fail(report: dict, dtype: str) -> None:
     weights = report["verification"]["weights"]
     assert not weights["unresolvable"], f"{dtype}: deltas below the dtype's resolution: {weights['unresolvable']}"
     outputs = report["verification"]["outputs"]
-    if dtype == "float32":
+    # releases whose disable_adapter leaves saved modules on measure the effect without them (reported as such)
+    understated = HISTORY.affected("disable_adapter_keeps_saved_modules", INSTALLED) and report["ledger"]["replaced"]
+    if dtype == "float32" and not understated:
         assert outputs["discriminating"], f"the adapter does not move float32 outputs: {outputs}"
 
 

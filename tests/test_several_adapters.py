@@ -15,8 +15,8 @@ from safe_merge.compat.history import History
 from safe_merge.merger import backend_peft, loading
 from safe_merge.merger.cli import main
 from safe_merge.merger.combination import SAME_RANK, SVD, UNCHECKABLE
-from tests.helpers import digest, merge_refused, save_adapter
-from tests.release import requires
+from tests.helpers import digest, merge_refused, save_adapter, save_model
+from tests.release import has_combination, requires
 from tests.strategies import Case, build_base
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
@@ -28,6 +28,12 @@ NEGATIVE_OK = Version(INSTALLED) >= HISTORY.boundary("negative_combination_weigh
 SVD_SCALED_TWICE = HISTORY.affected("svd_combination_scale_twice", INSTALLED)
 DARE_UNSCALED = HISTORY.affected("dare_rescale_missing", INSTALLED)
 PRUNING = {"ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune", "magnitude_prune_svd"}
+# the adapters below target different modules, which releases before 0.6.0 cannot combine (refused there:
+# test_known_bugs); those cells test combining through test_combine and the property test
+pytestmark = pytest.mark.skipif(
+    HISTORY.affected("combination_needs_same_targets", INSTALLED) or not has_combination("cat"),
+    reason=f"peft {INSTALLED} cannot combine these adapters (different modules need 0.6.0, the default cat 0.5.0)",
+)
 ADAPTERS = {
     # the first one is rsLoRA: releases that give the combined adapter its use_rslora overscale it
     "rs": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_rslora": True},
@@ -46,7 +52,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("several")
     case = Case("llama", SIZES, False, {}, "float32", seed=21)
     base = build_base(case)
-    base.save_pretrained(str(root / "base"))
+    save_model(base, root / "base")
     out = {"base": root / "base"}
     for i, (name, lora) in enumerate(ADAPTERS.items()):
         save_adapter(Case("llama", SIZES, False, lora, "float32", seed=30 + i), base, root / name)

@@ -75,6 +75,19 @@ def refuse_combination_bugs(combination: Combination, adapters: Sequence[Adapter
             key="rank_pattern" if first.get("rank_pattern") else "alpha_pattern",
             hint=f"install peft>={fixed}, or put an adapter without patterns first",
         )
+    if len(adapters) > 1 and history.affected("combination_needs_same_targets", release):
+        modules = [{_module(k) for k in a.tensors if _role(k) in (Role.LORA_A, Role.EMBEDDING_A)} for a in adapters]
+        for adapter, own in zip(adapters[1:], modules[1:], strict=True):
+            if own != modules[0]:
+                fixed = history.boundaries["combination_needs_same_targets"]["until"]
+                which = sorted(own ^ modules[0])[0]
+                raise BadInput(
+                    f"the installed PEFT {release} can only combine adapters that target the same modules "
+                    f"({adapters[0].path.name} and {adapter.path.name} differ at {which}); fixed in {fixed}",
+                    path=adapter.path / "adapter_config.json",
+                    key="target_modules",
+                    hint=f"install peft>={fixed}",
+                )
     if kind == "cat" and history.affected("cat_rank_pattern_overflow", release):
         for adapter in adapters:
             config = adapter.config
@@ -89,6 +102,13 @@ def refuse_combination_bugs(combination: Combination, adapters: Sequence[Adapter
                     key="rank_pattern",
                     hint=f"install peft>={fixed}",
                 )
+    if kind in SVD and history.affected("svd_combination_clamps", release):
+        fixed = history.boundaries["svd_combination_clamps"]["until"]
+        raise BadInput(
+            f"{kind} in the installed PEFT {release} clamps the combined factors to their 0.99 quantile, so the "
+            f"result is not the rank-k cut of the weighted sum; optional (and off) from {fixed}",
+            hint=f"install peft>={fixed}, or use --combination linear",
+        )
     if kind in SVD and history.affected("svd_combination_embedding_crashes", release):
         for adapter in adapters:
             embedding = next((k for k in adapter.tensors if _role(k) is Role.EMBEDDING_A), None)
@@ -122,6 +142,11 @@ def refuse_combination_bugs(combination: Combination, adapters: Sequence[Adapter
 def _role(key: str) -> Role | None:
     parsed = parse_key(key)
     return parsed.role if parsed is not None else None
+
+
+def _module(key: str) -> str | None:
+    parsed = parse_key(key)
+    return parsed.module if parsed is not None else None
 
 
 def _refuse(adapter: AdapterFiles, release: str, bug: str, what: str, alternative: str = "") -> None:

@@ -142,7 +142,9 @@ def load_model(model_dir: Path, dtype: torch.dtype, *, strict: bool = True) -> n
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, info = cls.from_pretrained(str(model_dir), output_loading_info=True, **{_dtype_kwarg(): dtype})
-    missing = [k for k in info.get("missing_keys", []) if k]
+    # a missing buffer is computed in __init__ (transformers 4.31's Llama saves rotary inv_freq; newer ones do not)
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = [k for k in info.get("missing_keys", []) if k and k not in buffers]
     if strict and missing:
         raise MissingWeights(model_dir, sorted(missing))
     return model.eval()

@@ -12,6 +12,7 @@ from packaging.version import Version
 from torch import nn
 
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
+from safe_merge.compat.history import History
 from safe_merge.errors import EXIT_COULD_NOT_VERIFY, EXIT_FAILED, EXIT_OK, BadInput
 from safe_merge.merger import loading
 from safe_merge.merger.combination_check import CombinationCheck
@@ -87,9 +88,15 @@ class Verification:
                 f"(first: {self.weights.unresolvable[0]}); a merge that skipped them would look the same"
             )
         if self.outputs.ran and not self.outputs.discriminating:
+            understated = History.load().affected("disable_adapter_keeps_saved_modules", loading.installed_peft())
             out.append(
                 f"the adapter moves the probe outputs by {self.outputs.effect:.3g}, within the output "
                 f"tolerance {self.outputs.tol:.3g}: the output check cannot tell this merge from no merge"
+                + (
+                    " (the installed PEFT keeps saved modules on while disabled: their effect is not in that figure)"
+                    if understated
+                    else ""
+                )
             )
         return out
 
@@ -159,8 +166,6 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
 
 def adapter_precision(model_dtype: torch.dtype) -> torch.dtype:
     """The dtype the installed PEFT holds LoRA factors in within a model of ``model_dtype``."""
-    from safe_merge.compat.history import History
-
     if History.load().boundary("adapter_float32_in_half_models") <= Version(loading.installed_peft()):
         return torch.float32
     return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.float32
