@@ -9,13 +9,10 @@ EXIT_COULD_NOT_VERIFY = 3
 
 
 class SafeMergeError(Exception):
-    """Base class: carries the exit code so the CLI never has to guess it."""
+    """Base class: carries the exit code so the CLI never has to guess it; the message says which file, which key
+    and what to do."""
 
     exit_code = EXIT_BAD_INPUT
-
-
-class BadInput(SafeMergeError):
-    """The user's input cannot be used as it is; the message says which file, which key and what to do."""
 
     def __init__(self, message: str, *, path: object = None, key: str | None = None, hint: str | None = None):
         parts = []
@@ -31,6 +28,10 @@ class BadInput(SafeMergeError):
         self.path = path
         self.key = key
         self.hint = hint
+
+
+class BadInput(SafeMergeError):
+    """The user's input cannot be used as it is."""
 
 
 class Unsupported(SafeMergeError):

@@ -58,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
     migrate.add_argument("--json", action="store_true")
 
+    fingerprint = sub.add_parser(
+        "fingerprint", help="record what an adapter does on its base here, to check after a PEFT upgrade"
+    )
+    fingerprint.add_argument("base")
+    fingerprint.add_argument("adapter")
+    fingerprint.add_argument("-o", "--out", required=True, type=Path, help="the fingerprint file (JSON)")
+    fingerprint.add_argument("--force", action="store_true", help="replace an existing file")
+    fingerprint.add_argument("--json", action="store_true")
+
+    check = sub.add_parser("check", help="recompute a fingerprint here: exit 0 when nothing moved, 1 with what did")
+    check.add_argument("fingerprint", type=Path)
+    check.add_argument("--base", help="the base model (default: where the fingerprint says)")
+    check.add_argument("--adapter", help="the adapter (default: where the fingerprint says)")
+    check.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="build a tiny model and adapter offline and run the whole pipeline")
     demo.add_argument("-o", "--out", type=Path, help="keep the demo's files here (default: a temp dir)")
     demo.add_argument("--json", action="store_true")
@@ -186,6 +201,38 @@ def _check_release(release: str) -> None:
         raise BadInput(f"--target {release!r} is not a release number", hint="e.g. --target 0.7.1") from exc
 
 
+def cmd_fingerprint(args) -> int:
+    import time
+
+    from safe_merge.merger.fingerprint import record, write_fingerprint
+
+    started = time.monotonic()
+    if args.out.exists() and not args.force:
+        from safe_merge.errors import BadInput
+
+        raise BadInput("already exists", path=args.out, hint="choose another -o, or pass --force to replace it")
+    fingerprint = record(args.base, args.adapter, args.out)
+    write_fingerprint(fingerprint, args.out, args.force)
+    report = {
+        "status": "recorded",
+        "output": str(args.out),
+        "versions": fingerprint["recorded_with"],
+        "migrations": fingerprint["migrations"],
+        "tensors": len(fingerprint["adapter"]["tensors"]),
+        "deltas": len(fingerprint["deltas"]),
+        "outputs": fingerprint["outputs"]["shape"],
+        "seconds": round(time.monotonic() - started, 3),
+        "exit_code": 0,
+    }
+    return _emit("fingerprint", report, args.json)
+
+
+def cmd_check(args) -> int:
+    from safe_merge.merger.fingerprint import check
+
+    return _emit("check", check(args.fingerprint, args.base, args.adapter), args.json)
+
+
 def cmd_demo(args) -> int:
     from safe_merge.merger.demo import run_demo
 
@@ -201,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         "verify": cmd_verify,
         "inspect": cmd_inspect,
         "migrate": cmd_migrate,
+        "fingerprint": cmd_fingerprint,
+        "check": cmd_check,
         "demo": cmd_demo,
     }
     try:

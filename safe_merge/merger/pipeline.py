@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter, nonfinite_tensors
 from safe_merge.compat.migrations.base import State
 from safe_merge.compat.plan import Plan, make_plan, write_state
-from safe_merge.errors import BadInput
+from safe_merge.errors import BadInput, SafeMergeError
 from safe_merge.merger import backend_peft, loading
 from safe_merge.merger.combination import (
     Combination,
@@ -96,7 +96,7 @@ def run_merge(req: MergeRequest) -> dict:
     check_target(out, req.force)
     base_dir = loading.resolve_dir(req.base, "base model")
     release = loading.installed_peft()
-    sources = [_read_source(loading.resolve_dir(a, "adapter"), release) for a in req.adapters]
+    sources = [read_source(loading.resolve_dir(a, "adapter"), release) for a in req.adapters]
     if combination is not None:
         refuse_uncombinable(combination, [s.files for s in sources], release, base_dir)
         refuse_combination_bugs(combination, [s.files for s in sources], release)
@@ -129,8 +129,9 @@ def run_merge(req: MergeRequest) -> dict:
         return _merge_and_publish(req, prep, combined_dir, notes, check)
 
 
-def _read_source(path: Path, release: str) -> Source:
-    """Read one adapter and plan its migration; refuse what cannot be merged at all."""
+def read_source(path: Path, release: str, refusal: type[SafeMergeError] = BadInput) -> Source:
+    """Read one adapter and plan its migration to ``release``; refuse what cannot be merged at all (a migration
+    the release cannot take raises ``refusal``)."""
     files = load_adapter(path)
     require_lora(files)
     broken = nonfinite_tensors(files)
@@ -142,7 +143,7 @@ def _read_source(path: Path, release: str) -> Source:
         )
     plan, state = make_plan(files, release)
     if plan.refused:
-        raise BadInput(plan.refusal_message(), hint="merge with a PEFT release that understands these keys")
+        raise refusal(plan.refusal_message(), hint="merge with a PEFT release that understands these keys")
     return Source(path, files, plan, state)
 
 

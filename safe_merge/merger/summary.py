@@ -24,6 +24,8 @@ def summarize(command: str, report: dict) -> str:
         f"safe-merge {command}: {str(report.get('status')).upper()}  (exit {report.get('exit_code', '?')}"
         + (f", {report['seconds']:.1f} s)" if "seconds" in report else ")")
     ]
+    if command in ("fingerprint", "check"):
+        return "\n".join(lines + _regression_lines(command, report))
     origin = report.get("origin") if command == "inspect" else None
     if origin:
         lines.append(f"  adapter   {report['path']} ({report['peft_type']}, {report['weight_file']})")
@@ -136,3 +138,39 @@ def summarize(command: str, report: dict) -> str:
     for warning in report.get("warnings", []):
         lines.append(f"  warning   {warning}")
     return "\n".join(lines)
+
+
+def _regression_lines(command: str, report: dict) -> list[str]:
+    """fingerprint / check: what was recorded where, and what moved."""
+    lines = []
+    versions = report.get("versions") or {}
+    here = ", ".join(f"{k} {versions[k]}" for k in ("peft", "transformers", "torch") if k in versions)
+    if command == "fingerprint":
+        lines.append(
+            f"  recorded  {report['tensors']} adapter tensors, {report['deltas']} weight changes, "
+            f"outputs {report['outputs']} with {here}"
+        )
+        lines.append(f"  written   {report['output']}")
+        return lines
+    was = report.get("recorded_with") or {}
+    then = ", ".join(f"{k} {was[k]}" for k in ("peft", "transformers", "torch") if k in was)
+    lines.append(f"  recorded  with {then}")
+    lines.append(f"  now       with {here}; migrations: {', '.join(report.get('migrations') or []) or 'none'}")
+    if "tensors" in report:
+        lines.append(f"  tensors   {report['tensors']['checked']} adapter tensors compared by hash")
+        worst = report["deltas"].get("worst")
+        detail = (
+            f"; worst {worst['name']}: norm {worst['now']:.6g} vs {worst['recorded']:.6g} "
+            f"(diff {_num(worst['diff'])}, tol {_num(worst['tol'])})"
+            if worst
+            else ""
+        )
+        lines.append(f"  deltas    {report['deltas']['checked']} weight changes{detail}")
+        o = report.get("outputs") or {}
+        if o:
+            lines.append(f"  outputs   max |diff| {_num(o['max_abs'])} (tol {_num(o['tol'])})")
+    for problem in report.get("problems", []):
+        lines.append(f"  MOVED     {problem}")
+    for note in report.get("notes", []):
+        lines.append(f"  note      {note}")
+    return lines
