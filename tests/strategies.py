@@ -48,7 +48,7 @@ FEATURES = {
     and not HISTORY.affected("dora_embedding_merge_wrong", INSTALLED),
     "dora_conv": _has("use_dora") and _has_dora_layer("DoraConv2dLayer"),
     "dora_fan_in_fan_out": not HISTORY.affected("dora_fan_in_fan_out_crashes", INSTALLED),
-    "lora_bias": _has("lora_bias"),
+    "lora_bias": _has("lora_bias") and not HISTORY.affected("lora_bias_merge_unscaled", INSTALLED),
     "layers_to_transform": _has("layers_to_transform"),
 }
 

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 from safe_merge.compat.adapter_files import load_adapter
 from safe_merge.compat.plan import make_plan, write_state
+from safe_merge.errors import BadInput
 from safe_merge.merger import loading
+from safe_merge.merger.known_bugs import refuse_known_bugs
 from safe_merge.merger.pipeline import MergeRequest, merge_command
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -50,6 +52,13 @@ def test_fixture_migrates_loads_and_merges_to_its_producers_logits(case, tmp_pat
     unmerged = (_logits(reference, meta["probe"]) - expected).abs().max()
     assert unmerged <= 1e-6, f"unmerged logits off the producer's ({meta['peft']}) by {unmerged}"
 
+    try:  # a merge the installed release is known to get wrong is refused, naming the fix (test_known_bugs)
+        refuse_known_bugs(load_adapter(migrated), INSTALLED, torch.float32)
+    except BadInput as known:
+        with pytest.raises(BadInput, match="fixed in") as refused:
+            merge_command(MergeRequest(str(base_dir), [str(migrated)], tmp_path / "merged"))
+        assert str(refused.value) == str(known)
+        return
     report = merge_command(MergeRequest(str(base_dir), [str(migrated)], tmp_path / "merged"))
     assert report["status"] == "passed", report["problems"]
     merged = (_logits(loading.load_model(tmp_path / "merged", torch.float32), meta["probe"]) - expected).abs().max()

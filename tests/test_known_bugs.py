@@ -102,3 +102,12 @@ def test_svd_is_refused_where_peft_clamps_the_combined_factors(tmp_path, capsys,
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.4.0")
     needles = ("clamps the combined factors", "from 0.5.0")
     merge_refused(tmp_path, capsys, [base, first, second], ["--combination", "svd"], *needles)
+
+
+@requires("lora_bias")
+def test_lora_bias_is_refused_where_peft_merges_it_unscaled(tmp_path, capsys, monkeypatch):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "lora_bias": True}
+    base, adapter = materialize(Case("llama", SIZES, False, lora, "float32", seed=9), tmp_path / "inputs")
+    monkeypatch.setattr(loading, "installed_peft", lambda: "0.15.2")
+    needles = ("merges lora_bias without the module's scale", "scale 2", "fixed in 0.16.0")
+    merge_refused(tmp_path, capsys, [base, adapter], [], *needles)

@@ -24,6 +24,20 @@ def refuse_known_bugs(adapter: AdapterFiles, release: str, dtype: torch.dtype) -
         parsed = parse_key(key)
         if parsed is not None and parsed.module:
             roles.setdefault(parsed.module, set()).add(parsed.role)
+    biased = sorted(m for m, r in roles.items() if Role.LORA_B_BIAS in r)
+    if biased and history.affected("lora_bias_merge_unscaled", release):
+        for module in biased:
+            a_key = next(k for k in adapter.tensors if _module(k) == module and _role(k) is Role.LORA_A)
+            scale = scaling(adapter.config, module, int(adapter.tensors[a_key].shape[0]))
+            if abs(scale - 1.0) > 1e-12:
+                fixed = history.boundaries["lora_bias_merge_unscaled"]["until"]
+                raise BadInput(
+                    f"the installed PEFT {release} merges lora_bias without the module's scale ({module} has scale "
+                    f"{scale:.4g}); fixed in {fixed}",
+                    path=adapter.weight_file,
+                    key="lora_bias",
+                    hint=f"install peft>={fixed}",
+                )
     dora = sorted(m for m, r in roles.items() if Role.MAGNITUDE in r)
     if not dora:
         return
