@@ -45,9 +45,10 @@ def install_project(
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole suite on the current PEFT × transformers pair, with the `ci` hypothesis profile."""
+    """The whole suite on the current PEFT × transformers pair, with the `ci` hypothesis profile, and the
+    quantization libraries (the `quant` extra) so the quantized-base tests run too."""
     pair = MATRIX["current"]
-    install_project(session, pair["peft"], pair["transformers"])
+    install_project(session, pair["peft"], pair["transformers"], extras="test,quant")
     session.run(
         "python",
         "-c",

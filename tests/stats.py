@@ -7,6 +7,7 @@ from collections import defaultdict
 _rows: dict[str, list[dict]] = defaultdict(list)
 _overflows = [0]
 _combinations: dict[str, list[dict]] = defaultdict(list)
+_quantized: dict[tuple[str, str], list[dict]] = defaultdict(list)
 
 
 def count_overflow() -> None:
@@ -41,6 +42,14 @@ def record_combination(report: dict) -> None:
     )
 
 
+def record_quantized(backend: str, policy: str, quant: dict) -> None:
+    """Keep a quantized merge's measured output error, its budget and the adapter's effect."""
+    o = quant["outputs"]
+    _quantized[(backend, policy)].append(
+        {"bits": quant["bits"], "out": o["max_abs"], "budget": o["budget"], "effect": o["adapter_effect"]}
+    )
+
+
 def table() -> list[str]:
     """One line per dtype: the worst figures seen, as multiples of the tolerance and in absolute terms."""
     lines = []
@@ -63,6 +72,13 @@ def table() -> list[str]:
         lines.append(
             f"combination {kind:19s} n={len(rows):4d}  combined adapter: worst {max(r['ratio'] for r in rows):.3f}x "
             f"tol, max |diff| {max(r['abs'] for r in rows):.3g}{share}"
+        )
+    for (backend, policy), rows in sorted(_quantized.items()):
+        worst = max(rows, key=lambda r: r["out"] / r["budget"])
+        lines.append(
+            f"quantized {backend:8s} {rows[0]['bits']}-bit {policy:10s} n={len(rows):3d}  outputs: max |diff| "
+            f"{max(r['out'] for r in rows):.3g}, worst {worst['out'] / worst['budget']:.3f}x budget "
+            f"({worst['out']:.3g} of {worst['budget']:.3g}; adapter effect {worst['effect']:.3g})"
         )
     if _overflows[0]:
         lines.append(f"draws whose unmerged model overflowed (verdict could_not_verify): {_overflows[0]}")

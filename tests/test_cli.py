@@ -155,15 +155,15 @@ def test_non_lora_adapter_is_refused_naming_the_supported_types(inputs, tmp_path
     assert code == 2 and "IA3" in err and "LORA" in err
 
 
-def test_quantized_base_is_refused_naming_the_key(inputs, tmp_path, capsys):
+def test_quantized_base_is_refused_on_request_naming_the_key(inputs, tmp_path, capsys):
     base, adapter = inputs
     quantized = tmp_path / "base-4bit"
     shutil.copytree(base, quantized)
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (quantized / "config.json").write_text(json.dumps(config))
-    code, _, err = _run(["merge", quantized, adapter, "-o", tmp_path / "out"], capsys)
-    assert code == 2 and "quantization_config" in err and "bitsandbytes" in err
+    code, _, err = _run(["merge", quantized, adapter, "-o", tmp_path / "out", "--quantized", "refuse"], capsys)
+    assert code == 2 and "quantization_config" in err and "bitsandbytes, 4-bit" in err
     assert not (tmp_path / "out").exists()
 
 

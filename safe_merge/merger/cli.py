@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     merge.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
     merge.add_argument("--plan", action="store_true", help="print what would be done; write nothing")
+    merge.add_argument(
+        "--quantized",
+        choices=("dequantize", "requantize", "refuse"),
+        default="dequantize",
+        help="a quantized base: merge into its dequantized weights and write a float model (default, exact), "
+        "merge into the quantized layers and keep them quantized (rounds again; measured), or refuse",
+    )
     joint = merge.add_argument_group("several adapters (PEFT's add_weighted_adapter)")
     joint.add_argument(
         "--combination",
@@ -127,6 +134,7 @@ def cmd_merge(args) -> int:
             args.max_shard_size,
             args.plan,
             combination,
+            args.quantized,
         )
     )
     return _emit("merge", report, args.json, args.report)

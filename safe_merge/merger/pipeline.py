@@ -16,7 +16,7 @@ from safe_merge.compat.adapter_files import AdapterFiles, load_adapter, nonfinit
 from safe_merge.compat.migrations.base import State
 from safe_merge.compat.plan import Plan, make_plan, write_state
 from safe_merge.errors import BadInput, SafeMergeError
-from safe_merge.merger import backend_peft, loading
+from safe_merge.merger import backend_peft, loading, quantized, quantized_merge
 from safe_merge.merger.combination import (
     Combination,
     parse_combination,
@@ -26,6 +26,7 @@ from safe_merge.merger.combination import (
 from safe_merge.merger.combination_check import CombinationCheck, check_combination
 from safe_merge.merger.kinds import layer_kinds
 from safe_merge.merger.known_bugs import refuse_combination_bugs, refuse_known_bugs
+from safe_merge.merger.quantized import Quantization
 from safe_merge.merger.staging import check_target, staged
 from safe_merge.merger.verify import PASSED, require_lora, verify_dirs
 from safe_merge.merger.write import (
@@ -48,6 +49,7 @@ class MergeRequest:
     max_shard_size: str = DEFAULT_SHARD_SIZE
     plan: bool = False  # say what would happen; write nothing
     combination: Combination | None = None  # how to join several adapters (or weight one)
+    quantized: str = "dequantize"  # a quantized base: dequantize | requantize | refuse (see merger/quantized.py)
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Prepared:
     sources: list[Source]
     combination: Combination | None
     started: float
+    quant: Quantization | None = None
+    policy: str = "dequantize"
 
 
 def run_merge(req: MergeRequest) -> dict:
@@ -101,14 +105,14 @@ def run_merge(req: MergeRequest) -> dict:
         refuse_uncombinable(combination, [s.files for s in sources], release, base_dir)
         refuse_combination_bugs(combination, [s.files for s in sources], release)
     base_config = loading.read_model_config(base_dir)
-    refuse_quantized(base_config, base_dir)
+    quant = quantization(base_config, base_dir, req.quantized, combination)
     for source in sources:
         refuse_tokenizer_mismatch(base_config, base_dir, source.path)
     dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
     for source in sources:
         refuse_known_bugs(source.files, release, dtype)
 
-    prep = Prepared(out, base_dir, base_config, dtype, sources, combination, started)
+    prep = Prepared(out, base_dir, base_config, dtype, sources, combination, started, quant, req.quantized)
     if req.plan:
         return merge_plan(req, prep)
     with tempfile.TemporaryDirectory(
@@ -199,7 +203,10 @@ def _merge_and_publish(
     progress.set_postfix_str("merging")
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
-        merged, notes = backend_peft.merge(base_dir, adapter, dtype)
+        if prep.quant is None:
+            merged, notes = backend_peft.merge(base_dir, adapter, dtype)
+        else:
+            merged, notes = quantized_merge.merge(base_dir, adapter, prep.policy, dtype)
     progress.update()
     caught = _unique(
         str(r.message).splitlines()[0][:300]
@@ -214,7 +221,7 @@ def _merge_and_publish(
         "adapters": _adapters_report(prep, combination_check),
         "backend": "peft",
         "dtype": str(dtype).removeprefix("torch."),
-        "quantization": None,
+        "quantization": None if prep.quant is None else {**prep.quant.report(), "policy": prep.policy},
         "output": {"path": str(out), "files": []},
     }
     with staged(out, req.force) as stage:
@@ -223,7 +230,11 @@ def _merge_and_publish(
         del merged
         progress.update()
         progress.set_postfix_str("verifying")
-        verification = verify_dirs(base_dir, adapter_dir, stage)
+        if prep.quant is None:
+            verification = verify_dirs(base_dir, adapter_dir, stage)
+        else:
+            verification = quantized_merge.verify(base_dir, adapter_dir, stage, prep.quant, prep.policy, dtype)
+            report["quantization"] = verification.quantized.report()
         verification.combination = combination_check
         progress.update()
         progress.close()
@@ -335,19 +346,25 @@ def refuse_tokenizer_mismatch(config, base_dir: Path, adapter_dir: Path) -> None
         )
 
 
-def refuse_quantized(config, base_dir: Path) -> None:
-    """A quantized base cannot be merged into exactly, and this release cannot yet measure the error: refuse."""
-    quant = getattr(config, "quantization_config", None)
-    if quant:
-        method = (
-            quant.get("quant_method", "unknown") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
-        )
+def quantization(config, base_dir: Path, policy: str, combination: Combination | None) -> Quantization | None:
+    """The base's quantization, when its config declares one; refused when the policy says so, or when several
+    adapters would have to be combined on it."""
+    quant = quantized.from_config(config)
+    if quant is None:
+        return None
+    if policy not in quantized.POLICIES:
+        raise BadInput(f"--quantized {policy!r} is not one of {', '.join(quantized.POLICIES)}")
+    if policy == "refuse":
+        quantized.refuse(quant, base_dir / "config.json")
+    quantized.require_library(quant, base_dir / "config.json")
+    if combination is not None:
         raise BadInput(
-            f"the base is quantized ({method}); this release does not merge into quantized bases",
+            f"the base is quantized ({quant.describe()}); combining adapters on it is not supported",
             path=base_dir / "config.json",
             key="quantization_config",
-            hint="merge into the unquantized base model, then quantize the merged model",
+            hint="merge one adapter at a time, or into the unquantized base",
         )
+    return quant
 
 
 class _Abandon(Exception):

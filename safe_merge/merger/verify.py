@@ -33,6 +33,7 @@ class Verification:
     outputs: OutputCheck
     warnings: list[str] = field(default_factory=list)
     combination: CombinationCheck | None = None  # several adapters: the combined adapter against its sources
+    quantized: object | None = None  # a quantized base: quantized.QuantCheck (its budgets, measured parts)
 
     @property
     def problems(self) -> list[str]:
@@ -74,6 +75,7 @@ class Verification:
                 "weights": self.weights.report(),
                 "outputs": self.outputs.report(),
                 **({"combination": self.combination.report()} if self.combination is not None else {}),
+                **({"quantized": self.quantized.report()} if self.quantized is not None else {}),
             },
             "problems": self.problems,
             "gaps": self.gaps,
@@ -82,6 +84,8 @@ class Verification:
 
     def all_warnings(self) -> list[str]:
         out = list(self.warnings)
+        if self.quantized is not None:
+            out.append(self.quantized.warning())
         if self.weights.unresolvable:
             out.append(
                 f"{len(self.weights.unresolvable)} merged tensors move by less than their dtype resolves "

@@ -45,6 +45,7 @@ class WeightCheck:
     tensors: list[TensorResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     unresolvable: list[str] = field(default_factory=list)  # deltas below the dtype's resolution
+    rule: str | None = None  # the tolerance rule, when it is not the float one (quantized bases)
 
     @property
     def passed(self) -> bool:
@@ -57,7 +58,8 @@ class WeightCheck:
             "max_abs": max((t.max_abs for t in self.tensors), default=0.0),
             "max_rel": max((t.max_rel for t in self.tensors), default=0.0),
             "tol": worst.tol if worst else 0.0,
-            "tol_rule": f"{WEIGHT_ULPS:g} ulps ({DORA_WEIGHT_ULPS:g} for DoRA) of the stored dtype on the "
+            "tol_rule": self.rule
+            or f"{WEIGHT_ULPS:g} ulps ({DORA_WEIGHT_ULPS:g} for DoRA) of the stored dtype on the "
             "magnitudes rounded per element, plus r*eps32*|s||B||A|",
             "worst_tensor": worst.name if worst else None,
             "worst_ratio": worst.ratio if worst else 0.0,
