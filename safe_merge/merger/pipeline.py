@@ -310,9 +310,18 @@ def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
                 else []
             ),
             "ledger of every adapter tensor",
-            "weights: every parameter against the float64 merge",
+            *(
+                [
+                    f"quantized base ({prep.quant.describe()}), merged by {prep.policy}: weights against "
+                    "dequant(W)+ΔW, outputs against the unmerged model on the quantized base, within the method's "
+                    "budget"
+                ]
+                if prep.quant
+                else ["weights: every parameter against the float64 merge"]
+            ),
             f"outputs against the unmerged PeftModel on {', '.join(probes) if probes else 'no probe: a gap'}",
         ],
+        "quantization": None if prep.quant is None else {**prep.quant.report(), "policy": prep.policy},
         "seconds": round(time.monotonic() - prep.started, 3),
         "exit_code": 0,
     }

@@ -66,6 +66,7 @@ def verify_loaded(
 ) -> Verification:
     """verify() on loaded models (``base_q`` is consumed): HQQ bases exist only in memory."""
     adapter = load_adapter(adapter_dir)
+    quant.modules = {name: type(m).__name__ for name, m in quantized_modules(base_q).items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         twin = float_twin(base_q, dtype)

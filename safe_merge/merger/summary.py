@@ -75,6 +75,13 @@ def summarize(command: str, report: dict) -> str:
         )
     if "backend" in report:
         lines.append(f"  backend   {report['backend']}   dtype {report.get('dtype')}")
+    quant = report.get("quantization")
+    if quant:
+        scheme = f", {quant['scheme']}" if quant.get("scheme") else ""
+        lines.append(
+            f"  quantized {quant['method']}, {quant.get('bits') or '?'}-bit{scheme}: {quant['modules']} layers; "
+            f"--quantized {quant['policy']}"
+        )
     ledger = report.get("ledger")
     if ledger:
         lines.append(
