@@ -225,7 +225,10 @@ def quantized_cases(draw):
     heads = draw(st.sampled_from([2, 4]))  # bitsandbytes' CPU kernels want 64-wide blocks
     hidden = draw(st.sampled_from([64, 128]))
     sizes = {"vocab": draw(st.integers(24, 64)), "hidden": hidden, "layers": draw(st.integers(1, 2)), "heads": heads}
-    sizes["kv_heads"] = draw(st.sampled_from([h for h in (1, 2, heads) if heads % h == 0]))
+    # ... and every quantized layer's output width a multiple of 64 (its 4-bit CPU kernel asserts it)
+    sizes["kv_heads"] = draw(
+        st.sampled_from([h for h in (1, 2, heads) if heads % h == 0 and h * hidden // heads % 64 == 0])
+    )
     targets = draw(
         st.lists(
             st.sampled_from(["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),

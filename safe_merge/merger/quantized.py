@@ -96,6 +96,7 @@ def layer_method(module: nn.Module) -> str | None:
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every quantized layer, by its path."""
     return {name: m for name, m in model.named_modules() if layer_method(m) is not None}
 
 
@@ -117,7 +118,8 @@ def _layer_bits(module: nn.Module) -> int | None:
         return 4
     if name == "Linear8bitLt" or layer_method(module) == "torchao":
         return 8
-    return getattr(getattr(module, "meta", None), "get", lambda *_: None)("nbits")
+    meta = getattr(module, "meta", None)  # HQQLinear keeps its settings in a dict
+    return meta.get("nbits") if isinstance(meta, dict) else None
 
 
 LIBRARIES = {"bitsandbytes": "bitsandbytes", "torchao": "torchao", "hqq": "hqq"}
