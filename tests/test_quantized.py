@@ -267,3 +267,34 @@ def test_drawn_adapters_on_quantized_bases_warn_and_hold_their_budget(drawn):
     assert quant["outputs"]["max_abs"] <= quant["outputs"]["budget"]
     assert any(w.startswith(f"quantized base ({BACKENDS[backend]}") for w in report["warnings"])
     stats.record_quantized(backend, policy, quant)
+
+
+@pytest.mark.parametrize(
+    ("quantization_config", "needle"),
+    [
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq, 4-bit"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128}, "awq, 4-bit"),
+    ],
+)
+def test_a_method_safe_merge_cannot_dequantize_is_refused_naming_it(tmp_path, capsys, quantization_config, needle):
+    case = Case("llama", SIZES, False, LORA, "float32", seed=3)
+    base = build_base(case)
+    save_model(base, tmp_path / "base")
+    save_adapter(case, base, tmp_path / "adapter")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    for policy in ("dequantize", "requantize"):
+        code = main(
+            [
+                "merge",
+                str(tmp_path / "base"),
+                str(tmp_path / "adapter"),
+                "-o",
+                str(tmp_path / "out"),
+                "--quantized",
+                policy,
+            ]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and "cannot dequantize or merge into" in err, err
+        assert not (tmp_path / "out").exists()
