@@ -251,6 +251,7 @@ class QuantCheck:
     weight_max: float | None = None
     weight_worst: str | None = None
     survival: float | None = None  # the smallest share of ΔW a merged weight carries (requantize)
+    failures: list[str] = field(default_factory=list)  # beyond the checks Verification already holds
 
     def report(self) -> dict:
         return {

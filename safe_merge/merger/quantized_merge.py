@@ -68,15 +68,18 @@ def verify_loaded(
     """verify() on loaded models (``base_q`` is consumed): HQQ bases exist only in memory."""
     adapter = load_adapter(adapter_dir)
     quant.modules = {name: type(m).__name__ for name, m in quantized_modules(base_q).items()}
+    requantized = policy == "requantize"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         twin = float_twin(base_q, dtype)
         base_params = {k: v.detach().clone() for k, v in twin.state_dict().items()}
         kinds = layer_kinds(twin)
-        # dequantized before any forward pass: bitsandbytes repacks 4-bit weights for its CPU kernel on the first
-        # one, after which its dequantization no longer reads them right (measured: untouched layers off by 0.1)
-        merged_twin = float_twin(merged, dtype).state_dict()
-        merged_grids = {name: grid(m) for name, m in quantized_modules(merged).items()}
+        if requantized:
+            # dequantized before any forward pass: bitsandbytes repacks 4-bit weights for its CPU kernel on the
+            # first one, after which its dequantization no longer reads them right (measured: untouched layers
+            # off by 0.1)
+            merged_twin = float_twin(merged, dtype).state_dict()
+            merged_grids = {name: grid(m) for name, m in quantized_modules(merged).items()}
         reference_q = loading.load_peft(base_q, adapter_dir)
         reference_f = loading.load_peft(copy.deepcopy(twin), adapter_dir)
         try:
@@ -91,31 +94,36 @@ def verify_loaded(
         with reference_q.disable_adapter():
             effect = float((run(reference_q, inputs) - out_q).abs().max())
     check = QuantCheck(quant, policy, kernel_noise=float((out_q - out_f).abs().max()), effect=effect)
-    if policy == "dequantize":
+    if not requantized:
+        # exact up to float rounding: the usual verification against the unmerged model on dequant(W), plus the
+        # comparison with the unmerged model on the quantized base below
         result = verify_models(adapter, base_params, kinds, merged, reference_f, inputs)
         check.float_tolerance = result.outputs.tol
+        tensors = result.weights.tensors
     else:
         ledger = build_ledger(adapter, base_params, kinds, adapter_precision(dtype))
         expected = {name: e.value for name, e in expected_params(ledger, base_params).items()}
-        results, failures, budgets, survival = check_requantized_weights(
+        tensors, failures, budgets, survival = check_requantized_weights(
             base_params, merged_twin, merged_grids, expected
         )
         check.survival = min(survival.values(), default=None)
-        weights = WeightCheck(tensors=results, failures=failures)
+        weights = WeightCheck(tensors=tensors, failures=failures)
         weights.rule = "per block: half the largest gap between grid levels x the block's scale, plus 4 ulps"
         check.sensitivity = _sensitivity(twin, expected, budgets, inputs)
         check.float_tolerance = output_tolerance(out_q, dtype, model_depth(merged))
-        result = Verification(ledger, weights, OutputCheck(False, reason="replaced by the quantized comparison"))
-        worst = max(results, key=lambda r: r.ratio, default=None)
-        check.weight_max = max((r.max_abs for r in results), default=0.0)
-        check.weight_worst = f"{worst.name} at {worst.ratio:.3g}x its budget" if worst else None
-    if policy == "dequantize":
-        worst = max(result.weights.tensors, key=lambda r: r.ratio, default=None)
-        check.weight_max = max((r.max_abs for r in result.weights.tensors), default=0.0)
-        check.weight_worst = f"{worst.name} at {worst.ratio:.3g}x tolerance" if worst else None
-    budget = check.float_tolerance + OUTPUT_FACTOR * (check.kernel_noise + check.sensitivity)
-    check.output_max, check.output_budget = float((got - out_q).abs().max()), budget
-    result.outputs = OutputCheck(True, check.output_max, budget, effect, None)
+        result = Verification(ledger, weights, OutputCheck(False, reason="not run yet"))
+    worst = max(tensors, key=lambda r: r.ratio, default=None)
+    check.weight_max = max((r.max_abs for r in tensors), default=0.0)
+    check.weight_worst = f"{worst.name} at {worst.ratio:.3g}x its tolerance" if worst else None
+    check.output_budget = check.float_tolerance + OUTPUT_FACTOR * (check.kernel_noise + check.sensitivity)
+    check.output_max = float((got - out_q).abs().max())
+    if requantized:  # the quantized comparison is the output check
+        result.outputs = OutputCheck(True, check.output_max, check.output_budget, effect, None)
+    elif check.output_max > check.output_budget:
+        check.failures.append(
+            f"outputs differ from the unmerged model on the quantized base by {check.output_max:.3g} > budget "
+            f"{check.output_budget:.3g}"
+        )
     result.quantized = check
     return result
 

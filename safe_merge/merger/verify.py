@@ -41,6 +41,8 @@ class Verification:
         out = [f"unmatched adapter tensor {e.key}: {e.reason}" for e in self.ledger.by_status(Status.UNMATCHED)]
         if self.combination is not None:
             out += [f"combination: {f}" for f in self.combination.failures]
+        if self.quantized is not None:
+            out += [f"quantized: {f}" for f in self.quantized.failures]
         out += self.weights.failures
         if self.outputs.ran and not self.outputs.passed:
             detail = self.outputs.reason or f"max |diff| {self.outputs.max_abs:.3g} > tol {self.outputs.tol:.3g}"
