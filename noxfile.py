@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -23,7 +24,14 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 def torch_version() -> str:
-    return os.environ.get("TORCH_VERSION") or MATRIX["torch"]["version"]
+    """TORCH_VERSION, else the torch of the environment running nox (its local label dropped), else the pin in
+    matrix.toml (a CPU build on these machines' find-links)."""
+    if os.environ.get("TORCH_VERSION"):
+        return os.environ["TORCH_VERSION"]
+    try:
+        return importlib.metadata.version("torch").split("+")[0]
+    except importlib.metadata.PackageNotFoundError:
+        return MATRIX["torch"]["version"]
 
 
 def find_links() -> list[str]:
