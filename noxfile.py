@@ -187,8 +187,9 @@ def regress(session: nox.Session) -> None:
         diffs = f"out {outputs['max_abs']:.2g} / tol {outputs['tol']:.2g}" if outputs else ""
         if worst:
             diffs += f"; weights {worst['diff']:.2g} / tol {worst['tol']:.2g}"
-        why = "; ".join(report.get("problems", [])[:2]) or str(report.get("error", "")).split("\n")[0]
-        rows.append((label, verdict, diffs, seconds, why[:160]))
+        error = [x.strip() for x in str(report.get("error", "")).splitlines() if not x.strip().startswith("what to do")]
+        why = "; ".join(report.get("problems", [])[:2]) or " ".join(error)
+        rows.append((label, verdict, diffs, seconds, why[:300]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     session.log(f"safe-merge check {fingerprint} across the {tier} tier:")
     for row in rows:
