@@ -59,6 +59,8 @@ def test_origin_of_a_fresh_adapter_contains_the_installed_release(saved):
     [("0.13.2", "0.10.0", "0.14.0"), ("0.7.1", "0.7.0", "0.8.0"), ("0.9.0", "0.9.0", "0.10.0")],
 )
 def test_origin_range_is_the_releases_that_write_the_same_key_set(saved, tmp_path, writer, lowest, below):
+    if Version(writer) > Version(INSTALLED):
+        pytest.skip(f"the installed {INSTALLED} writes fewer keys than {writer}: its adapter cannot pose as one")
     origin = infer_origin(load_adapter(_as_written_by(saved, writer, tmp_path / "old")), HISTORY)
     assert (origin.lowest, origin.below, origin.consistent) == (lowest, below, True)
     assert origin.contains(writer)
