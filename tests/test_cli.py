@@ -196,10 +196,10 @@ def test_demo_runs_offline_and_passes():
     report = json.loads(done.stdout)
     assert report["status"] == "passed" and "PASSED" in done.stderr
     # its adapter is written as PEFT 0.6 did: from 0.7.0 the merge must rename the trained biases' keys to use them
-    # (the 0.4.0 cell's transformers 4.31 builds a Llama without attention biases: nothing to rename there)
     renamed = Version(INSTALLED) >= HISTORY.boundary("targeted_bias_under_base_layer")
     assert [m["id"] for m in report["adapters"][0]["migrations"]] == (["base-layer-key-naming"] if renamed else [])
-    assert (report["ledger"]["replaced"] > 0) == renamed
+    if renamed:  # (before 0.7.0 nothing is renamed; transformers 4.31 even builds its Llama without those biases)
+        assert report["ledger"]["replaced"] > 0
     assert Path(report["output"]["path"]).is_dir()
 
 
