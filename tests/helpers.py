@@ -59,6 +59,15 @@ def save_model(model: torch.nn.Module, directory: Path) -> None:
         if "share memory" not in str(error):
             raise
         model.save_pretrained(str(directory))  # PEFT 0.4 with bias="all" and a saved module: .bin, as its users got
+        return
+    bin_file = Path(directory) / "adapter_model.bin"
+    if "safe_serialization" not in accepted and bin_file.is_file():
+        # PEFT 0.3 writes only .bin, and reads only .bin; the suite's tests edit the safetensors copy, which is what
+        # safe-merge reads first (and migrates back to .bin for 0.3)
+        from safetensors.torch import save_file
+
+        tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / "adapter_model.safetensors"))
 
 
 def save_adapter(case: Case, base: torch.nn.Module, adapter_dir: Path) -> None:

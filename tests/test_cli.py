@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from packaging.version import Version
@@ -18,9 +19,12 @@ from safe_merge.merger.cli import main
 from safe_merge.merger.demo import build_tokenizer
 from tests.helpers import materialize, save_model
 from tests.release import HISTORY, INSTALLED
-from tests.strategies import Case
+from tests.strategies import FEATURES, Case
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+
+
+EMBEDDING = ["embed_tokens"] if FEATURES["embedding_merge"] else []
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,8 @@ def inputs(tmp_path_factory):
         "llama",
         SIZES,
         True,
-        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+        # (0.3.x cannot merge LoRA on embeddings: refused there, tested in test_known_bugs)
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"] + EMBEDDING},
         "float32",
         seed=11,
     )
@@ -73,7 +78,7 @@ def test_merge_writes_a_standalone_model_that_loads_with_the_base_class(inputs, 
     ):
         assert key in report
     assert report["ledger"]["unmatched"] == 0 and report["ledger"]["merged"] > 0
-    assert any("untied" in w for w in report["warnings"])  # the tied embedding was targeted
+    assert any("untied" in w for w in report["warnings"]) == bool(EMBEDDING)  # the tied embedding was targeted
 
 
 def test_tokenizer_comes_from_the_adapter_when_it_saved_its_own(inputs, tmp_path, capsys):
@@ -125,6 +130,7 @@ def test_existing_output_is_refused_without_force(inputs, tmp_path, capsys):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.skipif(not hasattr(peft.tuners.lora.LoraModel, "unload"), reason="peft 0.3 has no unload()")
 def test_a_merge_that_changed_nothing_is_caught_and_nothing_is_written(inputs, tmp_path, capsys, monkeypatch):
     base, adapter = inputs
     monkeypatch.setattr(backend_peft, "merge_and_unload", lambda peft_model: peft_model.unload())
@@ -167,6 +173,7 @@ def test_quantized_base_is_refused_on_request_naming_the_key(inputs, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(not FEATURES["embedding_merge"], reason="peft 0.3 cannot merge LoRA on embeddings (refused)")
 def test_verify_reports_could_not_verify_for_an_unchecked_feature(inputs, tmp_path, capsys):
     base, adapter = inputs
     merged = tmp_path / "merged"
@@ -197,7 +204,8 @@ def test_demo_runs_offline_and_passes():
     assert report["status"] == "passed" and "PASSED" in done.stderr
     # its adapter is written as PEFT 0.6 did: from 0.7.0 the merge must rename the trained biases' keys to use them
     renamed = Version(INSTALLED) >= HISTORY.boundary("targeted_bias_under_base_layer")
-    assert [m["id"] for m in report["adapters"][0]["migrations"]] == (["base-layer-key-naming"] if renamed else [])
+    ids = [m["id"] for m in report["adapters"][0]["migrations"]]
+    assert ids == ["base-layer-key-naming"] if renamed else "base-layer-key-naming" not in ids
     if renamed:  # (before 0.7.0 nothing is renamed; transformers 4.31 even builds its Llama without those biases)
         assert report["ledger"]["replaced"] > 0
     assert Path(report["output"]["path"]).is_dir()
@@ -229,7 +237,12 @@ def test_vision_model_is_verified_on_pixel_probes(tmp_path, capsys):
     leaves = {name.rpartition(".")[2] for name, _ in model.named_modules()}
     targets = [n for n in ("q_proj", "v_proj", "query", "value") if n in leaves]  # renamed in transformers 5
     lora = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=targets, modules_to_save=["classifier"], init_lora_weights=False
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=targets,
+        modules_to_save=["classifier"],
+        init_lora_weights=False,
     )
     peft_model = peft.get_peft_model(model, lora)
     with torch.no_grad():
@@ -287,6 +300,9 @@ def test_a_base_whose_config_asks_for_unsaved_parameters_is_bad_input(inputs, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(
+    not FEATURES["writes_safetensors"], reason="peft 0.3 writes and reads .bin beside this test's safetensors"
+)
 def test_an_old_adapter_is_migrated_on_the_way_and_left_untouched(tmp_path, capsys):
     fixture = Path(__file__).parent / "fixtures" / "peft-0.4.0" / "llama-plain"
     before = {p.name: p.read_bytes() for p in fixture.iterdir()}

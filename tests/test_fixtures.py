@@ -53,7 +53,8 @@ def test_fixture_migrates_loads_and_merges_to_its_producers_logits(case, tmp_pat
     assert unmerged <= 1e-6, f"unmerged logits off the producer's ({meta['peft']}) by {unmerged}"
 
     try:  # a merge the installed release is known to get wrong is refused, naming the fix (test_known_bugs)
-        refuse_known_bugs(load_adapter(migrated), INSTALLED, torch.float32)
+        model_type = loading.read_model_config(base_dir).model_type
+        refuse_known_bugs(load_adapter(migrated), INSTALLED, torch.float32, model_type)
     except BadInput as known:
         with pytest.raises(BadInput, match="fixed in") as refused:
             merge_command(MergeRequest(str(base_dir), [str(migrated)], tmp_path / "merged"))

@@ -60,7 +60,7 @@ def build_adapter(base_dir: Path, directory: Path) -> None:
     torch.manual_seed(1)
     model = LlamaForCausalLM.from_pretrained(str(base_dir))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, bias="all", task_type="CAUSAL_LM")
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, bias="all", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

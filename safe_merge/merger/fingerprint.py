@@ -29,6 +29,7 @@ from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.compat.plan import write_state
 from safe_merge.errors import EXIT_FAILED, EXIT_OK, BadInput, Unsupported
 from safe_merge.merger import backend_peft, loading
+from safe_merge.merger.known_bugs import refuse_known_bugs
 from safe_merge.merger.outputs import run
 from safe_merge.merger.probes import probe_inputs
 
@@ -93,6 +94,11 @@ def _measure(base_dir: Path, source, inputs: dict[str, torch.Tensor] | None = No
             adapter_dir.mkdir()
             write_state(source.state, source.path, adapter_dir)
         adapter = load_adapter(adapter_dir)
+        try:  # a merge this release is known to get wrong or crash on cannot be fingerprinted or checked here
+            model_type = getattr(loading.read_model_config(base_dir), "model_type", None)
+            refuse_known_bugs(adapter, loading.installed_peft(), torch.float32, model_type)
+        except BadInput as known:
+            raise Unsupported(str(known)) from known
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = loading.load_model(base_dir, torch.float32)

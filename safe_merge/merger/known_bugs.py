@@ -16,14 +16,25 @@ from safe_merge.errors import BadInput
 from safe_merge.merger.combination import SAME_RANK, SVD, Combination
 
 
-def refuse_known_bugs(adapter: AdapterFiles, release: str, dtype: torch.dtype) -> None:
-    """One adapter's merge in this release."""
+def refuse_known_bugs(adapter: AdapterFiles, release: str, dtype: torch.dtype, model_type: str | None = None) -> None:
+    """One adapter's merge in this release (``model_type``: the base config's, where known)."""
     history = History.load()
     roles: dict[str, set[Role]] = {}
     for key in adapter.tensors:
         parsed = parse_key(key)
         if parsed is not None and parsed.module:
             roles.setdefault(parsed.module, set()).add(parsed.role)
+    if model_type == "gpt2" and history.affected("merge_refuses_gpt2", release):
+        _refuse(adapter, release, "merge_refuses_gpt2", "cannot merge into GPT-2 models", key=None)
+    embeddings = sorted(m for m, r in roles.items() if Role.EMBEDDING_A in r)
+    if embeddings and history.affected("merge_embedding_lora_crashes", release):
+        _refuse(
+            adapter,
+            release,
+            "merge_embedding_lora_crashes",
+            f"cannot merge LoRA on embeddings ({embeddings[0]})",
+            key=None,
+        )
     biased = sorted(m for m, r in roles.items() if Role.LORA_B_BIAS in r)
     if biased and history.affected("lora_bias_merge_unscaled", release):
         for module in biased:
@@ -163,11 +174,13 @@ def _module(key: str) -> str | None:
     return parsed.module if parsed is not None else None
 
 
-def _refuse(adapter: AdapterFiles, release: str, bug: str, what: str, alternative: str = "") -> None:
+def _refuse(
+    adapter: AdapterFiles, release: str, bug: str, what: str, alternative: str = "", key: str | None = "use_dora"
+) -> None:
     fixed = History.load().boundaries[bug]["until"]
     raise BadInput(
         f"the installed PEFT {release} {what}; fixed in {fixed}",
         path=adapter.weight_file,
-        key="use_dora",
+        key=key,
         hint=f"install peft>={fixed}" + (f", {alternative}" if alternative else ""),
     )

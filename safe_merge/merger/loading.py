@@ -142,9 +142,17 @@ def load_model(model_dir: Path, dtype: torch.dtype, *, strict: bool = True) -> n
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, info = cls.from_pretrained(str(model_dir), output_loading_info=True, **{_dtype_kwarg(): dtype})
-    # a missing buffer is computed in __init__ (transformers 4.31's Llama saves rotary inv_freq; newer ones do not)
+    # a missing buffer is computed in __init__ (transformers 4.31's Llama saves rotary inv_freq; newer ones do not),
+    # and a missing tied weight shares a loaded one (transformers 4.28 still lists a tied lm_head as missing)
     buffers = {name for name, _ in model.named_buffers()}
-    missing = [k for k in info.get("missing_keys", []) if k and k not in buffers]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing_set = set(info.get("missing_keys", []))
+    loaded = {p.data_ptr() for name, p in params.items() if name not in missing_set}
+    missing = [
+        k
+        for k in info.get("missing_keys", [])
+        if k and k not in buffers and not (k in params and params[k].data_ptr() in loaded)
+    ]
     if strict and missing:
         raise MissingWeights(model_dir, sorted(missing))
     return model.eval()

@@ -110,7 +110,7 @@ def run_merge(req: MergeRequest) -> dict:
         refuse_tokenizer_mismatch(base_config, base_dir, source.path)
     dtype = loading.stored_dtype(base_dir, base_config) if req.dtype == "auto" else loading.DTYPES[req.dtype]
     for source in sources:
-        refuse_known_bugs(source.files, release, dtype)
+        refuse_known_bugs(source.files, release, dtype, getattr(base_config, "model_type", None))
 
     prep = Prepared(out, base_dir, base_config, dtype, sources, combination, started, quant, req.quantized)
     if req.plan:
