@@ -111,3 +111,20 @@ def test_lora_bias_is_refused_where_peft_merges_it_unscaled(tmp_path, capsys, mo
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.15.2")
     needles = ("merges lora_bias without the module's scale", "scale 2", "fixed in 0.16.0")
     merge_refused(tmp_path, capsys, [base, adapter], [], *needles)
+
+
+@pytest.mark.skipif(not FEATURES["embedding_merge"], reason="the installed release cannot write this adapter")
+def test_lora_on_embeddings_is_refused_where_peft_cannot_merge_it(tmp_path, capsys, monkeypatch):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}
+    base, adapter = materialize(Case("llama", SIZES, False, lora, "float32", seed=10), tmp_path / "inputs")
+    monkeypatch.setattr(loading, "installed_peft", lambda: "0.3.0")
+    needles = ("cannot merge LoRA on embeddings (model.embed_tokens)", "fixed in 0.4.0")
+    merge_refused(tmp_path, capsys, [base, adapter], [], *needles)
+
+
+@pytest.mark.skipif(not FEATURES["config_free_merge"], reason="the installed release cannot write this adapter")
+def test_gpt2_is_refused_where_peft_cannot_merge_it(tmp_path, capsys, monkeypatch):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "fan_in_fan_out": True}
+    base, adapter = materialize(Case("gpt2", SIZES, True, lora, "float32", seed=11), tmp_path / "inputs")
+    monkeypatch.setattr(loading, "installed_peft", lambda: "0.3.0")
+    merge_refused(tmp_path, capsys, [base, adapter], [], "cannot merge into GPT-2 models", "fixed in 0.4.0")
