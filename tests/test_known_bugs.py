@@ -100,7 +100,7 @@ def test_svd_is_refused_where_peft_clamps_the_combined_factors(tmp_path, capsys,
     second = tmp_path / "other"
     save_adapter(Case("llama", SIZES, False, {"target_modules": ["q_proj"]}, "float32", seed=8), _base(), second)
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.4.0")
-    needles = ("clamps the combined factors", "from 0.5.0")
+    needles = ("clamps the svd-combined factors", "fixed in 0.5.0")
     merge_refused(tmp_path, capsys, [base, first, second], ["--combination", "svd"], *needles)
 
 
