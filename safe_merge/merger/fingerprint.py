@@ -216,6 +216,7 @@ class Comparison:
 
 
 def compare_tensors(recorded: dict, now: dict, c: Comparison) -> None:
+    """Adapter tensors by hash: gone, new, reshaped or changed (with the change of their norm)."""
     for name, was in recorded.items():
         got = now.get(name)
         if got is None:
@@ -236,6 +237,7 @@ def compare_tensors(recorded: dict, now: dict, c: Comparison) -> None:
 
 
 def compare_deltas(recorded: dict, now: dict, c: Comparison) -> None:
+    """The norm of each weight change the merge makes, within float32 rounding of ‖W‖ + ‖ΔW‖."""
     worst = None
     for name, was in recorded.items():
         got = now.get(name)
@@ -259,6 +261,7 @@ def compare_deltas(recorded: dict, now: dict, c: Comparison) -> None:
 
 
 def compare_outputs(recorded: dict, now: dict, c: Comparison) -> None:
+    """The sampled outputs and every row's norm, within 1e-4 of the largest recorded output."""
     if now["shape"] != recorded["shape"]:
         c.problems.append(f"outputs have shape {now['shape']}, recorded {recorded['shape']}")
         return
