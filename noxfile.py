@@ -40,13 +40,18 @@ def find_links() -> list[str]:
     return [arg for link in links for arg in ("--find-links", link)]
 
 
+def write_constraints(path: Path, peft: str, transformers: str, extra: list[str] | None = None) -> Path:
+    """One cell's pins: torch, PEFT, transformers and what an old transformers needs beside them."""
+    pins = [f"torch=={torch_version()}", f"peft=={peft}", f"transformers=={transformers}", *(extra or [])]
+    path.write_text("\n".join(pins) + "\n")
+    return path
+
+
 def install_project(
     session: nox.Session, peft: str, transformers: str, extras: str = "test", extra: list[str] | None = None
 ) -> None:
     """torch first and pinned (a constraint keeps every later install from replacing it), then the project."""
-    constraints = Path(session.create_tmp()) / "constraints.txt"
-    pins = [f"torch=={torch_version()}", f"peft=={peft}", f"transformers=={transformers}", *(extra or [])]
-    constraints.write_text("\n".join(pins) + "\n")
+    constraints = write_constraints(Path(session.create_tmp()) / "constraints.txt", peft, transformers, extra)
     session.install(*find_links(), f"torch=={torch_version()}")
     session.install(*find_links(), "-c", str(constraints), "-e", f".[{extras}]")
 
@@ -133,9 +138,9 @@ def _cell_python(session: nox.Session, cell: dict) -> Path:
     probe = f"import peft, transformers, safe_merge; assert peft.__version__ == {cell['peft']!r}"
     if python.exists() and subprocess.run([python, "-c", probe], capture_output=True).returncode == 0:
         return python
-    constraints = env.parent / f"{name}.constraints.txt"
-    pins = [f"torch=={torch_version()}", f"peft=={cell['peft']}", f"transformers=={cell['transformers']}"]
-    constraints.write_text("\n".join([*pins, *cell.get("extra", [])]) + "\n")
+    constraints = write_constraints(
+        env.parent / f"{name}.constraints.txt", cell["peft"], cell["transformers"], cell.get("extra", [])
+    )
     if shutil.which("uv"):
         session.run("uv", "venv", "-q", "--allow-existing", str(env), external=True)
         install = ["uv", "pip", "install", "-q", "--python", str(python), *find_links()]

@@ -213,12 +213,10 @@ def cmd_fingerprint(args) -> int:
     import time
 
     from safe_merge.merger.fingerprint import record, write_fingerprint
+    from safe_merge.merger.staging import refuse_existing
 
     started = time.monotonic()
-    if args.out.exists() and not args.force:
-        from safe_merge.errors import BadInput
-
-        raise BadInput("already exists", path=args.out, hint="choose another -o, or pass --force to replace it")
+    refuse_existing(args.out, args.force)  # before the work, not only after it
     fingerprint = record(args.base, args.adapter, args.out)
     write_fingerprint(fingerprint, args.out, args.force)
     report = {

@@ -32,6 +32,7 @@ from safe_merge.merger import backend_peft, loading
 from safe_merge.merger.known_bugs import refuse_known_bugs
 from safe_merge.merger.outputs import run
 from safe_merge.merger.probes import probe_inputs
+from safe_merge.merger.staging import refuse_existing
 
 KIND = "safe-merge fingerprint"
 FORMAT = 1
@@ -157,8 +158,7 @@ def record(base: str, adapter: str, out: Path) -> dict:
 def write_fingerprint(fingerprint: dict, out: Path, force: bool) -> None:
     """Write atomically: a complete file appears, or nothing does."""
     out = Path(out)
-    if out.exists() and not force:
-        raise BadInput("already exists", path=out, hint="choose another -o, or pass --force to replace it")
+    refuse_existing(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:

@@ -12,10 +12,15 @@ from pathlib import Path
 from safe_merge.errors import BadInput
 
 
-def check_target(out: Path, force: bool) -> None:
-    """Refuse to overwrite an existing output unless forced; refuse a target that is not a directory."""
+def refuse_existing(out: Path, force: bool) -> None:
+    """Refuse to overwrite an existing output (a directory or a file) unless forced."""
     if out.exists() and not force:
         raise BadInput("already exists", path=out, hint="choose another -o, or pass --force to replace it")
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse to overwrite an existing output unless forced; refuse a target that is not a directory."""
+    refuse_existing(out, force)
     if out.exists() and not out.is_dir():
         raise BadInput("exists and is not a directory", path=out)
 
