@@ -43,6 +43,7 @@ def find_links() -> list[str]:
 def write_constraints(path: Path, peft: str, transformers: str, extra: list[str] | None = None) -> Path:
     """One cell's pins: torch, PEFT, transformers and what an old transformers needs beside them."""
     pins = [f"torch=={torch_version()}", f"peft=={peft}", f"transformers=={transformers}", *(extra or [])]
+    path.parent.mkdir(parents=True, exist_ok=True)  # regress may build a cell before any nox venv exists
     path.write_text("\n".join(pins) + "\n")
     return path
 
