@@ -23,8 +23,25 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directory or cached hub id")
     merge.add_argument("-o", "--out", required=True, type=Path, help="output directory (written only when verified)")
     merge.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto keeps the base's stored dtype")
-    merge.add_argument("--backend", choices=("auto", "peft"), default="auto")
-    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    merge.add_argument(
+        "--backend",
+        choices=("auto", "peft", "stream"),
+        default="auto",
+        help="stream: tensor by tensor, memory bounded by the largest tensor; peft: load the model and "
+        "merge_and_unload; auto (default): stream when it handles every part of the merge",
+    )
+    merge.add_argument(
+        "--check-outputs",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="stream backend: compare the merged model's outputs with the unmerged model's when both fit in "
+        "free memory (auto), always, or never; the PEFT backend always does",
+    )
+    merge.add_argument(
+        "--max-shard-size",
+        default=None,
+        help="largest safetensors shard (default: the base's shards with --backend stream, else 5GB)",
+    )
     merge.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
     merge.add_argument("--plan", action="store_true", help="print what would be done; write nothing")
     merge.add_argument(
@@ -135,6 +152,7 @@ def cmd_merge(args) -> int:
             args.plan,
             combination,
             args.quantized,
+            args.check_outputs,
         )
     )
     return _emit("merge", report, args.json, args.report)

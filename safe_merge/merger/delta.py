@@ -11,6 +11,7 @@ merge backend still shows up. Layouts follow the stored base weight:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -45,6 +46,14 @@ class ModuleLora:
     @property
     def rank(self) -> int:
         return int(self.a.shape[0])
+
+    def widened(self, dtype: torch.dtype = torch.float64) -> ModuleLora:
+        """The same module with its tensors in ``dtype`` (a ledger built without widening holds them as stored)."""
+
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        return dataclasses.replace(self, a=to(self.a), b=to(self.b), magnitude=to(self.magnitude), bias=to(self.bias))
 
 
 def low_rank_delta(lora: ModuleLora) -> torch.Tensor:

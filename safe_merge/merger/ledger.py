@@ -67,10 +67,16 @@ def build_ledger(
     base_params: Mapping[str, torch.Tensor],
     kinds: Mapping[str, LayerKind],
     compute_dtype: torch.dtype = torch.float32,
+    precision: torch.dtype | None = torch.float64,
 ) -> Ledger:
     """Account for every adapter tensor against the base model's parameters and targetable module kinds.
-    ``compute_dtype``: the precision the merging PEFT held the LoRA factors in."""
+    ``compute_dtype``: the precision the merging PEFT held the LoRA factors in. ``precision``: the dtype the
+    ledger's tensors are held in (None keeps them as stored, for callers that widen one module at a time)."""
     ledger = Ledger()
+
+    def held(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if precision is None else tensor.to(precision)
+
     by_module: dict[str, dict[Role, str]] = defaultdict(dict)
     for key in adapter.tensors:
         parsed = parse_key(key)
@@ -79,7 +85,7 @@ def build_ledger(
         elif parsed.role in (Role.PARAM, Role.BASE_LAYER_PARAM):
             if parsed.param in base_params:
                 ledger.entries.append(Entry(key, Status.REPLACED, parsed.param, "saved copy of a base parameter"))
-                ledger.replacements[parsed.param] = adapter.tensors[key].to(torch.float64)
+                ledger.replacements[parsed.param] = held(adapter.tensors[key])
             else:
                 ledger.entries.append(Entry(key, Status.UNMATCHED, parsed.param, "no such parameter in the base"))
         elif parsed.role is Role.ORIGINAL_COPY:
@@ -111,8 +117,8 @@ def build_ledger(
                 ledger.entries.append(Entry(key, Status.UNMATCHED, f"{module}.weight", reason))
             continue
         assert kind is not None
-        a = adapter.tensors[roles[_A.get(kind, Role.LORA_A)]].to(torch.float64)
-        b = adapter.tensors[roles[_B.get(kind, Role.LORA_B)]].to(torch.float64)
+        a = held(adapter.tensors[roles[_A.get(kind, Role.LORA_A)]])
+        b = held(adapter.tensors[roles[_B.get(kind, Role.LORA_B)]])
         magnitude = roles.get(Role.MAGNITUDE)
         bias = roles.get(Role.LORA_B_BIAS)
         ledger.modules[module] = ModuleLora(
@@ -121,8 +127,8 @@ def build_ledger(
             a=a,
             b=b,
             scale=scaling(adapter.config, module, int(a.shape[0])),
-            magnitude=adapter.tensors[magnitude].to(torch.float64) if magnitude else None,
-            bias=adapter.tensors[bias].to(torch.float64) if bias else None,
+            magnitude=held(adapter.tensors[magnitude]) if magnitude else None,
+            bias=held(adapter.tensors[bias]) if bias else None,
             compute_dtype=compute_dtype,
         )
         for role, key in roles.items():

@@ -8,6 +8,7 @@ import math
 import struct
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from packaging.version import Version
@@ -57,6 +58,37 @@ def read_model_config(model_dir: Path):
         return AutoConfig.from_pretrained(str(model_dir))
     except Exception as exc:
         raise BadInput(f"config.json cannot be read ({exc})", path=model_dir / "config.json") from exc
+
+
+class ConfigView(SimpleNamespace):
+    """config.json read as it is, attributes for keys, without importing transformers (which takes seconds)."""
+
+    def get_text_config(self, *args, **kwargs):
+        text = getattr(self, "text_config", None)
+        return ConfigView(**text) if isinstance(text, dict) else self
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def read_config_json(model_dir: Path) -> ConfigView:
+    """A model's config.json as plain data: enough to decide and check, before any model class is needed."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise BadInput("no config.json here", path=model_dir, hint="pass a directory written by save_pretrained")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise BadInput(f"config.json is not JSON ({exc})", path=path) from exc
+    if not isinstance(data, dict):
+        raise BadInput("config.json does not hold an object", path=path)
+    return ConfigView(**data)
+
+
+def class_name(config) -> str:
+    """The model class save_pretrained recorded (config.architectures), named without importing it."""
+    names = getattr(config, "architectures", None) or []
+    return str(names[0]) if names else "AutoModel"
 
 
 def model_class(config):
@@ -206,21 +238,21 @@ def _adapter_errors(adapter_dir: Path):
 
 
 def installed_peft() -> str:
-    """The installed PEFT release, as the history table names releases (no local or dev suffix)."""
-    import peft
+    """The installed PEFT release, as the history table names releases (no local or dev suffix); read from the
+    package metadata, since importing PEFT takes seconds."""
+    from importlib.metadata import version
 
-    return Version(peft.__version__).base_version
+    return Version(version("peft")).base_version
 
 
 def versions() -> dict:
-    import peft
-    import transformers
+    from importlib.metadata import version
 
     import safe_merge
 
     return {
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
+        "peft": version("peft"),
+        "transformers": version("transformers"),
         "torch": torch.__version__,
         "safe_merge": safe_merge.__version__,
     }

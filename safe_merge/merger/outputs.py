@@ -22,6 +22,7 @@ class OutputCheck:
     effect: float = 0.0  # how far the adapter moves the outputs; a check that cannot see it proves little
     noise: float | None = None  # reference's + merged model's distance from their float64 twins (None: not measured)
     reason: str = ""
+    optional: bool = False  # not run by choice (the stream backend's memory rule, or asked): not a gap
 
     @property
     def passed(self) -> bool:
@@ -34,7 +35,7 @@ class OutputCheck:
 
     def report(self) -> dict:
         if not self.ran:
-            return {"passed": None, "ran": False, "reason": self.reason}
+            return {"passed": None, "ran": False, "reason": self.reason, "optional": self.optional}
         return {
             "passed": self.passed,
             "ran": True,

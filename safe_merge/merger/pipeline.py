@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -16,7 +17,7 @@ from safe_merge.compat.adapter_files import AdapterFiles, load_adapter, nonfinit
 from safe_merge.compat.migrations.base import State
 from safe_merge.compat.plan import Plan, make_plan, write_state
 from safe_merge.errors import BadInput, SafeMergeError
-from safe_merge.merger import backend_peft, loading, quantized, quantized_merge
+from safe_merge.merger import backend_choice, backend_peft, loading, quantized, quantized_merge
 from safe_merge.merger.combination import (
     Combination,
     parse_combination,
@@ -28,7 +29,9 @@ from safe_merge.merger.kinds import layer_kinds
 from safe_merge.merger.known_bugs import refuse_combination_bugs, refuse_known_bugs
 from safe_merge.merger.quantized import Quantization
 from safe_merge.merger.staging import check_target, staged
-from safe_merge.merger.verify import PASSED, require_lora, verify_dirs
+from safe_merge.merger.stream import backend as stream_backend
+from safe_merge.merger.stream import verify as stream_verify
+from safe_merge.merger.verify import PASSED, adapter_precision, require_lora, verify_dirs
 from safe_merge.merger.write import (
     DEFAULT_SHARD_SIZE,
     TOKENIZER_FILES,
@@ -46,10 +49,11 @@ class MergeRequest:
     dtype: str = "auto"
     backend: str = "auto"
     force: bool = False
-    max_shard_size: str = DEFAULT_SHARD_SIZE
+    max_shard_size: str | None = None  # None: the stream backend mirrors the base's shards, PEFT uses 5GB
     plan: bool = False  # say what would happen; write nothing
     combination: Combination | None = None  # how to join several adapters (or weight one)
     quantized: str = "dequantize"  # a quantized base: dequantize | requantize | refuse (see merger/quantized.py)
+    check_outputs: str = "auto"  # stream backend: auto (when the models fit in free memory) | always | never
 
 
 @dataclass
@@ -94,8 +98,10 @@ def run_merge(req: MergeRequest) -> dict:
     combination = req.combination
     if combination is None and len(req.adapters) > 1:
         combination = parse_combination("cat", None, len(req.adapters))
-    if req.backend not in ("auto", "peft"):
-        raise BadInput(f"backend {req.backend!r} is not available in this release", hint="use --backend peft")
+    if req.backend not in backend_choice.BACKENDS:
+        raise BadInput(f"--backend {req.backend!r} is not one of {', '.join(backend_choice.BACKENDS)}")
+    if req.check_outputs not in stream_verify.OUTPUT_CHECKS:
+        raise BadInput(f"--check-outputs {req.check_outputs!r} is not one of {', '.join(stream_verify.OUTPUT_CHECKS)}")
     out = Path(req.out)
     check_target(out, req.force)
     base_dir = loading.resolve_dir(req.base, "base model")
@@ -104,7 +110,7 @@ def run_merge(req: MergeRequest) -> dict:
     if combination is not None:
         refuse_uncombinable(combination, [s.files for s in sources], release, base_dir)
         refuse_combination_bugs(combination, [s.files for s in sources], release)
-    base_config = loading.read_model_config(base_dir)
+    base_config = loading.read_config_json(base_dir)
     quant = quantization(base_config, base_dir, req.quantized, combination)
     for source in sources:
         refuse_tokenizer_mismatch(base_config, base_dir, source.path)
@@ -197,40 +203,50 @@ def _merge_and_publish(
     combine_notes: list[str] | None = None,
     combination_check: CombinationCheck | None = None,
 ) -> dict:
-    out, base_dir, base_config, dtype = prep.out, prep.base_dir, prep.base_config, prep.dtype
+    out, base_dir, dtype = prep.out, prep.base_dir, prep.dtype
     adapter = load_adapter(adapter_dir)
+    backend, reason, streamed = _choose_backend(req, prep, adapter)
     progress = tqdm(total=3, desc="safe-merge", unit="stage", disable=None, leave=False)
-    progress.set_postfix_str("merging")
+    report = {
+        "status": None,
+        "versions": loading.versions(),
+        "base": {"path": str(base_dir), "class": loading.class_name(prep.base_config)},
+        "adapters": _adapters_report(prep, combination_check),
+        "backend": backend,
+        "backend_reason": reason,
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantization": None if prep.quant is None else {**prep.quant.report(), "policy": prep.policy},
+        "output": {"path": str(out), "files": []},
+    }
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
-        if prep.quant is None:
-            merged, notes = backend_peft.merge(base_dir, adapter, dtype)
-        else:
-            merged, notes = quantized_merge.merge(base_dir, adapter, prep.policy, dtype)
-    progress.update()
+        merged, notes = None, []
+        if streamed is None:
+            progress.set_postfix_str("merging")
+            if prep.quant is None:
+                merged, notes = backend_peft.merge(base_dir, adapter, dtype)
+            else:
+                merged, notes = quantized_merge.merge(base_dir, adapter, prep.policy, dtype)
+        progress.update()
     caught = _unique(
         str(r.message).splitlines()[0][:300]
         for r in records
         if not issubclass(r.category, (DeprecationWarning, FutureWarning))  # library housekeeping, not about this merge
     )
-
-    report = {
-        "status": None,
-        "versions": loading.versions(),
-        "base": {"path": str(base_dir), "class": loading.model_class(base_config).__name__},
-        "adapters": _adapters_report(prep, combination_check),
-        "backend": "peft",
-        "dtype": str(dtype).removeprefix("torch."),
-        "quantization": None if prep.quant is None else {**prep.quant.report(), "policy": prep.policy},
-        "output": {"path": str(out), "files": []},
-    }
     with staged(out, req.force) as stage:
         progress.set_postfix_str("writing")
-        files = write_model(merged, stage, base_dir, adapter_dir, req.max_shard_size)
-        del merged
+        if streamed is None:
+            files = write_model(merged, stage, base_dir, adapter_dir, req.max_shard_size or DEFAULT_SHARD_SIZE)
+            del merged
+        else:
+            written = stream_backend.write(streamed, stage, base_dir, adapter_dir, req.max_shard_size)
+            files, notes = written.files, written.notes
+            report["stream"] = {"tensors": written.counts}
         progress.update()
         progress.set_postfix_str("verifying")
-        if prep.quant is None:
+        if streamed is not None:
+            verification = stream_verify.verify(streamed, stage, base_dir, adapter_dir, req.check_outputs)
+        elif prep.quant is None:
             verification = verify_dirs(base_dir, adapter_dir, stage)
         else:
             verification = quantized_merge.verify(base_dir, adapter_dir, stage, prep.quant, prep.policy, dtype)
@@ -262,12 +278,28 @@ def _merge_and_publish(
     return report
 
 
+def _choose_backend(
+    req: MergeRequest, prep: Prepared, adapter: AdapterFiles
+) -> tuple[str, str, stream_backend.Prepared | None]:
+    """(backend, reason, the stream backend's view of the merge when it is the one)."""
+    early = backend_choice.stream_blockers(
+        None, prep.base_config, combining=prep.combination is not None, quantized=prep.quant is not None
+    )
+    streamed = None
+    if not early and req.backend != "peft":
+        streamed = stream_backend.prepare(prep.base_dir, adapter, prep.dtype, adapter_precision(prep.dtype))
+        early = backend_choice.stream_blockers(streamed, prep.base_config, combining=False, quantized=False)
+    backend, reason = backend_choice.choose(req.backend, early)
+    return backend, reason, streamed if backend == "stream" else None
+
+
 def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
     """What `merge` would do, read from headers and configs only: nothing is loaded or written."""
     from safe_merge.merger.outputs import available_memory
     from safe_merge.merger.probes import probe_inputs
 
     base_dir, base_config, dtype = prep.base_dir, prep.base_config, prep.dtype
+    backend, reason, streamed = _choose_backend(req, prep, prep.sources[0].files)
     numel = loading.floating_numel(base_dir)
     native = loading.stored_dtype(base_dir, base_config)
 
@@ -281,20 +313,23 @@ def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
     peak = size(dtype) * 2 + size(native) + twin if numel else None
     if peak and prep.combination is not None:  # combining holds the base in float32 with every adapter loaded
         peak = max(peak, size(torch.float32) + sum(s.files.weight_file.stat().st_size for s in prep.sources) * 2)
+    outputs_check = None
+    if streamed is not None:
+        peak, outputs_check = _stream_peak(req, streamed, prep.sources[0].files, free)
     probes = probe_inputs(base_config)
     return {
         "status": "planned",
         "versions": loading.versions(),
         "base": {
             "path": str(base_dir),
-            "class": loading.model_class(base_config).__name__,
+            "class": loading.class_name(base_config),
             "stored_dtype": str(native).removeprefix("torch."),
             "parameters": numel,
         },
         "adapters": _adapters_report(prep, None),
         **({"combination": prep.combination.report()} if prep.combination else {}),
-        "backend": "peft",
-        "backend_reason": "the PEFT backend is the one this release has",
+        "backend": backend,
+        "backend_reason": reason,
         "dtype": str(dtype).removeprefix("torch."),
         "output": {
             "path": str(req.out),
@@ -302,7 +337,12 @@ def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
             "max_shard_size": req.max_shard_size,
             "written": False,
         },
-        "peak_memory_estimate": {"bytes": peak, "free_now": free, "float64_noise_twin": bool(twin)},
+        "peak_memory_estimate": {
+            "bytes": peak,
+            "free_now": free,
+            "float64_noise_twin": bool(twin) and streamed is None,
+            **({"output_check": outputs_check} if outputs_check else {}),
+        },
         "checks": [
             *(
                 [f"the combined adapter against what {prep.combination.type} of the adapters means"]
@@ -325,6 +365,19 @@ def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
         "seconds": round(time.monotonic() - prep.started, 3),
         "exit_code": 0,
     }
+
+
+def _stream_peak(req: MergeRequest, streamed: stream_backend.Prepared, adapter: AdapterFiles, free: int):
+    """The stream backend holds the adapter, and per tensor the base tensor, its merge and (verifying a tensor
+    that is not a plain Linear) its float64 reference with its tolerance terms; the output check, when it runs,
+    holds the models."""
+    largest = max((i.shape for i in streamed.checkpoint.tensors.values()), key=math.prod, default=())
+    item = torch.tensor([], dtype=streamed.dtype).element_size()
+    peak = adapter.weight_file.stat().st_size + math.prod(largest) * (3 * item + 5 * 8)
+    size = sum(math.prod(i.shape) * item for i in streamed.checkpoint.tensors.values())
+    need = stream_verify.MODELS_IN_MEMORY * size
+    runs = req.check_outputs == "always" or (req.check_outputs == "auto" and need <= free // 2)
+    return (max(peak, need) if runs else peak), f"{'runs' if runs else 'skipped'} ({req.check_outputs})"
 
 
 def _adapters_report(prep: Prepared, check: CombinationCheck | None) -> list[dict]:

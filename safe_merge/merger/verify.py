@@ -55,7 +55,7 @@ class Verification:
         out = [f"{e.key}: {e.reason}" for e in self.ledger.by_status(Status.UNVERIFIED)]
         if self.combination is not None:
             out += [f"combination: {g}" for g in self.combination.gaps]
-        if not self.outputs.ran:
+        if not self.outputs.ran and not self.outputs.optional:
             out.append(f"output check did not run: {self.outputs.reason}")
         return out
 
@@ -86,6 +86,8 @@ class Verification:
 
     def all_warnings(self) -> list[str]:
         out = list(self.warnings)
+        if not self.outputs.ran and self.outputs.optional:
+            out.append(f"the output check did not run ({self.outputs.reason}); the weights were checked one by one")
         if self.quantized is not None:
             out.append(self.quantized.warning())
         if self.weights.unresolvable:
@@ -138,6 +140,43 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
     """Verify a merged checkpoint on disk, whoever wrote it, against its base and adapter."""
     adapter = load_adapter(adapter_dir)
     require_lora(adapter)
+    loaded = _load_models(base_dir, adapter_dir, merged_dir)
+    result = verify_models(
+        adapter,
+        loaded.base_params,
+        loaded.kinds,
+        loaded.merged,
+        loaded.reference,
+        loaded.inputs,
+        merged_params=loaded.merged.state_dict(),
+    )
+    if loaded.missing:
+        result.weights.failures.insert(0, f"missing from the merged checkpoint: {', '.join(loaded.missing[:5])}")
+    return result
+
+
+def check_outputs_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> OutputCheck:
+    """The output-space check alone, for a merged checkpoint on disk (the stream backend checks weights itself)."""
+    loaded = _load_models(base_dir, adapter_dir, merged_dir)
+    if loaded.inputs is None:
+        return OutputCheck(False, reason="no probe inputs for this model type")
+    dtype = next(loaded.merged.parameters()).dtype
+    return check_outputs(loaded.reference, loaded.merged, loaded.inputs, dtype)
+
+
+@dataclass
+class _Loaded:
+    merged: nn.Module
+    reference: nn.Module
+    base_params: Mapping[str, torch.Tensor]
+    kinds: Mapping[str, LayerKind]
+    inputs: dict | None
+    missing: list[str]
+
+
+def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> _Loaded:
+    """The merged model as stored, the base as stored (its parameters and layer kinds) and the unmerged PeftModel
+    in the merged model's dtype."""
     merged_config = loading.read_model_config(merged_dir)
     merged_dtype = loading.stored_dtype(merged_dir, merged_config)
     missing: list[str] = []
@@ -156,18 +195,7 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
         base_params = base_native.state_dict()
         reference_base = loading.load_model(base_dir, merged_dtype)
     reference = loading.load_peft(reference_base, adapter_dir)
-    result = verify_models(
-        adapter,
-        base_params,
-        kinds,
-        merged,
-        reference,
-        probe_inputs(merged_config),
-        merged_params=merged.state_dict(),
-    )
-    if missing:
-        result.weights.failures.insert(0, f"missing from the merged checkpoint: {', '.join(missing[:5])}")
-    return result
+    return _Loaded(merged, reference, base_params, kinds, probe_inputs(merged_config), missing)
 
 
 def adapter_precision(model_dtype: torch.dtype) -> torch.dtype:

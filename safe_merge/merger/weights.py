@@ -7,7 +7,7 @@ dtype), so a delta landed on the wrong layer, or a head the merge left behind, i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -81,29 +81,61 @@ class Expected:
     ulps: float = WEIGHT_ULPS
 
 
+def touched_params(ledger: Ledger) -> set[str]:
+    """Every parameter the adapter touches: saved copies, merged weights, merged biases."""
+    out = set(ledger.replacements)
+    for module, lora in ledger.modules.items():
+        out.add(f"{module}.weight")
+        if lora.bias is not None:
+            out.add(f"{module}.bias")
+    return out
+
+
+def expected_param(name: str, ledger: Ledger, base: Mapping[str, torch.Tensor]) -> Expected:
+    """One touched parameter with its exact float64 value after the merge."""
+    saved = ledger.replacements.get(name)
+    start = (saved if saved is not None else base[name]).to(torch.float64)
+    module, _, leaf = name.rpartition(".")
+    lora = ledger.modules.get(module)
+    if lora is None or leaf not in ("weight", "bias") or (leaf == "bias" and lora.bias is None):
+        return Expected(start, start, merge_magnitudes(start, start))  # a saved copy
+    lora = lora.widened()
+    if leaf == "bias":
+        value = merged_bias(start, lora)
+        return Expected(start, value, merge_magnitudes(start, value))
+    bound = product_error(product_magnitude(lora), lora.rank, lora.compute_dtype)
+    value = merged_weight(start, lora)
+    if lora.magnitude is None:
+        return Expected(start, value, merge_magnitudes(start, value), bound)
+    # DoRA rescales each output feature: every earlier rounding is scaled with it
+    delta = low_rank_delta(lora)
+    factor = dora_factor(start, delta, lora.magnitude, lora.kind).expand_as(start)
+    magnitudes = merge_magnitudes(start, value, factor=factor, delta=delta)
+    return Expected(start, value, magnitudes, bound * factor.abs(), DORA_WEIGHT_ULPS)
+
+
 def expected_params(ledger: Ledger, base: Mapping[str, torch.Tensor]) -> dict[str, Expected]:
     """Every parameter the adapter touches, with its exact float64 value after the merge."""
-    out: dict[str, Expected] = {
-        name: Expected(value, value, merge_magnitudes(value, value)) for name, value in ledger.replacements.items()
-    }
-    for module, lora in ledger.modules.items():
-        wname = f"{module}.weight"
-        start = out[wname].value if wname in out else base[wname].to(torch.float64)
-        bound = product_error(product_magnitude(lora), lora.rank, lora.compute_dtype)
-        value = merged_weight(start, lora)
-        if lora.magnitude is None:
-            out[wname] = Expected(start, value, merge_magnitudes(start, value), bound)
-        else:  # DoRA rescales each output feature: every earlier rounding is scaled with it
-            delta = low_rank_delta(lora)
-            factor = dora_factor(start, delta, lora.magnitude, lora.kind).expand_as(start)
-            magnitudes = merge_magnitudes(start, value, factor=factor, delta=delta)
-            out[wname] = Expected(start, value, magnitudes, bound * factor.abs(), DORA_WEIGHT_ULPS)
-        if lora.bias is not None:
-            bname = f"{module}.bias"
-            bstart = out[bname].value if bname in out else base[bname].to(torch.float64)
-            bvalue = merged_bias(bstart, lora)
-            out[bname] = Expected(bstart, bvalue, merge_magnitudes(bstart, bvalue))
-    return out
+    return {name: expected_param(name, ledger, base) for name in sorted(touched_params(ledger))}
+
+
+def untouched_failure(name: str, base: torch.Tensor, got: torch.Tensor) -> str | None:
+    """A parameter the adapter does not touch must equal the base bit for bit (after the cast to the merged dtype)."""
+    if torch.equal(base.to(got.dtype), got):
+        return None
+    diff = float((base.to(torch.float64) - got.to(torch.float64)).abs().max())
+    return f"{name}: changed by up to {diff:.3g} although the adapter does not touch it"
+
+
+def add_result(check: WeightCheck, result: TensorResult) -> None:
+    check.tensors.append(result)
+    if not result.passed:
+        check.failures.append(
+            f"{result.name}: {result.problem or 'residual off the exact merge'} "
+            f"(max |residual| {result.max_abs:.3g}, {result.ratio:.3g}x tolerance, relative {result.max_rel:.3g})"
+        )
+    elif result.delta > 0 and not result.resolvable:
+        check.unresolvable.append(result.name)
 
 
 def check_weights(ledger: Ledger, base: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor]) -> WeightCheck:
@@ -119,52 +151,87 @@ def check_weights(ledger: Ledger, base: Mapping[str, torch.Tensor], merged: Mapp
     for name in sorted(set(base) & set(merged)):
         got = merged[name]
         if name in touched:
-            result = _compare(name, touched[name], got)
-            check.tensors.append(result)
-            if not result.passed:
-                check.failures.append(
-                    f"{name}: {result.problem or 'residual off the exact merge'} "
-                    f"(max |residual| {result.max_abs:.3g}, {result.ratio:.3g}x tolerance, "
-                    f"relative {result.max_rel:.3g})"
-                )
-            elif result.delta > 0 and not result.resolvable:
-                check.unresolvable.append(name)
-        elif not torch.equal(base[name].to(got.dtype), got):
-            diff = float((base[name].to(torch.float64) - got.to(torch.float64)).abs().max())
-            check.failures.append(f"{name}: changed by up to {diff:.3g} although the adapter does not touch it")
+            add_result(check, compare(name, touched[name], got))
+        else:
+            failure = untouched_failure(name, base[name], got)
+            if failure:
+                check.failures.append(failure)
     return check
 
 
-def _compare(name: str, exp: Expected, got: torch.Tensor) -> TensorResult:
+@dataclass
+class _Stats:
+    """A comparison's figures over some of a tensor's elements; blocks of one tensor combine."""
+
+    max_abs: float = 0.0
+    ratio: float = 0.0
+    tol: float = 0.0  # at the worst element
+    delta: float = 0.0
+    size: float = 0.0
+    resolvable: bool = False
+    finite: bool = True
+
+    def add(self, other: _Stats) -> None:
+        if other.ratio > self.ratio or not self.tol:
+            self.ratio, self.tol = other.ratio, other.tol
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.delta = max(self.delta, other.delta)
+        self.size = max(self.size, other.size)
+        self.resolvable = self.resolvable or other.resolvable
+        self.finite = self.finite and other.finite
+
+
+def _stats(exp: Expected, got: torch.Tensor) -> _Stats:
     start, expected = exp.start, exp.value
-    if tuple(got.shape) != tuple(expected.shape):
-        return TensorResult(
-            name,
-            float("inf"),
-            float("inf"),
-            float("inf"),
-            0.0,
-            0.0,
-            problem=f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}",
-        )
-    got64 = got.to(torch.float64)
-    residual = (got64 - expected).abs()
+    got_wide = got.to(expected.dtype)
+    if not got.numel():
+        return _Stats(tol=eps(got.dtype))
+    residual = (got_wide - expected).abs()
     tol = weight_tolerance(exp.magnitudes, got.dtype, exp.product_error, exp.ulps)
-    ratio_map = residual / tol
-    worst = int(torch.argmax(ratio_map)) if ratio_map.numel() else 0
-    max_abs = float(residual.max()) if residual.numel() else 0.0
-    delta = float((expected - start).abs().max()) if residual.numel() else 0.0
-    size = float(expected.abs().max()) if residual.numel() else 0.0
-    problem = "" if bool(torch.isfinite(got64).all()) else "holds NaN or Inf"
+    ratio_map = (residual / tol).flatten()
+    worst = int(torch.argmax(ratio_map))
+    moved = (expected - start).abs()
+    return _Stats(
+        max_abs=float(residual.max()),
+        ratio=float(ratio_map[worst]),
+        tol=float(tol.flatten()[worst]),
+        delta=float(moved.max()),
+        size=float(expected.abs().max()),
+        resolvable=bool((moved > tol).any()),
+        finite=bool(torch.isfinite(got_wide).all()),
+    )
+
+
+def compare(name: str, exp: Expected, got: torch.Tensor) -> TensorResult:
+    """A merged parameter against its expectation, element by element."""
+    if tuple(got.shape) != tuple(exp.value.shape):
+        return mismatched(name, tuple(got.shape), tuple(exp.value.shape))
+    return _result(name, _stats(exp, got))
+
+
+def compare_blocks(name: str, blocks: Iterable[tuple[Expected, torch.Tensor]]) -> TensorResult:
+    """As ``compare``, over a tensor given as blocks of elements (each block's expectation with its part)."""
+    total = _Stats()
+    for exp, got in blocks:
+        total.add(_stats(exp, got))
+    return _result(name, total)
+
+
+def mismatched(name: str, got: tuple[int, ...], expected: tuple[int, ...]) -> TensorResult:
+    inf = float("inf")
+    return TensorResult(name, inf, inf, inf, 0.0, 0.0, problem=f"shape {got}, expected {expected}")
+
+
+def _result(name: str, s: _Stats) -> TensorResult:
     # relative to the delta when the tensor had to move, else (a saved copy) to the tensor itself
-    denominator = delta if delta > 0 else size
+    denominator = s.delta if s.delta > 0 else s.size
     return TensorResult(
         name=name,
-        max_abs=max_abs,
-        max_rel=max_abs / denominator if denominator > 0 else 0.0,
-        ratio=float(ratio_map.flatten()[worst]) if ratio_map.numel() else 0.0,
-        tol=float(tol.flatten()[worst]) if tol.numel() else eps(got.dtype),
-        delta=delta,
-        resolvable=bool(((expected - start).abs() > tol).any()),
-        problem=problem,
+        max_abs=s.max_abs,
+        max_rel=s.max_abs / denominator if denominator > 0 else 0.0,
+        ratio=s.ratio,
+        tol=s.tol,
+        delta=s.delta,
+        resolvable=s.resolvable,
+        problem="" if s.finite else "holds NaN or Inf",
     )

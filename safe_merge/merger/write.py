@@ -54,6 +54,15 @@ def write_model(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    carry_files(out, base_dir, adapter_dir)
+    for name in ADAPTER_FILES:  # a standalone model carries no adapter
+        (out / name).unlink(missing_ok=True)
+    return sorted(p.name for p in out.iterdir())
+
+
+def carry_files(out: Path, base_dir: Path, adapter_dir: Path) -> None:
+    """The files a user expects beside the weights: the base's generation config, and the tokenizer (the
+    adapter's own when it saved one)."""
     base_generation = base_dir / "generation_config.json"
     if base_generation.is_file():
         shutil.copyfile(base_generation, out / "generation_config.json")
@@ -62,6 +71,3 @@ def write_model(
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, out / name)
-    for name in ADAPTER_FILES:  # a standalone model carries no adapter
-        (out / name).unlink(missing_ok=True)
-    return sorted(p.name for p in out.iterdir())

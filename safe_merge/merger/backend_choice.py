@@ -1,0 +1,49 @@
+"""Which backend merges: the stream backend whenever it handles every part of the merge, PEFT otherwise; the
+report gives the reason either way."""
+
+from __future__ import annotations
+
+from safe_merge.errors import BadInput
+from safe_merge.merger.delta import LayerKind
+from safe_merge.merger.ledger import Status
+from safe_merge.merger.stream.backend import Prepared
+
+BACKENDS = ("auto", "peft", "stream")
+
+
+def stream_blockers(prep: Prepared | None, config, *, combining: bool, quantized: bool) -> list[str]:
+    """Why the stream backend cannot take this merge (empty: it can)."""
+    if combining:
+        return ["several adapters are combined with PEFT's add_weighted_adapter"]
+    if quantized:
+        return ["the base is quantized; its layers are dequantized and requantized by PEFT"]
+    if getattr(config, "auto_map", None):
+        return ["the model's code is not part of transformers (auto_map): its layer classes are unknown unbuilt"]
+    if prep is None:
+        return []
+    out = [f"{m}: {why}" for m, why in prep.layout.problems.items()]
+    for entry in prep.ledger.entries:
+        if entry.status in (Status.UNMATCHED, Status.UNVERIFIED):
+            out.append(f"{entry.key}: {entry.reason}")
+    for module, lora in prep.ledger.modules.items():
+        if lora.magnitude is not None and lora.kind is LayerKind.EMBEDDING:
+            out.append(f"{module}: DoRA on an embedding is merged by the PEFT backend")
+    return out
+
+
+def choose(requested: str, blockers: list[str]) -> tuple[str, str]:
+    """(backend, reason)."""
+    if requested not in BACKENDS:
+        raise BadInput(f"--backend {requested!r} is not one of {', '.join(BACKENDS)}")
+    if requested == "peft":
+        return "peft", "asked for (--backend peft)"
+    if not blockers:
+        why = "asked for (--backend stream)" if requested == "stream" else "the stream backend handles every part of it"
+        return "stream", why
+    if requested == "stream":
+        raise BadInput(
+            f"the stream backend cannot merge this: {blockers[0]}"
+            + (f" (and {len(blockers) - 1} more)" if len(blockers) > 1 else ""),
+            hint="use --backend peft (or auto)",
+        )
+    return "peft", f"the stream backend cannot: {blockers[0]}"

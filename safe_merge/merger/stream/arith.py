@@ -1,0 +1,91 @@
+"""PEFT's merge arithmetic, operation for operation, so that the stream backend's result is bit-identical to
+merge_and_unload(safe_merge=True) on CPU.
+
+Read from PEFT's lora layers: the factors are held in ``factor_dtype`` (float32 from 0.12 on; before, the model's
+dtype); a half-precision delta is computed in float32 and rounded back to it; the delta is laid out like the
+weight (transposed for fan_in_fan_out and embeddings), scaled, rounded to the weight's dtype and added to a copy of
+the weight. DoRA rescales W + ΔW by m / ‖W + ΔW‖ per output feature, computed in the delta's precision. A lora_B
+bias enters as b + s·b_B, rounded to the weight's dtype.
+
+The element-wise steps are done a block of rows at a time (same values, cache-sized temporaries); the verifier
+has its own float64 reference and shares none of this.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from safe_merge.merger.delta import LayerKind, ModuleLora
+
+HALF = (torch.float16, torch.bfloat16)
+BLOCK_BYTES = 2**21  # float32 rows per block of the plain Linear path: about 2 MiB, inside a core's cache
+
+
+def factors(lora: ModuleLora, factor_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B as the merging PEFT holds them, then as it multiplies them (half precision is widened)."""
+    a, b = lora.a.to(factor_dtype), lora.b.to(factor_dtype)
+    if factor_dtype in HALF:
+        a, b = a.float(), b.float()
+    return a, b
+
+
+def delta(lora: ModuleLora, factor_dtype: torch.dtype) -> torch.Tensor:
+    """PEFT's get_delta_weight."""
+    a, b = factors(lora, factor_dtype)
+    product = b @ a
+    if lora.kind in (LayerKind.LINEAR_FIFO, LayerKind.EMBEDDING):
+        product = product.T
+    out = product * lora.scale
+    return out.to(factor_dtype) if factor_dtype in HALF else out
+
+
+def merge_weight(
+    weight: torch.Tensor, lora: ModuleLora, factor_dtype: torch.dtype, block_bytes: int = BLOCK_BYTES
+) -> torch.Tensor:
+    """The merged weight, in ``weight``'s dtype."""
+    if lora.kind is LayerKind.LINEAR and lora.magnitude is None and factor_dtype not in HALF:
+        return _plain_linear_blocks(weight, lora, factor_dtype, block_bytes)
+    d = delta(lora, factor_dtype)
+    if lora.magnitude is None:
+        merged = weight.clone()
+        merged += d.to(weight.dtype)
+        return merged
+    return _dora(weight, d, lora, factor_dtype)
+
+
+def _plain_linear_blocks(
+    weight: torch.Tensor, lora: ModuleLora, factor_dtype: torch.dtype, block_bytes: int
+) -> torch.Tensor:
+    """W + (B·A·s).to(W.dtype), a block of output rows at a time: each element takes the same operations in the
+    same order as the whole-tensor form (the product sums over the rank only)."""
+    a, b = factors(lora, factor_dtype)
+    rows = max(1, block_bytes // max(1, weight.shape[1] * a.element_size()))
+    merged = torch.empty_like(weight)
+    scratch = torch.empty((min(rows, weight.shape[0]), weight.shape[1]), dtype=a.dtype)
+    for start in range(0, weight.shape[0], rows):
+        stop = min(start + rows, weight.shape[0])
+        block = scratch[: stop - start]
+        torch.mm(b[start:stop], a, out=block)
+        block.mul_(lora.scale)
+        torch.add(weight[start:stop], block.to(weight.dtype), out=merged[start:stop])
+    return merged
+
+
+def _dora(weight: torch.Tensor, d: torch.Tensor, lora: ModuleLora, factor_dtype: torch.dtype) -> torch.Tensor:
+    """DoRA's merge on a Linear (or Conv1D) weight."""
+    fifo = lora.kind is LayerKind.LINEAR_FIFO
+    oriented = weight.T if fifo else weight
+    combined = oriented + 1 * (d.T if fifo else d)
+    norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
+    factor = lora.magnitude.to(factor_dtype) / norm
+    factor = factor.view(-1, 1)
+    if fifo:
+        factor = factor.T
+    return (factor * (weight + d)).to(weight.dtype)
+
+
+def merge_bias(
+    bias: torch.Tensor, lora: ModuleLora, factor_dtype: torch.dtype, weight_dtype: torch.dtype
+) -> torch.Tensor:
+    """b + b_B·s, rounded to the weight's dtype (PEFT rounds the new bias to the weight's dtype)."""
+    return (bias + lora.bias.to(factor_dtype) * lora.scale).to(weight_dtype)

@@ -1,0 +1,191 @@
+"""The stream backend's merge: one output tensor at a time, from the base's shards straight into new shards.
+
+Untouched tensors in the output dtype are copied file to file by the kernel; a targeted weight is read, merged
+with PEFT's arithmetic (stream/arith.py) and written, then dropped. The output mirrors the base's shards (same
+file names, same tensors in each) unless a shard size is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from safe_merge.compat.adapter_files import AdapterFiles
+from safe_merge.errors import BadInput
+from safe_merge.merger.ledger import Ledger, build_ledger
+from safe_merge.merger.stream import arith
+from safe_merge.merger.stream.checkpoint import Checkpoint
+from safe_merge.merger.stream.layout import BaseView, Layout, infer_layout
+from safe_merge.merger.stream.writer import ShardWriter, Slot
+from safe_merge.merger.weights import touched_params
+from safe_merge.merger.write import carry_files
+
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
+_UNITS |= {"GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass
+class Prepared:
+    """The base as the stream backend sees it, with the adapter accounted for."""
+
+    checkpoint: Checkpoint
+    layout: Layout
+    ledger: Ledger
+    config: dict
+    dtype: torch.dtype  # output dtype of every floating tensor
+    factor_dtype: torch.dtype  # the precision the merging PEFT holds LoRA factors in
+
+    @property
+    def touched(self) -> set[str]:
+        return touched_params(self.ledger)
+
+    @property
+    def untie(self) -> bool:
+        """A tied pair one side of which the adapter changes is written as two tensors."""
+        return self.layout.tied is not None and bool(set(self.layout.tied) & self.touched)
+
+    def output_names(self) -> dict[str, list[str]]:
+        """Output tensors per base shard file name, in the base's order (an untied output embedding follows the
+        tensor it shared)."""
+        out: dict[str, list[str]] = {}
+        for shard, names in self.checkpoint.order.items():
+            row = out.setdefault(shard.name.replace(".bin", ".safetensors").replace("pytorch_model", "model"), [])
+            for name in names:
+                row.append(name)
+                if self.untie and name == self.layout.tied[1]:
+                    row.append(self.layout.tied[0])
+        return out
+
+    def out_dtype(self, name: str) -> torch.dtype:
+        info = self.checkpoint.tensors[BaseView(self.checkpoint, self.layout).source(name)]
+        return self.dtype if info.floating else info.dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.checkpoint.tensors[BaseView(self.checkpoint, self.layout).source(name)].shape
+
+
+@dataclass
+class Written:
+    files: list[str]
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # merged / replaced / copied / cast tensors
+
+
+def prepare(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dtype: torch.dtype) -> Prepared:
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    checkpoint = Checkpoint(base_dir)
+    layout = infer_layout(adapter, checkpoint, config)
+    ledger = build_ledger(adapter, BaseView(checkpoint, layout), layout.kinds, factor_dtype, precision=None)
+    return Prepared(checkpoint, layout, ledger, config, dtype, factor_dtype)
+
+
+def write(prep: Prepared, out: Path, base_dir: Path, adapter_dir: Path, max_shard_size: str | None) -> Written:
+    """Write the merged model into ``out`` (an empty staging directory)."""
+    shards = prep.output_names()
+    if max_shard_size is not None:
+        shards = _repack([n for names in shards.values() for n in names], prep, parse_size(max_shard_size))
+    written = Written([])
+    base = BaseView(prep.checkpoint, prep.layout)
+    weight_map = {}
+    for file_name, names in shards.items():
+        slots = [Slot(n, prep.out_dtype(n), prep.shape(n)) for n in names]
+        writer = ShardWriter(out / file_name, slots, {"format": "pt"})
+        try:
+            for slot in slots:
+                _emit(prep, base, writer, slot, written.counts)
+                weight_map[slot.name] = file_name
+        finally:
+            writer.close()
+    if len(shards) > 1:
+        total = sum(Slot(n, prep.out_dtype(n), prep.shape(n)).nbytes for n in weight_map)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (out / "config.json").write_text(json.dumps(_config(prep), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    carry_files(out, base_dir, adapter_dir)
+    if prep.untie:
+        output, shared = prep.layout.tied
+        written.notes.append(
+            f"untied {output} from {shared}, so the merged model keeps the adapter's meaning (the merge would "
+            "otherwise change the tied side too)"
+        )
+    written.files = sorted(p.name for p in out.iterdir())
+    return written
+
+
+def _emit(prep: Prepared, base: BaseView, writer: ShardWriter, slot: Slot, counts: dict[str, int]) -> None:
+    name, source = slot.name, base.source(slot.name)
+    info = prep.checkpoint.tensors[source]
+    if name not in prep.touched:
+        if info.dtype == slot.dtype and info.offset >= 0:
+            writer.copy(name, slot.dtype, slot.shape, info.file, info.offset)
+            counts["copied"] = counts.get("copied", 0) + 1
+        else:
+            writer.write(name, base[name].to(slot.dtype))
+            counts["cast"] = counts.get("cast", 0) + 1
+        return
+    writer.write(name, merged_tensor(prep, base, name, slot.dtype))
+    kind = "replaced" if name in prep.ledger.replacements else "merged"
+    counts[kind] = counts.get(kind, 0) + 1
+
+
+def merged_tensor(prep: Prepared, base: BaseView, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """One touched tensor as PEFT's merge leaves it, in ``dtype``."""
+    saved = prep.ledger.replacements.get(name)
+    start = saved.to(dtype) if saved is not None else base[name].to(dtype)
+    module, _, leaf = name.rpartition(".")
+    lora = prep.ledger.modules.get(module)
+    if lora is None or leaf not in ("weight", "bias") or (leaf == "bias" and lora.bias is None):
+        return start
+    if leaf == "bias":
+        return arith.merge_bias(start, lora, prep.factor_dtype, dtype)
+    merged = arith.merge_weight(start, lora, prep.factor_dtype)
+    if not bool(torch.isfinite(merged).all()):
+        raise BadInput(
+            "the merged weight holds NaN or Inf", key=name, hint="the adapter is broken; use an earlier checkpoint"
+        )
+    return merged
+
+
+def _config(prep: Prepared) -> dict:
+    """The base's config with what the merge changed: the dtype, and ties broken."""
+    config = json.loads(json.dumps(prep.config))
+    dtype = str(prep.dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    for key in keys:
+        config[key] = dtype
+    if prep.untie:
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+    return config
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (powers of ten), '500MiB' (powers of two) or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise BadInput(f"--max-shard-size {text!r} is not a size", hint="write it like 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _repack(names: list[str], prep: Prepared, limit: int) -> dict[str, list[str]]:
+    """Tensors in order into shards of at most ``limit`` bytes (a larger tensor gets a shard of its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = Slot(name, prep.out_dtype(name), prep.shape(name)).nbytes
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    n = len(groups)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}

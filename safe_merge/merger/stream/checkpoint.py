@@ -1,0 +1,173 @@
+"""A base checkpoint on disk, read one tensor at a time: safetensors shards by their headers and plain file reads
+(no memory map, so pages read for one tensor are not held for the rest of the run), .bin shards through torch's
+weights-only loader."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from safe_merge.errors import BadInput
+
+# safetensors' dtype names; the format's own specification lists them
+DTYPE_NAMES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+NAME_OF = {dtype: name for name, dtype in DTYPE_NAMES.items()}
+FLOATING = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in ``file`` (safetensors); -1 for .bin
+    nbytes: int
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype in FLOATING
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], dict, int]:
+    """A safetensors file's tensor entries, its metadata, and where its data starts."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise BadInput("not a safetensors file (shorter than its header length)", path=path)
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100 * 2**20:
+            raise BadInput(f"not a safetensors file (header length {size})", path=path)
+        try:
+            header = json.loads(fh.read(size))
+        except ValueError as exc:
+            raise BadInput(f"not a safetensors file (header is not JSON: {exc})", path=path) from exc
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata, 8 + size
+
+
+class Checkpoint:
+    """Every tensor of a model directory, in the order its shards hold them."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        self.shards = self._shard_files()
+        self.format = "bin" if self.shards[0].suffix == ".bin" else "safetensors"
+        self.tensors: dict[str, TensorInfo] = {}
+        self.order: dict[Path, list[str]] = {}
+        self._loaded: tuple[Path, dict] | None = None
+        for shard in self.shards:
+            self.order[shard] = []
+            for info in self._scan(shard):
+                self.tensors[info.name] = info
+                self.order[shard].append(info.name)
+
+    def _shard_files(self) -> list[Path]:
+        for stem in ("model.safetensors", "pytorch_model.bin"):
+            index = self.dir / f"{stem}.index.json"
+            if index.is_file():
+                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+                files = sorted(set(weight_map.values()))
+                missing = [f for f in files if not (self.dir / f).is_file()]
+                if missing:
+                    raise BadInput(f"the index names shards that are not there: {', '.join(missing)}", path=index)
+                return [self.dir / f for f in files]
+            if (self.dir / stem).is_file():
+                return [self.dir / stem]
+        raise BadInput(
+            "no model weights (model.safetensors, pytorch_model.bin or their sharded index)",
+            path=self.dir,
+            hint="point BASE at the directory save_pretrained wrote",
+        )
+
+    def _scan(self, shard: Path) -> Iterator[TensorInfo]:
+        if shard.suffix == ".bin":
+            for name, tensor in self._bin(shard).items():
+                yield TensorInfo(
+                    name, shard, tensor.dtype, tuple(tensor.shape), -1, tensor.numel() * tensor.element_size()
+                )
+            return
+        header, _, start = read_header(shard)
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, entry in entries:
+            if entry.get("dtype") not in DTYPE_NAMES:
+                raise BadInput(f"dtype {entry.get('dtype')!r} is not one safe-merge reads", path=shard, key=name)
+            begin, end = entry["data_offsets"]
+            dtype = DTYPE_NAMES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            if end - begin != math.prod(shape) * torch.tensor([], dtype=dtype).element_size():
+                raise BadInput("the header's byte range does not fit the tensor's shape", path=shard, key=name)
+            yield TensorInfo(name, shard, dtype, shape, start + begin, end - begin)
+
+    def _bin(self, shard: Path) -> dict[str, torch.Tensor]:
+        """A .bin shard, memory-mapped where its format allows, read with the weights-only loader only."""
+        if self._loaded is None or self._loaded[0] != shard:
+            self._loaded = None
+            try:
+                state = torch.load(str(shard), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (pre-zip) format cannot be mapped
+                state = torch.load(str(shard), map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise BadInput(f"cannot be read with torch's weights-only loader: {exc}", path=shard) from exc
+            self._loaded = (shard, state)
+        return self._loaded[1]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, in its stored dtype, in memory of its own."""
+        info = self.tensors[name]
+        if info.offset < 0:
+            return self._bin(info.file)[name].clone()
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        with open(info.file, "rb") as fh:
+            fh.seek(info.offset)
+            got = fh.readinto(data.numpy())
+        if got != info.nbytes:
+            raise BadInput(f"ends early ({got} of {info.nbytes} bytes)", path=info.file, key=name)
+        if info.dtype is torch.bool:
+            return data.view(torch.bool).reshape(info.shape)
+        return data.view(info.dtype).reshape(info.shape)
+
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+
+def copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes from ``src`` at ``offset`` to ``dst`` at its current position, in the kernel."""
+    done = 0
+    while done < count:
+        try:
+            n = os.copy_file_range(src, dst, count - done, offset + done)
+        except OSError:  # filesystems without copy_file_range (or across devices on old kernels)
+            n = os.sendfile(dst, src, offset + done, count - done)
+        if n == 0:
+            raise OSError(f"short copy: {done} of {count} bytes")
+        done += n
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes in memory order (little-endian on every platform torch supports here)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")

@@ -1,0 +1,110 @@
+"""The stream backend's verification, one tensor at a time: the ledger, then every written tensor read back from
+the output shards and compared with the base and the adapter; the output-space check when the two models fit in
+free memory (measured) or when asked.
+
+The weight reference is the verifier's own (delta.py, in float64), not the stream backend's arithmetic. Plain
+Linear weights, most of any model, are compared a block of rows at a time; for half-precision outputs that block
+reference is computed in float32, whose own rounding (bounded below and added to the tolerance) is 2^16 times
+finer than the stored dtype's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from safe_merge.merger.delta import LayerKind, ModuleLora
+from safe_merge.merger.outputs import OutputCheck, available_memory
+from safe_merge.merger.stream.backend import Prepared
+from safe_merge.merger.stream.checkpoint import Checkpoint
+from safe_merge.merger.stream.layout import BaseView
+from safe_merge.merger.tolerance import eps, merge_magnitudes, product_error
+from safe_merge.merger.verify import Verification, check_outputs_dirs
+from safe_merge.merger.weights import (
+    Expected,
+    WeightCheck,
+    add_result,
+    compare,
+    compare_blocks,
+    expected_param,
+    mismatched,
+    untouched_failure,
+)
+
+OUTPUT_CHECKS = ("auto", "always", "never")
+BLOCK_ELEMENTS = 2**19
+MODELS_IN_MEMORY = 3  # the output check holds the merged model, the base and the unmerged model at once
+
+
+def verify(prep: Prepared, stage: Path, base_dir: Path, adapter_dir: Path, output_check: str) -> Verification:
+    written = Checkpoint(stage)
+    base = BaseView(prep.checkpoint, prep.layout)
+    weights = check_weights(prep, base, written)
+    outputs = _outputs(prep, stage, base_dir, adapter_dir, output_check, written.total_bytes())
+    return Verification(prep.ledger, weights, outputs)
+
+
+def check_weights(prep: Prepared, base: BaseView, written: Checkpoint) -> WeightCheck:
+    check = WeightCheck()
+    expected = set(prep.checkpoint.tensors) | ({prep.layout.tied[0]} if prep.untie else set())
+    missing = sorted(expected - set(written.tensors))
+    if missing:
+        check.failures.append(f"missing from the merged checkpoint: {', '.join(missing[:5])}")
+    extra = sorted(set(written.tensors) - expected)
+    if extra:
+        check.failures.append(f"not in the base model: {', '.join(extra[:5])}")
+    touched = prep.touched
+    for name in sorted(expected & set(written.tensors)):
+        got = written.read(name)
+        if name not in touched:
+            failure = untouched_failure(name, base[name], got)
+            if failure:
+                check.failures.append(failure)
+            continue
+        start = base[name].to(got.dtype) if name not in prep.ledger.replacements else None
+        lora = prep.ledger.modules.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if start is not None and lora is not None and _plain_linear(lora):
+            if tuple(got.shape) != tuple(start.shape):
+                add_result(check, mismatched(name, tuple(got.shape), tuple(start.shape)))
+            else:
+                add_result(check, compare_blocks(name, _linear_blocks(lora, start, got)))
+        else:
+            add_result(check, compare(name, expected_param(name, prep.ledger, base), got))
+    return check
+
+
+def _plain_linear(lora: ModuleLora) -> bool:
+    return lora.kind is LayerKind.LINEAR and lora.magnitude is None
+
+
+def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> Iterator[tuple[Expected, torch.Tensor]]:
+    """The exact merge W + s·B·A, a block of output rows at a time, each with its tolerance terms."""
+    precision = torch.float64 if got.dtype in (torch.float32, torch.float64) else torch.float32
+    a, b = lora.a.to(precision), lora.b.to(precision)
+    a_abs, b_abs = a.abs(), b.abs()
+    own = (lora.rank + 2) * eps(precision)  # this reference's own rounding, relative to what it sums
+    rows = max(1, BLOCK_ELEMENTS // max(1, start.shape[1]))
+    for i in range(0, start.shape[0], rows):
+        j = min(i + rows, start.shape[0])
+        w = start[i:j].to(precision)
+        value = torch.addmm(w, b[i:j], a, alpha=lora.scale)
+        terms = (b_abs[i:j] @ a_abs).mul_(abs(lora.scale))
+        bound = product_error(terms, lora.rank, lora.compute_dtype) + own * (terms + w.abs())
+        yield Expected(w, value, merge_magnitudes(w, value), bound), got[i:j]
+
+
+def _outputs(prep: Prepared, stage: Path, base_dir: Path, adapter_dir: Path, mode: str, size: int) -> OutputCheck:
+    """Run the output check when asked, or (auto) when the models it loads fit in half the free memory."""
+    if mode == "never":
+        return OutputCheck(False, reason="not asked for (--check-outputs never)", optional=True)
+    need, free = MODELS_IN_MEMORY * size, available_memory()
+    if mode == "auto" and need > free // 2:
+        return OutputCheck(
+            False,
+            reason=f"it would hold about {need / 2**30:.1f} GiB of models and {free / 2**30:.1f} GiB is free "
+            "(--check-outputs always runs it anyway)",
+            optional=True,
+        )
+    return check_outputs_dirs(base_dir, adapter_dir, stage)

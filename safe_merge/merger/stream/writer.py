@@ -1,0 +1,98 @@
+"""Write safetensors shards as the tensors arrive.
+
+The format is an 8-byte little-endian header length, a JSON header (dtype, shape and byte range of every tensor,
+plus free-form string metadata), then the tensors' bytes back to back. Every output shape and dtype is known
+before any tensor is computed, so the header is written first and each tensor goes straight to disk: nothing is
+held back until the shard is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from safe_merge.merger.stream.checkpoint import NAME_OF, copy_range, tensor_bytes
+
+ALIGN = 8  # the header is padded with spaces so that the data starts 8-byte aligned
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
+
+
+def header_bytes(slots: list[Slot], metadata: dict[str, str] | None = None) -> bytes:
+    """The header for ``slots`` laid out in the given order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for slot in slots:
+        header[slot.name] = {
+            "dtype": NAME_OF[slot.dtype],
+            "shape": list(slot.shape),
+            "data_offsets": [offset, offset + slot.nbytes],
+        }
+        offset += slot.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    return struct.pack("<Q", len(text)) + text
+
+
+class ShardWriter:
+    """One output shard: the slots are declared up front and must then be filled in order, each exactly once."""
+
+    def __init__(self, path: Path, slots: list[Slot], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.slots = slots
+        self._next = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._write(header_bytes(slots, metadata))
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def _expect(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Slot:
+        if self._next >= len(self.slots):
+            raise RuntimeError(f"{self.path.name}: {name} written after the last declared tensor")
+        slot = self.slots[self._next]
+        if (slot.name, slot.dtype, slot.shape) != (name, dtype, tuple(shape)):
+            raise RuntimeError(
+                f"{self.path.name}: got {name} {dtype} {tuple(shape)} where {slot.name} {slot.dtype} "
+                f"{slot.shape} was declared"
+            )
+        self._next += 1
+        return slot
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._expect(name, tensor.dtype, tuple(tensor.shape))
+        self._write(tensor_bytes(tensor))
+
+    def copy(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], src: Path, offset: int) -> None:
+        """Fill the next slot with bytes already stored in another file (an untouched tensor)."""
+        slot = self._expect(name, dtype, shape)
+        with open(src, "rb") as fh:
+            copy_range(fh.fileno(), self._fd, offset, slot.nbytes)
+
+    def close(self) -> None:
+        try:
+            if self._next != len(self.slots):
+                missing = [s.name for s in self.slots[self._next :]]
+                raise RuntimeError(f"{self.path.name}: {len(missing)} declared tensors never written ({missing[0]})")
+        finally:
+            os.close(self._fd)
