@@ -110,12 +110,12 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except Exception:
-        pass
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported, if ever
+    if "transformers" in sys.modules:
+        try:
+            sys.modules["transformers"].logging.set_verbosity_error()
+        except Exception:
+            pass
 
 
 def _emit(command: str, report: dict, as_json: bool, report_path: Path | None = None) -> int:

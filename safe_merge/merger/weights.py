@@ -7,6 +7,7 @@ dtype), so a delta landed on the wrong layer, or a head the merge left behind, i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -182,23 +183,23 @@ class _Stats:
 
 
 def _stats(exp: Expected, got: torch.Tensor) -> _Stats:
-    start, expected = exp.start, exp.value
-    got_wide = got.to(expected.dtype)
     if not got.numel():
         return _Stats(tol=eps(got.dtype))
-    residual = (got_wide - expected).abs()
+    expected = exp.value
+    residual = got.to(expected.dtype).sub_(expected).abs_()
+    moved = (expected - exp.start).abs_()
     tol = weight_tolerance(exp.magnitudes, got.dtype, exp.product_error, exp.ulps)
-    ratio_map = (residual / tol).flatten()
-    worst = int(torch.argmax(ratio_map))
-    moved = (expected - start).abs()
+    ratio = (residual / tol).flatten()
+    worst = int(torch.argmax(ratio))  # NaN counts as the largest, so a NaN element is the one reported
+    max_abs = float(residual.max())  # NaN or Inf in the merged tensor make this NaN or Inf
     return _Stats(
-        max_abs=float(residual.max()),
-        ratio=float(ratio_map[worst]),
+        max_abs=max_abs,
+        ratio=float(ratio[worst]),
         tol=float(tol.flatten()[worst]),
         delta=float(moved.max()),
         size=float(expected.abs().max()),
         resolvable=bool((moved > tol).any()),
-        finite=bool(torch.isfinite(got_wide).all()),
+        finite=math.isfinite(max_abs),
     )
 
 

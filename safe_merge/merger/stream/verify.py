@@ -84,14 +84,16 @@ def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> 
     precision = torch.float64 if got.dtype in (torch.float32, torch.float64) else torch.float32
     a, b = lora.a.to(precision), lora.b.to(precision)
     a_abs, b_abs = a.abs(), b.abs()
-    own = (lora.rank + 2) * eps(precision)  # this reference's own rounding, relative to what it sums
+    # this reference's own rounding, at most (r + 2) units of its precision of what it sums, goes with the bound on
+    # the product; on |W| it is 2^16 times below one unit of the stored half-precision dtype, inside the ulps
+    own = (lora.rank + 2) * eps(precision)
     rows = max(1, BLOCK_ELEMENTS // max(1, start.shape[1]))
     for i in range(0, start.shape[0], rows):
         j = min(i + rows, start.shape[0])
         w = start[i:j].to(precision)
         value = torch.addmm(w, b[i:j], a, alpha=lora.scale)
         terms = (b_abs[i:j] @ a_abs).mul_(abs(lora.scale))
-        bound = product_error(terms, lora.rank, lora.compute_dtype) + own * (terms + w.abs())
+        bound = product_error(terms, lora.rank, lora.compute_dtype).add_(terms, alpha=own)
         yield Expected(w, value, merge_magnitudes(w, value), bound), got[i:j]
 
 

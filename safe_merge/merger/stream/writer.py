@@ -59,7 +59,12 @@ class ShardWriter:
         self.slots = slots
         self._next = 0
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._write(header_bytes(slots, metadata))
+        header = header_bytes(slots, metadata)
+        try:  # reserve the whole file at once: measured faster than growing it write by write
+            os.posix_fallocate(self._fd, 0, len(header) + sum(s.nbytes for s in slots))
+        except OSError:
+            pass  # filesystems without fallocate grow the file as it is written
+        self._write(header)
 
     def _write(self, data) -> None:
         view = memoryview(data).cast("B")

@@ -1,0 +1,217 @@
+"""Benchmark: the stream backend against the PEFT path on a TinyLlama-shaped model, each in a fresh process.
+
+Builds once (cached under the given directory) a Llama checkpoint of random bfloat16 weights in 3 safetensors
+shards and an r=16 adapter on every projection with non-zero lora_B, written directly (no model is built, so the
+larger shapes cost only disk). Then it times `safe-merge merge --backend stream` and the PEFT path
+(from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained), prints wall seconds and peak
+RSS of each, checks that the two outputs are bit-identical tensor by tensor, and runs the stream backend on a
+model 4x larger to show that its peak RSS does not grow with the model.
+
+    python bench/stream.py CACHE_DIR [--skip-large]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from safe_merge.merger.stream.checkpoint import Checkpoint
+from safe_merge.merger.stream.writer import ShardWriter, Slot
+
+SHAPES = {
+    # TinyLlama 1.1B: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000, untied
+    "tinyllama-1.1b": dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000),
+    # four times the parameters: twice the width, the same depth
+    "llama-4x": dict(hidden=4096, intermediate=11264, layers=22, heads=32, kv_heads=4, vocab=64000),
+}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK, ALPHA, SHARDS = 16, 32, 3
+
+PEFT_PATH = """
+import sys, torch, transformers
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+merged = PeftModel.from_pretrained(model, adapter).merge_and_unload(safe_merge=True)
+merged.save_pretrained(out, max_shard_size="1GB")
+"""
+
+
+def tensor_shapes(s: dict) -> list[tuple[str, tuple[int, ...]]]:
+    head = s["hidden"] // s["heads"]
+    kv = s["kv_heads"] * head
+    out = [("model.embed_tokens.weight", (s["vocab"], s["hidden"]))]
+    for i in range(s["layers"]):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", (s["hidden"],)),
+            (p + "self_attn.q_proj.weight", (s["hidden"], s["hidden"])),
+            (p + "self_attn.k_proj.weight", (kv, s["hidden"])),
+            (p + "self_attn.v_proj.weight", (kv, s["hidden"])),
+            (p + "self_attn.o_proj.weight", (s["hidden"], s["hidden"])),
+            (p + "post_attention_layernorm.weight", (s["hidden"],)),
+            (p + "mlp.gate_proj.weight", (s["intermediate"], s["hidden"])),
+            (p + "mlp.up_proj.weight", (s["intermediate"], s["hidden"])),
+            (p + "mlp.down_proj.weight", (s["hidden"], s["intermediate"])),
+        ]
+    return out + [("model.norm.weight", (s["hidden"],)), ("lm_head.weight", (s["vocab"], s["hidden"]))]
+
+
+def build(root: Path, name: str) -> tuple[Path, Path]:
+    """The base checkpoint and adapter for one shape, made once."""
+    base, adapter = root / name / "base", root / name / "adapter"
+    if (root / name / "done").is_file():
+        return base, adapter
+    shutil.rmtree(root / name, ignore_errors=True)
+    base.mkdir(parents=True)
+    adapter.mkdir()
+    s = SHAPES[name]
+    gen = torch.Generator().manual_seed(0)
+    shapes = tensor_shapes(s)
+    total = sum(math.prod(shape) for _, shape in shapes)
+    shards, size, limit = [[]], 0, total / SHARDS
+    for tensor_name, shape in shapes:
+        if size >= limit * len(shards) and len(shards) < SHARDS:
+            shards.append([])
+        shards[-1].append((tensor_name, shape))
+        size += math.prod(shape)
+    weight_map = {}
+    for i, group in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        writer = ShardWriter(base / file, [Slot(n, torch.bfloat16, sh) for n, sh in group], {"format": "pt"})
+        for tensor_name, shape in group:
+            if len(shape) == 1:
+                value = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                value = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(0.02).to(torch.bfloat16)
+            writer.write(tensor_name, value)
+            weight_map[tensor_name] = file
+        writer.close()
+    nbytes = total * 2
+    index = {"metadata": {"total_size": nbytes}, "weight_map": weight_map}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["intermediate"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv_heads"],
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    (base / "config.json").write_text(json.dumps(config, indent=2))
+    _adapter(adapter, shapes, gen)
+    (root / name / "done").write_text("")
+    return base, adapter
+
+
+def _adapter(adapter: Path, shapes, gen: torch.Generator) -> None:
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), task_type="CAUSAL_LM").save_pretrained(
+        str(adapter)
+    )
+    tensors = {}
+    for tensor_name, shape in shapes:
+        module = tensor_name.removesuffix(".weight")
+        if module.rpartition(".")[2] in TARGETS:
+            out_f, in_f = shape
+            key = f"base_model.model.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn((RANK, in_f), generator=gen) / math.sqrt(in_f)
+            tensors[f"{key}.lora_B.weight"] = torch.randn((out_f, RANK), generator=gen) * 0.01
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in MiB, exit code) of one fresh process."""
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    err = proc.stderr.read().decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        print(err[-2000:], file=sys.stderr)
+    return wall, usage.ru_maxrss / 1024, code
+
+
+def identical(a: Path, b: Path) -> tuple[int, list[str]]:
+    """(tensors compared, names that differ in dtype, shape or any bit)."""
+    left, right = Checkpoint(a), Checkpoint(b)
+    names = sorted(set(left.tensors) | set(right.tensors))
+    differ = [n for n in names if n not in left or n not in right]
+    for name in names:
+        if name in left and name in right:
+            x, y = left.read(name), right.read(name)
+            if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
+                differ.append(name)
+    return len(names), differ
+
+
+def stream_cmd(base: Path, adapter: Path, out: Path, check_outputs: str) -> list[str]:
+    script = Path(sys.executable).parent / "safe-merge"  # the installed command, as a user runs it
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "safe_merge.merger.cli"]
+    merge = [*command, "merge", str(base), str(adapter), "-o", str(out)]
+    return merge + ["--backend", "stream", "--check-outputs", check_outputs, "--force"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cache", type=Path)
+    parser.add_argument("--skip-large", action="store_true")
+    args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    work = args.cache / "runs"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    started = time.monotonic()
+    base, adapter = build(args.cache, "tinyllama-1.1b")
+    print(f"tinyllama-1.1b: built or found in {time.monotonic() - started:.1f} s")
+    rows = []
+    stream_wall, stream_rss, code = timed(stream_cmd(base, adapter, work / "stream", "never"))
+    rows.append(("stream (weights checked, outputs not)", stream_wall, stream_rss, code))
+    peft_wall, peft_rss, code = timed([sys.executable, "-c", PEFT_PATH, str(base), str(adapter), str(work / "peft")])
+    rows.append(("PEFT path (no verification)", peft_wall, peft_rss, code))
+    wall, rss, code = timed(stream_cmd(base, adapter, work / "stream-checked", "auto"))
+    rows.append(("stream with --check-outputs auto", wall, rss, code))
+    for label, wall, rss, code in rows:
+        print(f"  {label:40s} {wall:7.2f} s  {rss:8.0f} MiB peak RSS  exit {code}")
+    print(f"  speed-up {peft_wall / stream_wall:.1f}x, memory {peft_rss / stream_rss:.1f}x less")
+    count, differ = identical(work / "stream", work / "peft")
+    print(f"  bit-identical: {count - len(differ)} of {count} tensors" + (f"; differ: {differ[:5]}" if differ else ""))
+    failed = bool(differ) or any(code for *_, code in rows)
+    if not args.skip_large:
+        started = time.monotonic()
+        big_base, big_adapter = build(args.cache, "llama-4x")
+        print(f"llama-4x: built or found in {time.monotonic() - started:.1f} s")
+        wall, rss, code = timed(stream_cmd(big_base, big_adapter, work / "stream-4x", "never"))
+        size = Checkpoint(big_base).total_bytes() / 2**30
+        print(f"  stream on {size:.1f} GiB: {wall:.2f} s  {rss:.0f} MiB peak RSS  exit {code}")
+        print(f"  peak RSS 4x model / 1.1B model: {rss / stream_rss:.2f}")
+        failed = failed or bool(code)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
