@@ -81,6 +81,16 @@ def demo(session: nox.Session) -> None:
     session.run("safe-merge", "demo", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The stream backend against the PEFT path on a TinyLlama-shaped 1.1B model and one 4x its size (built once,
+    cached in .nox/bench-models): wall seconds, peak RSS, bit-identity. `-- --skip-large` skips the 4x model."""
+    pair = MATRIX["current"]
+    install_project(session, pair["peft"], pair["transformers"], extras="test")
+    cache = ROOT / ".nox" / "bench-models"
+    session.run("python", "bench/stream.py", str(cache), *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
 FIXTURE_CELLS = MATRIX.get("fixtures", [])
 
 

@@ -31,8 +31,9 @@ from safe_merge.merger.stream.writer import ShardWriter, Slot
 SHAPES = {
     # TinyLlama 1.1B: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000, untied
     "tinyllama-1.1b": dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000),
-    # four times the parameters: twice the width, the same depth
-    "llama-4x": dict(hidden=4096, intermediate=11264, layers=22, heads=32, kv_heads=4, vocab=64000),
+    # four times the parameters with the same tensors: 97 layers instead of 22 (peak memory follows the largest
+    # tensor, so a model grown in depth must not need more)
+    "llama-4x": dict(hidden=2048, intermediate=5632, layers=97, heads=32, kv_heads=4, vocab=32000),
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA, SHARDS = 16, 32, 3
@@ -143,7 +144,9 @@ def _adapter(adapter: Path, shapes, gen: torch.Generator) -> None:
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in MiB, exit code) of one fresh process."""
+    """(wall seconds, peak RSS in MiB, exit code) of one fresh process. Dirty pages left by earlier runs are
+    flushed first, so that no run pays for another's writes."""
+    os.sync()
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)

@@ -6,6 +6,7 @@ from collections import defaultdict
 
 _rows: dict[str, list[dict]] = defaultdict(list)
 _overflows = [0]
+_identical = [0, 0]  # merges compared between the backends, tensors found bit-identical
 _combinations: dict[str, list[dict]] = defaultdict(list)
 _quantized: dict[tuple[str, str], list[dict]] = defaultdict(list)
 
@@ -13,6 +14,12 @@ _quantized: dict[tuple[str, str], list[dict]] = defaultdict(list)
 def count_overflow() -> None:
     """A draw whose unmerged model overflowed (its verdict was 'could not verify')."""
     _overflows[0] += 1
+
+
+def count_bit_identical(tensors: int) -> None:
+    """A stream-backend merge found bit-identical to the PEFT backend's, tensor by tensor."""
+    _identical[0] += 1
+    _identical[1] += tensors
 
 
 def record(dtype: str, arch: str, report: dict) -> None:
@@ -79,6 +86,10 @@ def table() -> list[str]:
             f"quantized {backend:8s} {rows[0]['bits']}-bit {policy:10s} n={len(rows):3d}  outputs: max |diff| "
             f"{max(r['out'] for r in rows):.3g}, worst {worst['out'] / worst['budget']:.3f}x budget "
             f"({worst['out']:.3g} of {worst['budget']:.3g}; adapter effect {worst['effect']:.3g})"
+        )
+    if _identical[0]:
+        lines.append(
+            f"stream backend bit-identical to the PEFT backend: {_identical[0]} merges, {_identical[1]} tensors"
         )
     if _overflows[0]:
         lines.append(f"draws whose unmerged model overflowed (verdict could_not_verify): {_overflows[0]}")

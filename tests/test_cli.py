@@ -15,6 +15,7 @@ from packaging.version import Version
 from safetensors.torch import load_file
 
 from safe_merge.merger import backend_peft, loading
+from safe_merge.merger.stream import arith
 from safe_merge.merger.cli import main
 from safe_merge.merger.demo import build_tokenizer
 from tests.helpers import materialize, save_model
@@ -131,11 +132,13 @@ def test_existing_output_is_refused_without_force(inputs, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not hasattr(peft.tuners.lora.LoraModel, "unload"), reason="peft 0.3 has no unload()")
-def test_a_merge_that_changed_nothing_is_caught_and_nothing_is_written(inputs, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("backend", ["peft", "stream"])
+def test_a_merge_that_changed_nothing_is_caught_and_nothing_is_written(inputs, tmp_path, capsys, monkeypatch, backend):
     base, adapter = inputs
     monkeypatch.setattr(backend_peft, "merge_and_unload", lambda peft_model: peft_model.unload())
+    monkeypatch.setattr(arith, "merge_weight", lambda weight, *args, **kwargs: weight.clone())
     out = tmp_path / "out"
-    code, report, _ = _run(["merge", base, adapter, "-o", out, "--json"], capsys)
+    code, report, _ = _run(["merge", base, adapter, "-o", out, "--json", "--backend", backend], capsys)
     assert code == 1 and report["status"] == "failed"
     assert any("q_proj.weight" in p for p in report["problems"])
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no staging dir left behind either
@@ -331,7 +334,8 @@ def test_merge_plan_says_what_would_happen_and_writes_nothing(inputs, tmp_path, 
     code, report, err = _run(["merge", base, adapter, "-o", tmp_path / "out", "--plan", "--json"], capsys)
     assert code == 0 and report["status"] == "planned" and "written   nothing" in err
     assert list(tmp_path.iterdir()) == []
-    assert report["backend"] == "peft" and report["dtype"] == "float32" and len(report["checks"]) == 3
+    assert report["backend"] == "stream" and "every part" in report["backend_reason"]
+    assert report["dtype"] == "float32" and len(report["checks"]) == 3
     estimated = report["output"]["estimated_bytes"]
     assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "real")]) == 0
     written = (tmp_path / "real" / "model.safetensors").stat().st_size

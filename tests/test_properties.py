@@ -1,5 +1,6 @@
 """Property tests: for drawn tiny models and LoRA configs, in float32, bfloat16 and float16, the merged model
-answers like the unmerged PeftModel, the verifier passes, and the saved model reloads to the same answers."""
+answers like the unmerged PeftModel, the verifier passes, and the saved model reloads to the same answers; where
+the stream backend takes the merge, its output equals the PEFT backend's bit for bit."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from safe_merge.merger import loading
 from safe_merge.merger.outputs import check_outputs
 from safe_merge.merger.pipeline import MergeRequest, merge_command
 from safe_merge.merger.probes import probe_inputs
+from safe_merge.merger.stream.checkpoint import Checkpoint
 from safe_merge.merger.summary import summarize
 from tests import stats
 from tests.helpers import materialize, merge_in_memory, probe_ids
@@ -28,13 +30,24 @@ _NO_GPT2 = pytest.mark.skipif(
 HF_ARCHS = ("llama", pytest.param("gpt2", marks=_NO_GPT2), "bert_cls", "opt")
 
 
-def _merge_hf(case: Case, root: Path, dtype: str) -> tuple[dict, Path, Path, Path]:
+def _merge_hf(case: Case, root: Path, dtype: str, backend: str = "auto") -> tuple[dict, Path, Path, Path]:
     base_dir, adapter_dir = root / "base", root / "adapter"
     if not base_dir.exists():
         materialize(case, root)
-    out = root / f"merged-{dtype}"
-    report = merge_command(MergeRequest(str(base_dir), [str(adapter_dir)], out, dtype=dtype))
+    out = root / f"merged-{dtype}-{backend}"
+    report = merge_command(MergeRequest(str(base_dir), [str(adapter_dir)], out, dtype=dtype, backend=backend))
     return report, base_dir, adapter_dir, out
+
+
+def _assert_bit_identical(stream_out: Path, peft_out: Path, dtype: str) -> None:
+    """The stream backend's output equals the PEFT backend's tensor by tensor, bit for bit."""
+    streamed, merged = Checkpoint(stream_out), Checkpoint(peft_out)
+    assert streamed.tensors.keys() == merged.tensors.keys(), sorted(set(streamed.tensors) ^ set(merged.tensors))
+    for name in streamed.tensors:
+        a, b = streamed.read(name), merged.read(name)
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{dtype}: {name} {a.dtype}{tuple(a.shape)} vs {b.dtype}"
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{dtype}: {name} differs from the PEFT backend"
+    stats.count_bit_identical(len(streamed.tensors))
 
 
 def _reload_check(base_dir: Path, adapter_dir: Path, out: Path, dtype: torch.dtype):
@@ -83,6 +96,10 @@ def test_merged_model_answers_like_unmerged_peft_model_in_every_dtype(arch, data
             assert report["status"] == "passed", f"{dtype}\n" + summarize("merge", report)
             stats.record(dtype, arch, report)
             _assert_checks_can_fail(report, dtype)
+            if report["backend"] == "stream":  # auto chose it: the PEFT backend must give the same bits
+                by_peft, *_, peft_out = _merge_hf(case, root, dtype, backend="peft")
+                assert by_peft["status"] == "passed", f"{dtype}\n" + summarize("merge", by_peft)
+                _assert_bit_identical(out, peft_out, dtype)
             again = _reload_check(base_dir, adapter_dir, out, DTYPES[dtype])
             assert again.passed, f"{dtype}: reloaded merged model off by {again.max_abs:.3g} > {again.tol:.3g}"
 

@@ -99,8 +99,10 @@ def write(prep: Prepared, out: Path, base_dir: Path, adapter_dir: Path, max_shar
             for slot in slots:
                 _emit(prep, base, writer, slot, written.counts)
                 weight_map[slot.name] = file_name
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
     if len(shards) > 1:
         total = sum(Slot(n, prep.out_dtype(n), prep.shape(n)).nbytes for n in weight_map)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

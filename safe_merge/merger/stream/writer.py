@@ -94,6 +94,10 @@ class ShardWriter:
         with open(src, "rb") as fh:
             copy_range(fh.fileno(), self._fd, offset, slot.nbytes)
 
+    def abort(self) -> None:
+        """Close without the completeness check (the caller is leaving on an error; staging is discarded)."""
+        os.close(self._fd)
+
     def close(self) -> None:
         try:
             if self._next != len(self.slots):
