@@ -15,9 +15,9 @@ from packaging.version import Version
 from safetensors.torch import load_file
 
 from safe_merge.merger import backend_peft, loading
-from safe_merge.merger.stream import arith
 from safe_merge.merger.cli import main
 from safe_merge.merger.demo import build_tokenizer
+from safe_merge.merger.stream import arith
 from tests.helpers import materialize, save_model
 from tests.release import HISTORY, INSTALLED
 from tests.strategies import FEATURES, Case

@@ -1,0 +1,150 @@
+"""The stream backend: its shard writer, its block arithmetic, the base formats and shard layouts it reads and
+writes, how --backend auto chooses, and when the output check runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from safe_merge.merger.cli import main
+from safe_merge.merger.delta import LayerKind, ModuleLora
+from safe_merge.merger.stream import arith
+from safe_merge.merger.stream.checkpoint import Checkpoint
+from safe_merge.merger.stream.writer import ShardWriter, Slot
+from tests.helpers import materialize
+from tests.strategies import Case, build_base
+
+SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    case = Case(
+        "llama", SIZES, False, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "float32", seed=5
+    )
+    return (*materialize(case, root), case)
+
+
+def _merge(args: list, capsys) -> tuple[int, dict]:
+    code = main(["merge", *map(str, args), "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out) if out.strip() else {}
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    checkpoint = Checkpoint(directory)
+    return {name: checkpoint.read(name) for name in checkpoint.tensors}
+
+
+def test_written_shards_read_back_with_the_safetensors_library(tmp_path):
+    values = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7), "c": torch.ones(1, dtype=torch.bool)}
+    writer = ShardWriter(tmp_path / "x.safetensors", [Slot(n, t.dtype, tuple(t.shape)) for n, t in values.items()])
+    for name, tensor in values.items():
+        writer.write(name, tensor)
+    writer.close()
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as fh:
+        assert fh.metadata() is None and sorted(fh.keys()) == ["a", "b", "c"]
+        for name, tensor in values.items():
+            assert torch.equal(fh.get_tensor(name), tensor)
+
+
+def test_a_shard_refuses_tensors_out_of_order_and_an_incomplete_close(tmp_path):
+    slots = [Slot("a", torch.float32, (2,)), Slot("b", torch.float32, (2,))]
+    writer = ShardWriter(tmp_path / "x.safetensors", slots)
+    with pytest.raises(RuntimeError, match="where a"):
+        writer.write("b", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="never written"):
+        writer.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_block_arithmetic_equals_the_whole_tensor_form_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 29, generator=gen).to(dtype)
+    lora = ModuleLora("m", LayerKind.LINEAR, torch.randn(3, 29, generator=gen), torch.randn(37, 3, generator=gen), 0.7)
+    whole = weight.clone()
+    whole += (lora.b @ lora.a * lora.scale).to(dtype)  # PEFT's form with float32 factors
+    for block_bytes in (4, 29 * 4 * 5, 2**21):
+        assert torch.equal(arith.merge_weight(weight, lora, torch.float32, block_bytes), whole)
+
+
+def test_a_bin_base_is_read_with_the_weights_only_loader_and_written_as_safetensors(inputs, tmp_path, capsys):
+    source, adapter, case = inputs
+    base = tmp_path / "bin-base"  # as transformers 4 wrote it with safe_serialization=False
+    base.mkdir()
+    (base / "config.json").write_bytes((source / "config.json").read_bytes())
+    torch.save(build_base(case).state_dict(), base / "pytorch_model.bin")
+    code, report = _merge([base, adapter, "-o", tmp_path / "s", "--backend", "stream"], capsys)
+    assert code == 0 and report["backend"] == "stream", report.get("problems")
+    assert (tmp_path / "s" / "model.safetensors").is_file()
+    code, _ = _merge([base, adapter, "-o", tmp_path / "p", "--backend", "peft"], capsys)
+    streamed, merged = _tensors(tmp_path / "s"), _tensors(tmp_path / "p")
+    assert streamed.keys() == merged.keys() and all(torch.equal(streamed[k], merged[k]) for k in streamed)
+
+
+def test_shards_mirror_the_base_or_follow_max_shard_size(inputs, tmp_path, capsys):
+    _, adapter, case = inputs
+    base = tmp_path / "sharded"
+    build_base(case).save_pretrained(str(base), max_shard_size="20KB")
+    base_files = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(base_files) > 1
+    code, _ = _merge([base, adapter, "-o", tmp_path / "mirror", "--backend", "stream"], capsys)
+    assert code == 0 and sorted(p.name for p in (tmp_path / "mirror").glob("*.safetensors")) == base_files
+    for file in base_files:  # the same tensors in each shard
+        assert set(Checkpoint(base).order[base / file]) == set(
+            Checkpoint(tmp_path / "mirror").order[tmp_path / "mirror" / file]
+        )
+    code, report = _merge(
+        [base, adapter, "-o", tmp_path / "one", "--backend", "stream", "--max-shard-size", "1GB"], capsys
+    )
+    assert code == 0 and [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
+    assert not (tmp_path / "one" / "model.safetensors.index.json").exists()
+    assert _tensors(tmp_path / "one").keys() == _tensors(tmp_path / "mirror").keys()
+    index = json.loads((tmp_path / "mirror" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(_tensors(tmp_path / "mirror"))
+
+
+def test_auto_says_why_it_picks_a_backend_and_stream_refuses_what_it_cannot_do(inputs, tmp_path, capsys):
+    base, adapter, _ = inputs
+    code, report = _merge([base, adapter, "-o", tmp_path / "a"], capsys)
+    assert code == 0 and report["backend"] == "stream" and "every part" in report["backend_reason"]
+    config = json.loads((base / "config.json").read_text())
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for item in base.iterdir():
+        (remote / item.name).write_bytes(item.read_bytes())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Model"}}))
+    code, report = _merge([remote, adapter, "-o", tmp_path / "b", "--plan"], capsys)
+    assert code == 0 and report["backend"] == "peft" and "auto_map" in report["backend_reason"]
+    assert main(["merge", str(remote), str(adapter), "-o", str(tmp_path / "c"), "--backend", "stream"]) == 2
+    assert "auto_map" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_the_report_says_whether_the_output_check_ran(inputs, tmp_path, capsys):
+    base, adapter, _ = inputs
+    code, report = _merge([base, adapter, "-o", tmp_path / "a", "--backend", "stream"], capsys)
+    assert code == 0 and report["verification"]["outputs"]["ran"] and report["verification"]["outputs"]["passed"]
+    args = [base, adapter, "-o", tmp_path / "b", "--backend", "stream", "--check-outputs", "never"]
+    code, report = _merge(args, capsys)
+    outputs = report["verification"]["outputs"]
+    assert code == 0 and report["status"] == "passed" and not outputs["ran"] and outputs["optional"]
+    assert any("output check did not run" in w for w in report["warnings"])
+    assert report["verification"]["weights"]["checked_tensors"] == 4  # q and v in each of 2 layers
+
+
+def test_a_stream_merge_that_scales_wrong_fails_naming_the_tensor(inputs, tmp_path, capsys, monkeypatch):
+    base, adapter, _ = inputs
+    real = arith.merge_weight
+
+    def doubled(weight, lora, *args, **kwargs):
+        return real(weight, ModuleLora(lora.module, lora.kind, lora.a, lora.b, 1.05 * lora.scale), *args, **kwargs)
+
+    monkeypatch.setattr(arith, "merge_weight", doubled)
+    code, report = _merge([base, adapter, "-o", tmp_path / "a", "--backend", "stream"], capsys)
+    assert code == 1 and report["status"] == "failed" and any("q_proj.weight" in p for p in report["problems"])
+    assert not (tmp_path / "a").exists()
