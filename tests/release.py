@@ -50,3 +50,9 @@ def weighted_adapter_options(density: float) -> dict:
 def base_layer(module):
     """The layer a LoRA wraps: get_base_layer() from 0.7.0; before, the LoRA layer is the base layer itself."""
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def requires_release(boundary: str) -> pytest.MarkDecorator:
+    """Skip unless the installed PEFT is at or after a history.json boundary's first release."""
+    first = HISTORY.boundary(boundary)
+    return pytest.mark.skipif(Version(INSTALLED) < first, reason=f"peft {INSTALLED}: {boundary} from {first}")

@@ -16,7 +16,10 @@ from safe_merge.merger.stream import arith
 from safe_merge.merger.stream.checkpoint import Checkpoint
 from safe_merge.merger.stream.writer import ShardWriter, Slot
 from tests.helpers import materialize
+from tests.release import requires_release
 from tests.strategies import Case, build_base
+
+pytestmark = requires_release("stream_backend_matches")
 
 SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
 
@@ -90,7 +93,7 @@ def test_a_bin_base_is_read_with_the_weights_only_loader_and_written_as_safetens
 def test_shards_mirror_the_base_or_follow_max_shard_size(inputs, tmp_path, capsys):
     _, adapter, case = inputs
     base = tmp_path / "sharded"
-    build_base(case).save_pretrained(str(base), max_shard_size="20KB")
+    build_base(case).save_pretrained(str(base), max_shard_size="20KB", safe_serialization=True)
     base_files = sorted(p.name for p in base.glob("*.safetensors"))
     assert len(base_files) > 1
     code, _ = _merge([base, adapter, "-o", tmp_path / "mirror", "--backend", "stream"], capsys)

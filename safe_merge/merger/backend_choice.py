@@ -3,9 +3,13 @@ report gives the reason either way."""
 
 from __future__ import annotations
 
+from packaging.version import Version
+
+from safe_merge.compat.history import History
 from safe_merge.errors import BadInput
 from safe_merge.merger.delta import LayerKind
 from safe_merge.merger.ledger import Status
+from safe_merge.merger.loading import installed_peft
 from safe_merge.merger.stream.backend import Prepared
 
 BACKENDS = ("auto", "peft", "stream")
@@ -17,6 +21,10 @@ def stream_blockers(prep: Prepared | None, config, *, combining: bool, quantized
         return ["several adapters are combined with PEFT's add_weighted_adapter"]
     if quantized:
         return ["the base is quantized; its layers are dequantized and requantized by PEFT"]
+    release = installed_peft()
+    first = History.load().boundary("stream_backend_matches")
+    if Version(release) < first:
+        return [f"the installed PEFT {release} merges differently from the stream backend (it matches from {first})"]
     if getattr(config, "auto_map", None):
         return ["the model's code is not part of transformers (auto_map): its layer classes are unknown unbuilt"]
     if prep is None:

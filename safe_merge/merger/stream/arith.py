@@ -13,18 +13,34 @@ verifier has its own reference and shares none of this.
 
 from __future__ import annotations
 
-import torch
+import functools
 
+import torch
+from packaging.version import Version
+
+from safe_merge.compat.history import History
 from safe_merge.merger.delta import LayerKind, ModuleLora
+from safe_merge.merger.loading import installed_peft
 
 HALF = (torch.float16, torch.bfloat16)
 BLOCK_BYTES = 2**21  # float32 rows per block of the plain Linear path: about 2 MiB, inside a core's cache
 
 
+@functools.cache
+def widened(factor_dtype: torch.dtype) -> bool:
+    """Whether the installed PEFT widens half-precision factors to float32 for B @ A on CPU (float16 always;
+    bfloat16 from the release history.json names)."""
+    if factor_dtype is torch.float16:
+        return True
+    if factor_dtype is torch.bfloat16:
+        return History.load().boundary("bfloat16_delta_widened") <= Version(installed_peft())
+    return False
+
+
 def factors(lora: ModuleLora, factor_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A and B as the merging PEFT holds them, then as it multiplies them (half precision is widened)."""
+    """A and B as the merging PEFT holds them, then as it multiplies them."""
     a, b = lora.a.to(factor_dtype), lora.b.to(factor_dtype)
-    if factor_dtype in HALF:
+    if widened(factor_dtype):
         a, b = a.float(), b.float()
     return a, b
 
@@ -36,7 +52,7 @@ def delta(lora: ModuleLora, factor_dtype: torch.dtype) -> torch.Tensor:
     if lora.kind in (LayerKind.LINEAR_FIFO, LayerKind.EMBEDDING):
         product = product.T
     out = product * lora.scale
-    return out.to(factor_dtype) if factor_dtype in HALF else out
+    return out.to(factor_dtype)
 
 
 def merge_weight(
