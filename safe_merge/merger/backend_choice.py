@@ -3,6 +3,7 @@ report gives the reason either way."""
 
 from __future__ import annotations
 
+import torch
 from packaging.version import Version
 
 from safe_merge.compat.history import History
@@ -33,9 +34,12 @@ def stream_blockers(prep: Prepared | None, config, *, combining: bool, quantized
     for entry in prep.ledger.entries:
         if entry.status in (Status.UNMATCHED, Status.UNVERIFIED):
             out.append(f"{entry.key}: {entry.reason}")
+    float32_bias = Version(release) < History.load().boundary("delta_rounded_before_add")
     for module, lora in prep.ledger.modules.items():
         if lora.magnitude is not None and lora.kind is LayerKind.EMBEDDING:
             out.append(f"{module}: DoRA on an embedding is merged by the PEFT backend")
+        if lora.bias is not None and float32_bias and prep.dtype in (torch.float16, torch.bfloat16):
+            out.append(f"{module}: PEFT {release} leaves a merged lora_B bias in float32; the PEFT backend keeps that")
     return out
 
 

@@ -239,13 +239,15 @@ def _merge_and_publish(
             files = write_model(merged, stage, base_dir, adapter_dir, req.max_shard_size or DEFAULT_SHARD_SIZE)
             del merged
         else:
-            written = stream_backend.write(streamed, stage, base_dir, adapter_dir, req.max_shard_size)
+            checks = stream_verify.TensorChecks(streamed)
+            written = stream_backend.write(streamed, stage, base_dir, adapter_dir, req.max_shard_size, checks)
             files, notes = written.files, written.notes
-            report["stream"] = {"tensors": written.counts}
+            report["stream"] = {"tensors": written.counts, "seconds": written.seconds}
         progress.update()
         progress.set_postfix_str("verifying")
         if streamed is not None:
-            verification = stream_verify.verify(streamed, stage, base_dir, adapter_dir, req.check_outputs)
+            with written.timing("verify"):
+                verification = stream_verify.verify(streamed, stage, base_dir, adapter_dir, req.check_outputs, checks)
         elif prep.quant is None:
             verification = verify_dirs(base_dir, adapter_dir, stage)
         else:

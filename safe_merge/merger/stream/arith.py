@@ -2,9 +2,9 @@
 merge_and_unload(safe_merge=True) on CPU.
 
 Read from PEFT's lora layers: the factors are held in ``factor_dtype`` (float32 from 0.12 on; before, the model's
-dtype); a half-precision delta is computed in float32 and rounded back to it; the delta is laid out like the
-weight (transposed for fan_in_fan_out and embeddings), scaled, rounded to the weight's dtype and added to a copy of
-the weight. DoRA rescales W + ΔW by m / ‖W + ΔW‖ per output feature, computed in the delta's precision. A lora_B
+dtype); a half-precision delta is computed in float32 (bfloat16 only from 0.13) and rounded back to it; the delta
+is laid out like the weight (transposed for fan_in_fan_out and embeddings), scaled, rounded to the weight's dtype
+and added to a copy of the weight (before 0.16 it is added in its own dtype, rounding once). DoRA rescales W + ΔW by m / ‖W + ΔW‖ per output feature, computed in the delta's precision. A lora_B
 bias enters as b + s·b_B, rounded to the weight's dtype.
 
 The element-wise steps are done a block of rows at a time (the same values, with cache-sized temporaries); the
@@ -37,6 +37,13 @@ def widened(factor_dtype: torch.dtype) -> bool:
     return False
 
 
+@functools.cache
+def rounds_delta_first() -> bool:
+    """Whether the installed PEFT rounds the delta to the weight's dtype before adding it (0.16 on); before, it
+    adds the delta in its own dtype."""
+    return History.load().boundary("delta_rounded_before_add") <= Version(installed_peft())
+
+
 def factors(lora: ModuleLora, factor_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A and B as the merging PEFT holds them, then as it multiplies them."""
     a, b = lora.a.to(factor_dtype), lora.b.to(factor_dtype)
@@ -64,7 +71,7 @@ def merge_weight(
     d = delta(lora, factor_dtype)
     if lora.magnitude is None:
         merged = weight.clone()
-        merged += d.to(weight.dtype)
+        merged += d.to(weight.dtype) if rounds_delta_first() else d
         return merged
     return _dora(weight, d, lora, factor_dtype)
 
@@ -78,11 +85,15 @@ def _plain_linear_blocks(
     a, b = factors(lora, factor_dtype)
     product = b @ a
     rows = max(1, block_bytes // max(1, weight.shape[1] * product.element_size()))
-    merged = torch.empty_like(weight)
+    first = rounds_delta_first()
+    merged = torch.empty_like(weight) if first else weight.clone()
     for start in range(0, weight.shape[0], rows):
         stop = min(start + rows, weight.shape[0])
         block = product[start:stop].mul_(lora.scale)
-        torch.add(weight[start:stop], block.to(weight.dtype), out=merged[start:stop])
+        if first:
+            torch.add(weight[start:stop], block.to(weight.dtype), out=merged[start:stop])
+        else:
+            merged[start:stop] += block
     return merged
 
 

@@ -7,8 +7,12 @@ file names, same tensors in each) unless a shard size is asked for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +78,15 @@ class Written:
     files: list[str]
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # merged / replaced / copied / cast tensors
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase: read, merge, write, copy
+
+    @contextlib.contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 3)
 
 
 def prepare(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dtype: torch.dtype) -> Prepared:
@@ -84,25 +97,50 @@ def prepare(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dt
     return Prepared(checkpoint, layout, ledger, config, dtype, factor_dtype)
 
 
-def write(prep: Prepared, out: Path, base_dir: Path, adapter_dir: Path, max_shard_size: str | None) -> Written:
-    """Write the merged model into ``out`` (an empty staging directory)."""
+Check = Callable[[str, torch.Tensor, torch.Tensor], None]  # (name, value before the merge, as written)
+
+
+def write(
+    prep: Prepared,
+    out: Path,
+    base_dir: Path,
+    adapter_dir: Path,
+    max_shard_size: str | None,
+    check: Check | None = None,
+) -> Written:
+    """Write the merged model into ``out`` (an empty staging directory). ``check`` sees every merged or replaced
+    tensor as soon as it is on disk, read back, with the value it started from (so nothing is read twice)."""
     shards = prep.output_names()
     if max_shard_size is not None:
         shards = _repack([n for names in shards.values() for n in names], prep, parse_size(max_shard_size))
     written = Written([])
     base = BaseView(prep.checkpoint, prep.layout)
     weight_map = {}
-    for file_name, names in shards.items():
-        slots = [Slot(n, prep.out_dtype(n), prep.shape(n)) for n in names]
-        writer = ShardWriter(out / file_name, slots, {"format": "pt"})
-        try:
-            for slot in slots:
-                _emit(prep, base, writer, slot, written.counts)
-                weight_map[slot.name] = file_name
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
+    order = [name for names in shards.values() for name in names]
+    with ThreadPoolExecutor(max_workers=1) as reader:  # the next tensor is read while this one is merged
+        reads = {}
+
+        def prefetch(i: int) -> None:
+            for name in order[i : i + 2]:
+                if name not in reads and _needs_read(prep, base, name):
+                    reads[name] = reader.submit(_start_value, prep, base, name)
+
+        position = 0
+        for file_name, names in shards.items():
+            slots = [Slot(n, prep.out_dtype(n), prep.shape(n)) for n in names]
+            writer = ShardWriter(out / file_name, slots, {"format": "pt"})
+            try:
+                for slot in slots:
+                    prefetch(position)
+                    position += 1
+                    _emit(prep, writer, slot, written, reads.pop(slot.name, None), check)
+                    weight_map[slot.name] = file_name
+            except BaseException:
+                writer.abort()
+                for future in reads.values():
+                    future.cancel()
+                raise
+            writer.close()
     if len(shards) > 1:
         total = sum(Slot(n, prep.out_dtype(n), prep.shape(n)).nbytes for n in weight_map)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -119,32 +157,61 @@ def write(prep: Prepared, out: Path, base_dir: Path, adapter_dir: Path, max_shar
     return written
 
 
-def _emit(prep: Prepared, base: BaseView, writer: ShardWriter, slot: Slot, counts: dict[str, int]) -> None:
-    name, source = slot.name, base.source(slot.name)
-    info = prep.checkpoint.tensors[source]
-    if name not in prep.touched:
-        if info.dtype == slot.dtype and info.offset >= 0:
-            writer.copy(name, slot.dtype, slot.shape, info.file, info.offset)
-            counts["copied"] = counts.get("copied", 0) + 1
-        else:
-            writer.write(name, base[name].to(slot.dtype))
-            counts["cast"] = counts.get("cast", 0) + 1
-        return
-    writer.write(name, merged_tensor(prep, base, name, slot.dtype))
-    kind = "replaced" if name in prep.ledger.replacements else "merged"
-    counts[kind] = counts.get(kind, 0) + 1
+def _needs_read(prep: Prepared, base: BaseView, name: str) -> bool:
+    """Untouched tensors already in the output dtype are copied by the kernel, unread."""
+    info = prep.checkpoint.tensors[base.source(name)]
+    return name in prep.touched or info.dtype != prep.out_dtype(name) or info.offset < 0
 
 
-def merged_tensor(prep: Prepared, base: BaseView, name: str, dtype: torch.dtype) -> torch.Tensor:
-    """One touched tensor as PEFT's merge leaves it, in ``dtype``."""
+def _start_value(prep: Prepared, base: BaseView, name: str) -> tuple[torch.Tensor, float]:
+    """The value a tensor starts the merge from, in the output dtype (a saved copy replaces the base's), and the
+    seconds it took to read."""
+    started = time.perf_counter()
     saved = prep.ledger.replacements.get(name)
-    start = saved.to(dtype) if saved is not None else base[name].to(dtype)
+    dtype = prep.out_dtype(name)
+    value = saved.to(dtype) if saved is not None else base[name].to(dtype)
+    return value, time.perf_counter() - started
+
+
+def _emit(
+    prep: Prepared, writer: ShardWriter, slot: Slot, written: Written, read: Future | None, check: Check | None
+) -> None:
+    name = slot.name
+    counts = written.counts
+    if read is None:
+        info = prep.checkpoint.tensors[BaseView(prep.checkpoint, prep.layout).source(name)]
+        with written.timing("copy"):
+            writer.copy(name, slot.dtype, slot.shape, info.file, info.offset)
+        counts["copied"] = counts.get("copied", 0) + 1
+        return
+    with written.timing("wait for read"):
+        start, seconds = read.result()
+    written.seconds["read"] = round(written.seconds.get("read", 0.0) + seconds, 3)
+    value = start
+    if name in prep.touched:
+        with written.timing("merge"):
+            value = merged_tensor(prep, name, start)
+        kind = "replaced" if name in prep.ledger.replacements else "merged"
+    else:
+        kind = "cast"
+    counts[kind] = counts.get(kind, 0) + 1
+    with written.timing("write"):
+        writer.write(name, value)
+    del value
+    if check is not None and name in prep.touched:
+        with written.timing("verify"):
+            check(name, start, writer.read_back(name))
+
+
+def merged_tensor(prep: Prepared, name: str, start: torch.Tensor) -> torch.Tensor:
+    """One touched tensor as PEFT's merge leaves it, from its starting value (the base's, or a saved copy's) in
+    the output dtype."""
     module, _, leaf = name.rpartition(".")
     lora = prep.ledger.modules.get(module)
     if lora is None or leaf not in ("weight", "bias") or (leaf == "bias" and lora.bias is None):
         return start
     if leaf == "bias":
-        return arith.merge_bias(start, lora, prep.factor_dtype, dtype)
+        return arith.merge_bias(start, lora, prep.factor_dtype, start.dtype)
     return arith.merge_weight(start, lora, prep.factor_dtype)  # NaN or Inf fail the verifier, naming the tensor
 
 

@@ -38,40 +38,77 @@ BLOCK_ELEMENTS = 2**19
 MODELS_IN_MEMORY = 3  # the output check holds the merged model, the base and the unmerged model at once
 
 
-def verify(prep: Prepared, stage: Path, base_dir: Path, adapter_dir: Path, output_check: str) -> Verification:
+class TensorChecks:
+    """Checks each merged or replaced tensor as soon as it is written (read back from its shard), against the
+    exact merge of the value it started from: the base is not read a second time."""
+
+    def __init__(self, prep: Prepared):
+        self.prep = prep
+        self.base = BaseView(prep.checkpoint, prep.layout)
+        self.results = WeightCheck()
+        self.seen: set[str] = set()
+
+    def __call__(self, name: str, start: torch.Tensor, got: torch.Tensor) -> None:
+        self.seen.add(name)
+        add_result(self.results, check_tensor(self.prep, self.base, name, start, got))
+
+
+def check_tensor(prep: Prepared, base: BaseView, name: str, start: torch.Tensor | None, got: torch.Tensor):
+    """One touched tensor against its exact value after the merge; ``start`` is the base's value in the merged
+    dtype when the caller has it (a plain Linear weight is then compared a block of rows at a time)."""
+    lora = prep.ledger.modules.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+    plain = lora is not None and _plain_linear(lora) and name not in prep.ledger.replacements
+    if plain and start is not None:
+        if tuple(got.shape) != tuple(start.shape):
+            return mismatched(name, tuple(got.shape), tuple(start.shape))
+        return compare_blocks(name, _linear_blocks(lora, start, got))
+    return compare(name, expected_param(name, prep.ledger, base), got)
+
+
+def verify(
+    prep: Prepared,
+    stage: Path,
+    base_dir: Path,
+    adapter_dir: Path,
+    output_check: str,
+    checks: TensorChecks | None = None,
+) -> Verification:
+    """The written checkpoint against the base and the adapter; ``checks`` holds the tensors already checked while
+    they were written."""
     written = Checkpoint(stage)
     base = BaseView(prep.checkpoint, prep.layout)
-    weights = check_weights(prep, base, written)
+    weights = check_weights(prep, base, written, checks)
     outputs = _outputs(prep, stage, base_dir, adapter_dir, output_check, written.total_bytes())
     return Verification(prep.ledger, weights, outputs)
 
 
-def check_weights(prep: Prepared, base: BaseView, written: Checkpoint) -> WeightCheck:
-    check = WeightCheck()
+def check_weights(prep: Prepared, base: BaseView, written: Checkpoint, checks: TensorChecks | None = None):
+    """Every tensor of the written checkpoint: the set of names against the base's, untouched ones bit for bit,
+    touched ones against their exact merge (unless ``checks`` already saw them written)."""
+    check = checks.results if checks is not None else WeightCheck()
+    seen = checks.seen if checks is not None else set()
     expected = set(prep.checkpoint.tensors) | ({prep.layout.tied[0]} if prep.untie else set())
     missing = sorted(expected - set(written.tensors))
     if missing:
-        check.failures.append(f"missing from the merged checkpoint: {', '.join(missing[:5])}")
+        check.failures.insert(0, f"missing from the merged checkpoint: {', '.join(missing[:5])}")
     extra = sorted(set(written.tensors) - expected)
     if extra:
-        check.failures.append(f"not in the base model: {', '.join(extra[:5])}")
-    touched = prep.touched
+        check.failures.insert(0, f"not in the base model: {', '.join(extra[:5])}")
     for name in sorted(expected & set(written.tensors)):
-        got = written.read(name)
-        if name not in touched:
-            failure = untouched_failure(name, base[name], got)
-            if failure:
-                check.failures.append(failure)
+        info = written.tensors[name]
+        if name in seen:
+            declared = (info.dtype, info.shape)
+            if declared != (prep.out_dtype(name), prep.shape(name)):
+                check.failures.append(f"{name}: the shard's header says {declared}, which is not what was checked")
             continue
-        start = base[name].to(got.dtype) if name not in prep.ledger.replacements else None
-        lora = prep.ledger.modules.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
-        if start is not None and lora is not None and _plain_linear(lora):
-            if tuple(got.shape) != tuple(start.shape):
-                add_result(check, mismatched(name, tuple(got.shape), tuple(start.shape)))
-            else:
-                add_result(check, compare_blocks(name, _linear_blocks(lora, start, got)))
-        else:
-            add_result(check, compare(name, expected_param(name, prep.ledger, base), got))
+        got = written.read(name)
+        if name in prep.touched:
+            start = base[name].to(got.dtype) if name not in prep.ledger.replacements else None
+            add_result(check, check_tensor(prep, base, name, start, got))
+            continue
+        failure = untouched_failure(name, base[name], got)
+        if failure:
+            check.failures.append(failure)
     return check
 
 

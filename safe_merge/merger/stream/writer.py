@@ -58,8 +58,12 @@ class ShardWriter:
         self.path = Path(path)
         self.slots = slots
         self._next = 0
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         header = header_bytes(slots, metadata)
+        self._offsets, position = {}, len(header)
+        for slot in slots:
+            self._offsets[slot.name] = position
+            position += slot.nbytes
         try:  # reserve the whole file at once: measured faster than growing it write by write
             os.posix_fallocate(self._fd, 0, len(header) + sum(s.nbytes for s in slots))
         except OSError:
@@ -93,6 +97,18 @@ class ShardWriter:
         slot = self._expect(name, dtype, shape)
         with open(src, "rb") as fh:
             copy_range(fh.fileno(), self._fd, offset, slot.nbytes)
+
+    def read_back(self, name: str) -> torch.Tensor:
+        """A tensor already written to this shard, as the file now holds it."""
+        slot = next(s for s in self.slots[: self._next] if s.name == name)
+        data = torch.empty(slot.nbytes, dtype=torch.uint8)
+        view, done = memoryview(data.numpy()), 0
+        while done < slot.nbytes:
+            n = os.preadv(self._fd, [view[done:]], self._offsets[name] + done)
+            if n == 0:
+                raise OSError(f"{self.path.name}: {name} reads back short ({done} of {slot.nbytes} bytes)")
+            done += n
+        return data.view(slot.dtype).reshape(slot.shape)
 
     def abort(self) -> None:
         """Close without the completeness check (the caller is leaving on an error; staging is discarded)."""
