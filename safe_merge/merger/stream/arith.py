@@ -4,8 +4,9 @@ merge_and_unload(safe_merge=True) on CPU.
 Read from PEFT's lora layers: the factors are held in ``factor_dtype`` (float32 from 0.12 on; before, the model's
 dtype); a half-precision delta is computed in float32 (bfloat16 only from 0.13) and rounded back to it; the delta
 is laid out like the weight (transposed for fan_in_fan_out and embeddings), scaled, rounded to the weight's dtype
-and added to a copy of the weight (before 0.16 it is added in its own dtype, rounding once). DoRA rescales W + ΔW by m / ‖W + ΔW‖ per output feature, computed in the delta's precision. A lora_B
-bias enters as b + s·b_B, rounded to the weight's dtype.
+and added to a copy of the weight (before 0.16 it is added in its own dtype, rounding once). DoRA rescales
+W + ΔW by m / ‖W + ΔW‖ per output feature, computed in the delta's precision. A lora_B bias enters as b + s·b_B,
+rounded to the weight's dtype.
 
 The element-wise steps are done a block of rows at a time (the same values, with cache-sized temporaries); the
 verifier has its own reference and shares none of this.
