@@ -161,8 +161,10 @@ def check_weights(ledger: Ledger, base: Mapping[str, torch.Tensor], merged: Mapp
 
 
 @dataclass
-class _Stats:
-    """A comparison's figures over some of a tensor's elements; blocks of one tensor combine."""
+class Stats:
+    """A comparison's figures over some of a tensor's elements; blocks of one tensor combine. ``ratio`` is the
+    largest residual / tolerance, ``tol`` the tolerance there; ``delta`` and ``size`` the largest |expected −
+    start| and |expected|; ``resolvable`` whether some element moves by more than its tolerance."""
 
     max_abs: float = 0.0
     ratio: float = 0.0
@@ -172,7 +174,7 @@ class _Stats:
     resolvable: bool = False
     finite: bool = True
 
-    def add(self, other: _Stats) -> None:
+    def add(self, other: Stats) -> None:
         if other.ratio > self.ratio or not self.tol:
             self.ratio, self.tol = other.ratio, other.tol
         self.max_abs = max(self.max_abs, other.max_abs)
@@ -182,9 +184,9 @@ class _Stats:
         self.finite = self.finite and other.finite
 
 
-def _stats(exp: Expected, got: torch.Tensor) -> _Stats:
+def stats(exp: Expected, got: torch.Tensor) -> Stats:
     if not got.numel():
-        return _Stats(tol=eps(got.dtype))
+        return Stats(tol=eps(got.dtype))
     expected = exp.value
     residual = got.to(expected.dtype).sub_(expected).abs_()
     moved = (expected - exp.start).abs_()
@@ -192,7 +194,7 @@ def _stats(exp: Expected, got: torch.Tensor) -> _Stats:
     ratio = (residual / tol).flatten()
     worst = int(torch.argmax(ratio))  # NaN counts as the largest, so a NaN element is the one reported
     max_abs = float(residual.max())  # NaN or Inf in the merged tensor make this NaN or Inf
-    return _Stats(
+    return Stats(
         max_abs=max_abs,
         ratio=float(ratio[worst]),
         tol=float(tol.flatten()[worst]),
@@ -207,15 +209,15 @@ def compare(name: str, exp: Expected, got: torch.Tensor) -> TensorResult:
     """A merged parameter against its expectation, element by element."""
     if tuple(got.shape) != tuple(exp.value.shape):
         return mismatched(name, tuple(got.shape), tuple(exp.value.shape))
-    return _result(name, _stats(exp, got))
+    return result(name, stats(exp, got))
 
 
-def compare_blocks(name: str, blocks: Iterable[tuple[Expected, torch.Tensor]]) -> TensorResult:
-    """As ``compare``, over a tensor given as blocks of elements (each block's expectation with its part)."""
-    total = _Stats()
-    for exp, got in blocks:
-        total.add(_stats(exp, got))
-    return _result(name, total)
+def compare_blocks(name: str, blocks: Iterable[Stats]) -> TensorResult:
+    """As ``compare``, over a tensor compared a block of elements at a time (each block's figures)."""
+    total = Stats()
+    for block in blocks:
+        total.add(block)
+    return result(name, total)
 
 
 def mismatched(name: str, got: tuple[int, ...], expected: tuple[int, ...]) -> TensorResult:
@@ -223,7 +225,7 @@ def mismatched(name: str, got: tuple[int, ...], expected: tuple[int, ...]) -> Te
     return TensorResult(name, inf, inf, inf, 0.0, 0.0, problem=f"shape {got}, expected {expected}")
 
 
-def _result(name: str, s: _Stats) -> TensorResult:
+def result(name: str, s: Stats) -> TensorResult:
     # relative to the delta when the tensor had to move, else (a saved copy) to the tensor itself
     denominator = s.delta if s.delta > 0 else s.size
     return TensorResult(

@@ -24,6 +24,7 @@ from safe_merge.merger.ledger import Ledger, build_ledger
 from safe_merge.merger.stream import arith
 from safe_merge.merger.stream.checkpoint import Checkpoint
 from safe_merge.merger.stream.layout import BaseView, Layout, infer_layout
+from safe_merge.merger.stream.memory import reuse_freed_memory
 from safe_merge.merger.stream.writer import ShardWriter, Slot
 from safe_merge.merger.weights import touched_params
 from safe_merge.merger.write import carry_files
@@ -113,15 +114,16 @@ def write(
     shards = prep.output_names()
     if max_shard_size is not None:
         shards = _repack([n for names in shards.values() for n in names], prep, parse_size(max_shard_size))
+    reuse_freed_memory()
     written = Written([])
     base = BaseView(prep.checkpoint, prep.layout)
     weight_map = {}
     order = [name for names in shards.values() for name in names]
-    with ThreadPoolExecutor(max_workers=1) as reader:  # the next tensor is read while this one is merged
+    with ThreadPoolExecutor(max_workers=1) as reader:  # a tensor is read while the one before it is merged
         reads = {}
 
         def prefetch(i: int) -> None:
-            for name in order[i : i + 2]:
+            for name in order[i : i + 2]:  # this tensor and the next
                 if name not in reads and _needs_read(prep, base, name):
                     reads[name] = reader.submit(_start_value, prep, base, name)
 

@@ -1,15 +1,17 @@
-"""The stream backend's verification, one tensor at a time: the ledger, then every written tensor read back from
-the output shards and compared with the base and the adapter; the output-space check when the two models fit in
-free memory (measured) or when asked.
+"""The stream backend's verification, one tensor at a time: the ledger; every merged or replaced tensor read back
+from its shard as soon as it is written and compared with the exact merge of the value it started from; then the
+written checkpoint as a whole (its tensor names, dtypes and shapes against the base's, untouched tensors bit for
+bit); the output-space check when the models fit in free memory (measured) or when asked.
 
 The weight reference is the verifier's own (delta.py, in float64), not the stream backend's arithmetic. Plain
-Linear weights, most of any model, are compared a block of rows at a time; for half-precision outputs that block
-reference is computed in float32, whose own rounding (bounded below and added to the tolerance) is 2^16 times
-finer than the stored dtype's.
+Linear weights, most of any model, are compared a block of rows at a time by the same rule; for half-precision
+outputs that block reference is computed in float32, whose own rounding (bounded and added to the tolerance) is
+2^16 times finer than the stored dtype's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +22,10 @@ from safe_merge.merger.outputs import OutputCheck, available_memory
 from safe_merge.merger.stream.backend import Prepared
 from safe_merge.merger.stream.checkpoint import Checkpoint
 from safe_merge.merger.stream.layout import BaseView
-from safe_merge.merger.tolerance import eps, merge_magnitudes, product_error
+from safe_merge.merger.tolerance import WEIGHT_ULPS, eps, smallest_step
 from safe_merge.merger.verify import Verification, check_outputs_dirs
 from safe_merge.merger.weights import (
-    Expected,
+    Stats,
     WeightCheck,
     add_result,
     compare,
@@ -101,6 +103,11 @@ def check_weights(prep: Prepared, base: BaseView, written: Checkpoint, checks: T
             if declared != (prep.out_dtype(name), prep.shape(name)):
                 check.failures.append(f"{name}: the shard's header says {declared}, which is not what was checked")
             continue
+        source = prep.checkpoint.tensors[base.source(name)]
+        if name not in prep.touched and (source.dtype, source.shape) == (info.dtype, info.shape) and source.offset >= 0:
+            if not written.same_bytes(name, prep.checkpoint, source.name):  # copied: compared a chunk at a time
+                check.failures.append(untouched_failure(name, base[name], written.read(name)) or f"{name}: differs")
+            continue
         got = written.read(name)
         if name in prep.touched:
             start = base[name].to(got.dtype) if name not in prep.ledger.replacements else None
@@ -116,22 +123,38 @@ def _plain_linear(lora: ModuleLora) -> bool:
     return lora.kind is LayerKind.LINEAR and lora.magnitude is None
 
 
-def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> Iterator[tuple[Expected, torch.Tensor]]:
-    """The exact merge W + s·B·A, a block of output rows at a time, each with its tolerance terms."""
+def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> Iterator[Stats]:
+    """The weight check of weights.py for W + s·B·A, a block of output rows at a time, in as few passes as the
+    rule allows: float64 for float32 weights, float32 for half-precision ones. The product's rounding is bounded
+    per row, r·ε·|s|·Σ_k|B_ik|·max|A| (at least r·ε·|s|·Σ_k|B_ik||A_kj| for every element), in the precision the
+    merging PEFT multiplied in plus this reference's own."""
     precision = torch.float64 if got.dtype in (torch.float32, torch.float64) else torch.float32
     a, b = lora.a.to(precision), lora.b.to(precision)
-    a_abs, b_abs = a.abs(), b.abs()
-    # this reference's own rounding, at most (r + 2) units of its precision of what it sums, goes with the bound on
-    # the product; on |W| it is 2^16 times below one unit of the stored half-precision dtype, inside the ulps
-    own = (lora.rank + 2) * eps(precision)
+    unit = (lora.rank + 2) * (eps(lora.compute_dtype) + eps(precision))
+    row_bound = b.abs().sum(dim=1, keepdim=True).mul_(abs(lora.scale) * float(a.abs().max()) * unit)
+    ulps, floor = WEIGHT_ULPS * eps(got.dtype), WEIGHT_ULPS * smallest_step(got.dtype)
     rows = max(1, BLOCK_ELEMENTS // max(1, start.shape[1]))
     for i in range(0, start.shape[0], rows):
         j = min(i + rows, start.shape[0])
         w = start[i:j].to(precision)
         value = torch.addmm(w, b[i:j], a, alpha=lora.scale)
-        terms = (b_abs[i:j] @ a_abs).mul_(abs(lora.scale))
-        bound = product_error(terms, lora.rank, lora.compute_dtype).add_(terms, alpha=own)
-        yield Expected(w, value, merge_magnitudes(w, value), bound), got[i:j]
+        moved = torch.sub(value, w).abs_()
+        residual = got[i:j].to(precision).sub_(value).abs_()
+        tol = w.abs_().add_(value.abs()).add_(moved).mul_(ulps).add_(row_bound[i:j] + floor)  # merge_magnitudes
+        max_abs = float(residual.max())
+        ratio = residual.div_(tol).flatten()
+        worst = int(torch.argmax(ratio))
+        biggest = int(torch.argmax(moved))
+        resolvable = bool(moved.flatten()[biggest] > tol.flatten()[biggest]) or bool((moved > tol).any())
+        yield Stats(
+            max_abs=max_abs,
+            ratio=float(ratio[worst]),
+            tol=float(tol.flatten()[worst]),
+            delta=float(moved.flatten()[biggest]),
+            size=float(value.abs_().max()),
+            resolvable=resolvable,
+            finite=math.isfinite(max_abs),
+        )
 
 
 def _outputs(prep: Prepared, stage: Path, base_dir: Path, adapter_dir: Path, mode: str, size: int) -> OutputCheck:
