@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import mmap
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from safe_merge.errors import BadInput
+from safe_merge.tensorfile import DTYPE_NAMES, read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -66,8 +69,56 @@ def read_tensors(weight_file: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_adapter(adapter_dir: str | Path) -> AdapterFiles:
-    """Read a local adapter directory (config first, then the preferred weight file)."""
+def map_tensors(weight_file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as views of a private mapping of the file: nothing is read until a tensor is
+    used, and ``release`` hands a used tensor's pages back (they are read again if it is used again)."""
+    hint = "the file may be truncated or not a plain tensor file; save the adapter again"
+    try:
+        header, _, start = read_header(weight_file)
+    except BadInput as exc:
+        raise BadInput(f"cannot read the weights ({exc})", path=weight_file, hint=hint) from exc
+    with open(weight_file, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        mapped = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+    out = {}
+    for key, entry in header.items():
+        dtype = DTYPE_NAMES.get(entry.get("dtype"))
+        begin, end = entry["data_offsets"]
+        if dtype is None or not 0 <= begin <= end or start + end > size:
+            why = "the header's byte ranges run past the end of the file" if dtype else "a dtype it does not know"
+            raise BadInput(f"cannot read the weights ({why})", path=weight_file, key=key, hint=hint)
+        if end == begin:
+            out[key] = torch.empty(entry["shape"], dtype=dtype)
+            continue
+        flat = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        out[key] = flat.reshape(entry["shape"])
+    return _Mapped(out, mapped, start, header)
+
+
+class _Mapped(dict):
+    """Tensors viewing one file mapping, with the byte ranges needed to release their pages."""
+
+    def __init__(self, tensors: dict, mapping, start: int, header: dict):
+        super().__init__(tensors)
+        self.mapping, self.start, self.header = mapping, start, header
+
+
+def release(tensors: dict[str, torch.Tensor], keys) -> None:
+    """Hand back the pages of mapped tensors once used (a no-op for tensors read into memory)."""
+    if not isinstance(tensors, _Mapped) or tensors.mapping is None:
+        return
+    page = mmap.PAGESIZE
+    for key in keys:
+        begin, end = tensors.header[key]["data_offsets"]
+        first = (tensors.start + begin) // page * page
+        last = -(-(tensors.start + end) // page) * page
+        if last > first:
+            tensors.mapping.madvise(mmap.MADV_DONTNEED, first, min(last, len(tensors.mapping)) - first)
+
+
+def load_adapter(adapter_dir: str | Path, *, mapped: bool = False) -> AdapterFiles:
+    """Read a local adapter directory (config first, then the preferred weight file). ``mapped`` maps a
+    safetensors file instead of reading it (see map_tensors)."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise BadInput("not a directory", path=adapter_dir, hint="pass a local adapter directory")
@@ -75,6 +126,8 @@ def load_adapter(adapter_dir: str | Path) -> AdapterFiles:
     for name in WEIGHT_NAMES:
         weight_file = adapter_dir / name
         if weight_file.is_file():
+            if mapped and weight_file.suffix == ".safetensors":
+                return AdapterFiles(adapter_dir, config, weight_file, map_tensors(weight_file))
             return AdapterFiles(adapter_dir, config, weight_file, read_tensors(weight_file))
     raise BadInput(
         f"no adapter weights ({' or '.join(WEIGHT_NAMES)})",
@@ -85,4 +138,9 @@ def load_adapter(adapter_dir: str | Path) -> AdapterFiles:
 
 def nonfinite_tensors(adapter: AdapterFiles) -> list[str]:
     """Keys of adapter tensors holding NaN or Inf (a diverged or corrupted training run)."""
-    return [k for k, t in adapter.tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    out = []
+    for key, tensor in adapter.tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            out.append(key)
+        release(adapter.tensors, [key])
+    return out

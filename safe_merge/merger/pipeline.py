@@ -65,6 +65,11 @@ class Source:
     plan: Plan
     state: State
 
+    def release(self) -> None:
+        """Drop the tensors (config, plan and paths stay for the report)."""
+        self.files.tensors = {}
+        self.state.tensors = {}
+
     def report(self, weight: float | None = None) -> dict:
         out = {
             "path": str(self.path),
@@ -133,6 +138,8 @@ def run_merge(req: MergeRequest) -> dict:
                 write_state(source.state, source.path, adapter_dir)
             adapter_dirs.append(adapter_dir)
         if combination is None:
+            for source in sources:  # from here the adapter is read from adapter_dirs: hold it once, not twice
+                source.release()
             return _merge_and_publish(req, prep, adapter_dirs[0])
         combined_dir = Path(t) / "combined"
         notes, check = _combine(prep, adapter_dirs, combined_dir)
@@ -142,7 +149,7 @@ def run_merge(req: MergeRequest) -> dict:
 def read_source(path: Path, release: str, refusal: type[SafeMergeError] = BadInput) -> Source:
     """Read one adapter and plan its migration to ``release``; refuse what cannot be merged at all (a migration
     the release cannot take raises ``refusal``)."""
-    files = load_adapter(path)
+    files = load_adapter(path, mapped=True)
     require_lora(files)
     broken = nonfinite_tensors(files)
     if broken:
@@ -204,7 +211,7 @@ def _merge_and_publish(
     combination_check: CombinationCheck | None = None,
 ) -> dict:
     out, base_dir, dtype = prep.out, prep.base_dir, prep.dtype
-    adapter = load_adapter(adapter_dir)
+    adapter = load_adapter(adapter_dir, mapped=req.backend != "peft" and prep.combination is None)
     backend, reason, streamed = _choose_backend(req, prep, adapter)
     progress = tqdm(total=3, desc="safe-merge", unit="stage", disable=None, leave=False)
     report = {

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from safe_merge.compat.adapter_files import AdapterFiles
+from safe_merge.compat.adapter_files import AdapterFiles, release
 from safe_merge.errors import BadInput
 from safe_merge.merger.ledger import Ledger, build_ledger
 from safe_merge.merger.stream import arith
@@ -44,6 +44,11 @@ class Prepared:
     config: dict
     dtype: torch.dtype  # output dtype of every floating tensor
     factor_dtype: torch.dtype  # the precision the merging PEFT holds LoRA factors in
+    adapter_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # released as each tensor is done
+
+    def release(self, name: str) -> None:
+        """Give back the memory of the adapter tensors that went into ``name`` (mapped files only)."""
+        release(self.adapter_tensors, [e.key for e in self.ledger.entries if e.param == name])
 
     @property
     def touched(self) -> set[str]:
@@ -95,7 +100,7 @@ def prepare(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dt
     checkpoint = Checkpoint(base_dir)
     layout = infer_layout(adapter, checkpoint, config)
     ledger = build_ledger(adapter, BaseView(checkpoint, layout), layout.kinds, factor_dtype, precision=None)
-    return Prepared(checkpoint, layout, ledger, config, dtype, factor_dtype)
+    return Prepared(checkpoint, layout, ledger, config, dtype, factor_dtype, adapter.tensors)
 
 
 Check = Callable[[str, torch.Tensor, torch.Tensor], None]  # (name, value before the merge, as written)
@@ -203,6 +208,7 @@ def _emit(
     if check is not None and name in prep.touched:
         with written.timing("verify"):
             check(name, start, writer.read_back(name))
+        prep.release(name)
 
 
 def merged_tensor(prep: Prepared, name: str, start: torch.Tensor) -> torch.Tensor:
