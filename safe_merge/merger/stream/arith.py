@@ -22,6 +22,7 @@ from packaging.version import Version
 from safe_merge.compat.history import History
 from safe_merge.merger.delta import LayerKind, ModuleLora
 from safe_merge.merger.loading import installed_peft
+from safe_merge.merger.stream.buffers import Buffers
 
 HALF = (torch.float16, torch.bfloat16)
 BLOCK_BYTES = 2**21  # float32 rows per block of the plain Linear path: about 2 MiB, inside a core's cache
@@ -64,11 +65,15 @@ def delta(lora: ModuleLora, factor_dtype: torch.dtype) -> torch.Tensor:
 
 
 def merge_weight(
-    weight: torch.Tensor, lora: ModuleLora, factor_dtype: torch.dtype, block_bytes: int = BLOCK_BYTES
+    weight: torch.Tensor,
+    lora: ModuleLora,
+    factor_dtype: torch.dtype,
+    block_bytes: int = BLOCK_BYTES,
+    buffers: Buffers | None = None,
 ) -> torch.Tensor:
-    """The merged weight, in ``weight``'s dtype."""
+    """The merged weight, in ``weight``'s dtype (plain Linear weights in ``buffers`` when given)."""
     if lora.kind is LayerKind.LINEAR and lora.magnitude is None and factor_dtype not in HALF:
-        return _plain_linear_blocks(weight, lora, factor_dtype, block_bytes)
+        return _plain_linear_blocks(weight, lora, factor_dtype, block_bytes, buffers or Buffers())
     d = delta(lora, factor_dtype)
     if lora.magnitude is None:
         merged = weight.clone()
@@ -78,16 +83,18 @@ def merge_weight(
 
 
 def _plain_linear_blocks(
-    weight: torch.Tensor, lora: ModuleLora, factor_dtype: torch.dtype, block_bytes: int
+    weight: torch.Tensor, lora: ModuleLora, factor_dtype: torch.dtype, block_bytes: int, buffers: Buffers
 ) -> torch.Tensor:
     """W + (B·A·s).to(W.dtype) with the element-wise steps a block of rows at a time. The product itself is one
     call over the whole weight, as PEFT makes it: the matmul kernel a library picks depends on the shapes, and
     blocks of rows were measured to round a few elements differently (one weight in 154 of a TinyLlama)."""
     a, b = factors(lora, factor_dtype)
-    product = b @ a
+    product = torch.mm(b, a, out=buffers.take("product", (b.shape[0], a.shape[1]), a.dtype))
     rows = max(1, block_bytes // max(1, weight.shape[1] * product.element_size()))
     first = rounds_delta_first()
-    merged = torch.empty_like(weight) if first else weight.clone()
+    merged = buffers.take("merged", tuple(weight.shape), weight.dtype)
+    if not first:
+        merged.copy_(weight)
     for start in range(0, weight.shape[0], rows):
         stop = min(start + rows, weight.shape[0])
         block = product[start:stop].mul_(lora.scale)

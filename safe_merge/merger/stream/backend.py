@@ -22,9 +22,9 @@ from safe_merge.compat.adapter_files import AdapterFiles, release
 from safe_merge.errors import BadInput
 from safe_merge.merger.ledger import Ledger, build_ledger
 from safe_merge.merger.stream import arith
+from safe_merge.merger.stream.buffers import Buffers
 from safe_merge.merger.stream.checkpoint import Checkpoint
 from safe_merge.merger.stream.layout import BaseView, Layout, infer_layout
-from safe_merge.merger.stream.memory import reuse_freed_memory
 from safe_merge.merger.stream.writer import ShardWriter, Slot
 from safe_merge.merger.weights import touched_params
 from safe_merge.merger.write import carry_files
@@ -45,6 +45,7 @@ class Prepared:
     dtype: torch.dtype  # output dtype of every floating tensor
     factor_dtype: torch.dtype  # the precision the merging PEFT holds LoRA factors in
     adapter_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # released as each tensor is done
+    buffers: Buffers = field(default_factory=Buffers)  # the large temporaries, reused tensor after tensor
 
     def release(self, name: str) -> None:
         """Give back the memory of the adapter tensors that went into ``name`` (mapped files only)."""
@@ -119,7 +120,6 @@ def write(
     shards = prep.output_names()
     if max_shard_size is not None:
         shards = _repack([n for names in shards.values() for n in names], prep, parse_size(max_shard_size))
-    reuse_freed_memory()
     written = Written([])
     base = BaseView(prep.checkpoint, prep.layout)
     weight_map = {}
@@ -127,10 +127,14 @@ def write(
     with ThreadPoolExecutor(max_workers=1) as reader:  # a tensor is read while the one before it is merged
         reads = {}
 
+        submitted = [0]
+
         def prefetch(i: int) -> None:
-            for name in order[i : i + 2]:  # this tensor and the next
+            for name in order[i : i + 2]:  # this tensor and the next, into alternate buffers
                 if name not in reads and _needs_read(prep, base, name):
-                    reads[name] = reader.submit(_start_value, prep, base, name)
+                    role = f"read-{submitted[0] % 2}"
+                    submitted[0] += 1
+                    reads[name] = reader.submit(_start_value, prep, base, name, role)
 
         position = 0
         for file_name, names in shards.items():
@@ -170,13 +174,19 @@ def _needs_read(prep: Prepared, base: BaseView, name: str) -> bool:
     return name in prep.touched or info.dtype != prep.out_dtype(name) or info.offset < 0
 
 
-def _start_value(prep: Prepared, base: BaseView, name: str) -> tuple[torch.Tensor, float]:
+def _start_value(prep: Prepared, base: BaseView, name: str, role: str) -> tuple[torch.Tensor, float]:
     """The value a tensor starts the merge from, in the output dtype (a saved copy replaces the base's), and the
-    seconds it took to read."""
+    seconds it took to read. A base tensor already in the output dtype is read into the ``role`` buffer."""
     started = time.perf_counter()
     saved = prep.ledger.replacements.get(name)
     dtype = prep.out_dtype(name)
-    value = saved.to(dtype) if saved is not None else base[name].to(dtype)
+    info = prep.checkpoint.tensors[base.source(name)]
+    if saved is not None:
+        value = saved.to(dtype)
+    elif info.dtype == dtype:
+        value = prep.checkpoint.read(info.name, out=prep.buffers.take(role, info.shape, dtype))
+    else:
+        value = base[name].to(dtype)
     return value, time.perf_counter() - started
 
 
@@ -207,7 +217,8 @@ def _emit(
     del value
     if check is not None and name in prep.touched:
         with written.timing("verify"):
-            check(name, start, writer.read_back(name))
+            # read back into the merge's buffer: its contents are on disk now
+            check(name, start, writer.read_back(name, prep.buffers.take("merged", (slot.nbytes,), torch.uint8)))
         prep.release(name)
 
 
@@ -220,7 +231,8 @@ def merged_tensor(prep: Prepared, name: str, start: torch.Tensor) -> torch.Tenso
         return start
     if leaf == "bias":
         return arith.merge_bias(start, lora, prep.factor_dtype, start.dtype)
-    return arith.merge_weight(start, lora, prep.factor_dtype)  # NaN or Inf fail the verifier, naming the tensor
+    # NaN or Inf fail the verifier, naming the tensor
+    return arith.merge_weight(start, lora, prep.factor_dtype, buffers=prep.buffers)
 
 
 def _config(prep: Prepared) -> dict:

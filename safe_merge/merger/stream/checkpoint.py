@@ -100,20 +100,21 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, in its stored dtype, in memory of its own."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor, in its stored dtype: into ``out`` (of its shape and dtype) when given, else into memory of
+        its own."""
         info = self.tensors[name]
         if info.offset < 0:
-            return self._bin(info.file)[name].clone()
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
+            value = self._bin(info.file)[name]
+            return out.copy_(value) if out is not None else value.clone()
+        target = out if out is not None else torch.empty(info.shape, dtype=info.dtype)
+        data = target.view(-1).view(torch.uint8) if target.numel() else torch.empty(0, dtype=torch.uint8)
         with open(info.file, "rb") as fh:
             fh.seek(info.offset)
             got = fh.readinto(data.numpy())
         if got != info.nbytes:
             raise BadInput(f"ends early ({got} of {info.nbytes} bytes)", path=info.file, key=name)
-        if info.dtype is torch.bool:
-            return data.view(torch.bool).reshape(info.shape)
-        return data.view(info.dtype).reshape(info.shape)
+        return target
 
     def same_bytes(self, name: str, other: Checkpoint, other_name: str, chunk: int = 2**24) -> bool:
         """Whether two stored safetensors tensors hold the same bytes, compared a chunk at a time (memory stays at

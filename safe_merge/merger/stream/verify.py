@@ -36,7 +36,7 @@ from safe_merge.merger.weights import (
 )
 
 OUTPUT_CHECKS = ("auto", "always", "never")
-BLOCK_ELEMENTS = 2**19
+BLOCK_ELEMENTS = 2**18  # about 1 MiB per float32 temporary
 MODELS_IN_MEMORY = 3  # the output check holds the merged model, the base and the unmerged model at once
 
 

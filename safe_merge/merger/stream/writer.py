@@ -99,10 +99,11 @@ class ShardWriter:
         with open(src, "rb") as fh:
             copy_range(fh.fileno(), self._fd, offset, slot.nbytes)
 
-    def read_back(self, name: str) -> torch.Tensor:
-        """A tensor already written to this shard, as the file now holds it."""
+    def read_back(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A tensor already written to this shard, as the file now holds it (into ``out``, a uint8 tensor of its
+        byte size, when given)."""
         slot = next(s for s in self.slots[: self._next] if s.name == name)
-        data = torch.empty(slot.nbytes, dtype=torch.uint8)
+        data = out if out is not None else torch.empty(slot.nbytes, dtype=torch.uint8)
         view, done = memoryview(data.numpy()), 0
         while done < slot.nbytes:
             n = os.preadv(self._fd, [view[done:]], self._offsets[name] + done)
