@@ -134,6 +134,7 @@ def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> 
     row_bound = b.abs().sum(dim=1, keepdim=True).mul_(abs(lora.scale) * float(a.abs().max()) * unit)
     ulps, floor = WEIGHT_ULPS * eps(got.dtype), WEIGHT_ULPS * smallest_step(got.dtype)
     rows = max(1, BLOCK_ELEMENTS // max(1, start.shape[1]))
+    worst_so_far, resolvable = -1.0, False
     for i in range(0, start.shape[0], rows):
         j = min(i + rows, start.shape[0])
         w = start[i:j].to(precision)
@@ -142,15 +143,18 @@ def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> 
         residual = got[i:j].to(precision).sub_(value).abs_()
         tol = w.abs_().add_(value.abs()).add_(moved).mul_(ulps).add_(row_bound[i:j] + floor)  # merge_magnitudes
         max_abs = float(residual.max())
-        ratio = residual.div_(tol).flatten()
-        worst = int(torch.argmax(ratio))
-        biggest = int(torch.argmax(moved))
-        resolvable = bool(moved.flatten()[biggest] > tol.flatten()[biggest]) or bool((moved > tol).any())
+        ratio = residual.div_(tol)
+        worst = float(ratio.max())  # NaN when the merged block holds NaN: then it is the worst
+        at = tol.new_tensor(0.0)
+        if not worst <= worst_so_far:  # locating the element is slow: only where the worst so far moves
+            worst_so_far = worst
+            at = tol.flatten()[int(torch.argmax(ratio))]
+        resolvable = resolvable or bool((moved > tol).any())  # a tensor is resolvable once any element is
         yield Stats(
             max_abs=max_abs,
-            ratio=float(ratio[worst]),
-            tol=float(tol.flatten()[worst]),
-            delta=float(moved.flatten()[biggest]),
+            ratio=worst,
+            tol=float(at),
+            delta=float(moved.max()),
             size=float(value.abs_().max()),
             resolvable=resolvable,
             finite=math.isfinite(max_abs),
