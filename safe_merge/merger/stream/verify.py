@@ -150,12 +150,13 @@ def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> 
             worst_so_far = worst
             at = tol.flatten()[int(torch.argmax(ratio))]
         resolvable = resolvable or bool((moved > tol).any())  # a tensor is resolvable once any element is
+        delta = float(moved.max())
         yield Stats(
             max_abs=max_abs,
             ratio=worst,
             tol=float(at),
-            delta=float(moved.max()),
-            size=float(value.abs_().max()),
+            delta=delta,
+            size=float(value.abs_().max()) if delta == 0 else 0.0,  # only read where nothing moved
             resolvable=resolvable,
             finite=math.isfinite(max_abs),
         )
