@@ -74,7 +74,8 @@ def summarize(command: str, report: dict) -> str:
             f"{' (' + options + ')' if options else ''}{rank}"
         )
     if "backend" in report:
-        lines.append(f"  backend   {report['backend']}   dtype {report.get('dtype')}")
+        reason = f" ({report['backend_reason']})" if report.get("backend_reason") else ""
+        lines.append(f"  backend   {report['backend']}{reason}   dtype {report.get('dtype')}")
     quant = report.get("quantization")
     if quant:
         scheme = f", {quant['scheme']}" if quant.get("scheme") else ""

@@ -22,7 +22,7 @@ from safe_merge.merger.outputs import OutputCheck, available_memory
 from safe_merge.merger.stream.backend import Prepared
 from safe_merge.merger.stream.checkpoint import Checkpoint
 from safe_merge.merger.stream.layout import BaseView
-from safe_merge.merger.tolerance import WEIGHT_ULPS, eps, smallest_step
+from safe_merge.merger.tolerance import DORA_WEIGHT_ULPS, WEIGHT_ULPS, eps, smallest_step
 from safe_merge.merger.verify import Verification, check_outputs_dirs
 from safe_merge.merger.weights import (
     Stats,
@@ -88,6 +88,10 @@ def check_weights(prep: Prepared, base: BaseView, written: Checkpoint, checks: T
     """Every tensor of the written checkpoint: the set of names against the base's, untouched ones bit for bit,
     touched ones against their exact merge (unless ``checks`` already saw them written)."""
     check = checks.results if checks is not None else WeightCheck()
+    check.rule = (
+        f"{WEIGHT_ULPS:g} ulps ({DORA_WEIGHT_ULPS:g} for DoRA) of the stored dtype on the magnitudes rounded per "
+        "element, plus r*eps*|s|*sum_k|B_ik|*max|A| per row for plain Linear weights (r*eps32*|s||B||A| elsewhere)"
+    )
     seen = checks.seen if checks is not None else set()
     expected = set(prep.checkpoint.tensors) | ({prep.layout.tied[0]} if prep.untie else set())
     missing = sorted(expected - set(written.tensors))
