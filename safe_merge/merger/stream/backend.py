@@ -8,6 +8,7 @@ file names, same tensors in each) unless a shard size is asked for.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import time
@@ -51,9 +52,9 @@ class Prepared:
         """Give back the memory of the adapter tensors that went into ``name`` (mapped files only)."""
         release(self.adapter_tensors, [e.key for e in self.ledger.entries if e.param == name])
 
-    @property
-    def touched(self) -> set[str]:
-        return touched_params(self.ledger)
+    @functools.cached_property
+    def touched(self) -> frozenset[str]:
+        return frozenset(touched_params(self.ledger))
 
     @property
     def untie(self) -> bool:
@@ -125,8 +126,7 @@ def write(
     weight_map = {}
     order = [name for names in shards.values() for name in names]
     with ThreadPoolExecutor(max_workers=1) as reader:  # a tensor is read while the one before it is merged
-        reads = {}
-
+        reads: dict[str, Future] = {}
         submitted = [0]
 
         def prefetch(i: int) -> None:
