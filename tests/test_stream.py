@@ -152,3 +152,24 @@ def test_a_stream_merge_that_scales_wrong_fails_naming_the_tensor(inputs, tmp_pa
     code, report = _merge([base, adapter, "-o", tmp_path / "a", "--backend", "stream"], capsys)
     assert code == 1 and report["status"] == "failed" and any("q_proj.weight" in p for p in report["problems"])
     assert not (tmp_path / "a").exists()
+
+
+def test_a_tied_embedding_is_found_by_name_when_another_tensor_has_as_many_rows(tmp_path, capsys):
+    # OPT's learned positions have max_position_embeddings + 2 rows: 34, as many as this vocabulary
+    sizes = {"vocab": 34, "hidden": 16, "layers": 1, "heads": 4, "kv_heads": 1}
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}
+    base, adapter = materialize(Case("opt", sizes, True, lora, "float32", seed=209), tmp_path / "in")
+    code, report = _merge([base, adapter, "-o", tmp_path / "s", "--backend", "stream"], capsys)
+    assert code == 0 and report["verification"]["outputs"]["passed"], report.get("problems")
+    assert any("untied lm_head.weight from model.decoder.embed_tokens.weight" in w for w in report["warnings"])
+    code, _ = _merge([base, adapter, "-o", tmp_path / "p", "--backend", "peft"], capsys)
+    streamed, merged = _tensors(tmp_path / "s"), _tensors(tmp_path / "p")
+    assert streamed.keys() == merged.keys() and all(torch.equal(streamed[k], merged[k]) for k in streamed)
+
+
+def test_a_tensor_that_may_be_tied_to_an_unknown_output_goes_to_the_peft_backend(tmp_path, capsys):
+    sizes = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["word_embeddings", "query"]}
+    base, adapter = materialize(Case("bert_cls", sizes, False, lora, "float32", seed=3), tmp_path / "in")
+    code, report = _merge([base, adapter, "-o", tmp_path / "a"], capsys)
+    assert code == 0 and report["backend"] == "peft" and "tying" in report["backend_reason"]

@@ -12,6 +12,7 @@ from safe_merge.merger.delta import LayerKind
 from safe_merge.merger.ledger import Status
 from safe_merge.merger.loading import installed_peft
 from safe_merge.merger.stream.backend import Prepared
+from safe_merge.merger.stream.layout import might_tie, vocab_rows
 
 BACKENDS = ("auto", "peft", "stream")
 
@@ -31,6 +32,13 @@ def stream_blockers(prep: Prepared | None, config, *, combining: bool, quantized
     if prep is None:
         return []
     out = [f"{m}: {why}" for m, why in prep.layout.problems.items()]
+    if prep.layout.tied is None and might_tie(prep.config):
+        tieable = sorted(set(vocab_rows(prep.checkpoint, prep.config)) & prep.touched)
+        if tieable:
+            out.append(
+                f"{tieable[0]}: the config leaves weight tying on and the adapter changes this tensor, but which "
+                "output weight shares it is only known to the built model"
+            )
     for entry in prep.ledger.entries:
         if entry.status in (Status.UNMATCHED, Status.UNVERIFIED):
             out.append(f"{entry.key}: {entry.reason}")

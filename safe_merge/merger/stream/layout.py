@@ -85,16 +85,32 @@ def infer_layout(adapter: AdapterFiles, checkpoint: Checkpoint, config: Mapping)
 
 
 def tied_pair(checkpoint: Checkpoint, config: Mapping) -> tuple[str, str] | None:
-    """(lm_head.weight, the input embedding it shares) when the config ties them and the checkpoint stores only the
-    embedding: the one stored 2-d tensor with vocab_size rows (named as an embedding, when several have them)."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    if not config.get("tie_word_embeddings", True) or OUTPUT_EMBEDDING in checkpoint:
+    """(lm_head.weight, the input embedding it shares) when the model ties them and the checkpoint stores only the
+    embedding: a causal LM (its output embedding is ``lm_head``) whose config does not untie them, and one stored
+    tensor with vocab_size rows named as transformers names input embeddings."""
+    if not might_tie(config) or OUTPUT_EMBEDDING in checkpoint:
         return None
-    vocab = text.get("vocab_size")
-    rows = [n for n, i in checkpoint.tensors.items() if len(i.shape) == 2 and i.shape[0] == vocab and i.floating]
-    if len(rows) > 1:
-        rows = [n for n in rows if any(word in n.rpartition(".")[0].rpartition(".")[2] for word in ("emb", "wte"))]
+    architectures = config.get("architectures") or []
+    if not architectures or not str(architectures[0]).endswith(("ForCausalLM", "LMHeadModel")):
+        return None
+    rows = [n for n in vocab_rows(checkpoint, config) if n.rpartition(".")[0].rpartition(".")[2] in INPUT_EMBEDDINGS]
     return (OUTPUT_EMBEDDING, rows[0]) if len(rows) == 1 else None
+
+
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+
+
+def might_tie(config: Mapping) -> bool:
+    """Whether the config leaves weight tying on (transformers' default when the key is absent)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)) is not False
+
+
+def vocab_rows(checkpoint: Checkpoint, config: Mapping) -> list[str]:
+    """Stored 2-d floating tensors with vocab_size rows: the tensors an output embedding could be tied to."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    vocab = text.get("vocab_size", config.get("vocab_size"))
+    return [n for n, i in checkpoint.tensors.items() if len(i.shape) == 2 and i.shape[0] == vocab and i.floating]
 
 
 class BaseView(Mapping):
