@@ -67,7 +67,8 @@ def save_model(model: torch.nn.Module, directory: Path) -> None:
         from safetensors.torch import save_file
 
         tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / "adapter_model.safetensors"))
+        # the .bin keeps tensors PEFT shares (bias="all" beside a saved module); safetensors wants them apart
+        save_file({k: v.clone() for k, v in tensors.items()}, str(Path(directory) / "adapter_model.safetensors"))
 
 
 def save_adapter(case: Case, base: torch.nn.Module, adapter_dir: Path) -> None:
