@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import struct
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ from packaging.version import Version
 from torch import nn
 
 from safe_merge.errors import BadInput
+from safe_merge.tensorfile import DTYPE_NAMES, FLOATING, read_header
 
 DTYPES = {
     "float32": torch.float32,
@@ -22,12 +22,7 @@ DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-_SAFETENSORS_DTYPES = {
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F64": torch.float64,
-}
+_SAFETENSORS_DTYPES = {name: dtype for name, dtype in DTYPE_NAMES.items() if dtype in FLOATING}
 
 
 def resolve_dir(name: str | Path, what: str) -> Path:
@@ -104,9 +99,7 @@ def model_class(config):
 
 def _headers(model_dir: Path):
     for file in sorted(model_dir.glob("*.safetensors")):
-        with open(file, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            yield json.loads(fh.read(size))
+        yield read_header(file)[0]
 
 
 def stored_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
