@@ -24,8 +24,7 @@ from safe_merge.merger.delta import LayerKind, ModuleLora
 from safe_merge.merger.loading import installed_peft
 from safe_merge.merger.stream.buffers import Buffers
 
-HALF = (torch.float16, torch.bfloat16)
-BLOCK_BYTES = 2**21  # float32 rows per block of the plain Linear path: about 2 MiB, inside a core's cache
+BLOCK_BYTES = 2**21  # rows per block of the plain merge: about 2 MiB of the product, inside a core's cache
 
 
 @functools.cache
@@ -71,25 +70,23 @@ def merge_weight(
     block_bytes: int = BLOCK_BYTES,
     buffers: Buffers | None = None,
 ) -> torch.Tensor:
-    """The merged weight, in ``weight``'s dtype (plain Linear weights in ``buffers`` when given)."""
-    if lora.kind is LayerKind.LINEAR and lora.magnitude is None and factor_dtype not in HALF:
-        return _plain_linear_blocks(weight, lora, factor_dtype, block_bytes, buffers or Buffers())
-    d = delta(lora, factor_dtype)
-    if lora.magnitude is None:
-        merged = weight.clone()
-        merged += d.to(weight.dtype) if rounds_delta_first() else d
-        return merged
-    return _dora(weight, d, lora, factor_dtype)
+    """The merged weight, in ``weight``'s dtype (in ``buffers`` when given, except DoRA's)."""
+    if lora.magnitude is not None:
+        return _dora(weight, delta(lora, factor_dtype), lora, factor_dtype)
+    return _plain(weight, lora, factor_dtype, block_bytes, buffers or Buffers())
 
 
-def _plain_linear_blocks(
+def _plain(
     weight: torch.Tensor, lora: ModuleLora, factor_dtype: torch.dtype, block_bytes: int, buffers: Buffers
 ) -> torch.Tensor:
-    """W + (B·A·s).to(W.dtype) with the element-wise steps a block of rows at a time. The product itself is one
-    call over the whole weight, as PEFT makes it: the matmul kernel a library picks depends on the shapes, and
-    blocks of rows were measured to round a few elements differently (one weight in 154 of a TinyLlama)."""
+    """W + get_delta_weight, with the element-wise steps (scale, rounding, add) a block of rows at a time. The
+    product itself is one call over the whole weight, as PEFT makes it: the matmul kernel a library picks depends
+    on the shapes, and blocks of rows were measured to round a few elements differently (one weight in 154 of a
+    TinyLlama)."""
     a, b = factors(lora, factor_dtype)
     product = torch.mm(b, a, out=buffers.take("product", (b.shape[0], a.shape[1]), a.dtype))
+    if lora.kind in (LayerKind.LINEAR_FIFO, LayerKind.EMBEDDING):
+        product = product.T
     rows = max(1, block_bytes // max(1, weight.shape[1] * product.element_size()))
     first = rounds_delta_first()
     merged = buffers.take("merged", tuple(weight.shape), weight.dtype)
@@ -97,7 +94,7 @@ def _plain_linear_blocks(
         merged.copy_(weight)
     for start in range(0, weight.shape[0], rows):
         stop = min(start + rows, weight.shape[0])
-        block = product[start:stop].mul_(lora.scale)
+        block = product[start:stop].mul_(lora.scale).to(factor_dtype)  # a widened half delta is rounded back
         if first:
             torch.add(weight[start:stop], block.to(weight.dtype), out=merged[start:stop])
         else:
