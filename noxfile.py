@@ -186,7 +186,7 @@ def regress(session: nox.Session) -> None:
         python = _cell_python(session, cell)
         started = time.monotonic()
         done = subprocess.run(
-            [python, "-m", "safe_merge.merger.cli", "check", fingerprint, "--json", *rest],
+            [python, "-m", "safe_merge", "check", fingerprint, "--json", *rest],
             capture_output=True,
             text=True,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from safe_merge.merger.stream.checkpoint import Checkpoint
-from safe_merge.merger.stream.writer import ShardWriter, Slot
+from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.io.shards import ShardWriter, Slot
 
 SHAPES = {
     # TinyLlama 1.1B: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000, untied
@@ -198,7 +198,7 @@ def identical(a: Path, b: Path) -> tuple[int, list[str]]:
 
 def stream_cmd(base: Path, adapter: Path, out: Path, check_outputs: str) -> list[str]:
     script = Path(sys.executable).parent / "safe-merge"  # the installed command, as a user runs it
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "safe_merge.merger.cli"]
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "safe_merge"]
     merge = [*command, "merge", str(base), str(adapter), "-o", str(out)]
     report = ["--report", str(out.parent / f"{out.name}.report.json")]
     return merge + ["--backend", "stream", "--check-outputs", check_outputs, "--force", *report]

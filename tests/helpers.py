@@ -11,10 +11,10 @@ import peft
 import torch
 
 from safe_merge.compat.adapter_files import load_adapter
-from safe_merge.merger import loading
-from safe_merge.merger.backend_peft import merge_model
-from safe_merge.merger.kinds import layer_kinds
-from safe_merge.merger.verify import Verification, verify_models
+from safe_merge.io import loading
+from safe_merge.merger.backends.peft import merge_model
+from safe_merge.verifier.layer_kinds import layer_kinds
+from safe_merge.verifier.verdict import Verification, verify_models
 from tests.strategies import Case, build_base, fill_adapter, lora_config
 
 
@@ -31,7 +31,7 @@ def digest(*dirs: Path) -> str:
 def merge_refused(tmp_path: Path, capsys, inputs: list[Path], extra: list[str], *needles: str, code: int = 2) -> str:
     """Run `merge BASE ADAPTER... -o tmp_path/work/out EXTRA`; assert the exit code, the message (no traceback),
     that the inputs are byte-identical and that nothing (output or staging dir) was left; returns stderr."""
-    from safe_merge.merger.cli import main
+    from safe_merge.cli import main
 
     before = digest(*inputs)
     work = tmp_path / "work"

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from safe_merge.cli import main
+from safe_merge.demo import build_tokenizer
 from safe_merge.merger import pipeline
-from safe_merge.merger.cli import main
-from safe_merge.merger.demo import build_tokenizer
 from tests.helpers import materialize, merge_refused
 from tests.strategies import FEATURES, Case
 
@@ -167,7 +167,7 @@ def test_hub_ids_resolve_from_the_local_cache_and_say_so_when_absent(pair, tmp_p
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
     def merge(base_id: str, out: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "safe_merge.merger.cli", "merge", base_id, "acme/tiny-adapter", "-o", out]
+        command = [sys.executable, "-m", "safe_merge", "merge", base_id, "acme/tiny-adapter", "-o", out]
         return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
     done = merge("acme/tiny-base", str(tmp_path / "out"))

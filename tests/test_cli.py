@@ -14,10 +14,11 @@ import torch
 from packaging.version import Version
 from safetensors.torch import load_file
 
-from safe_merge.merger import backend_peft, loading
-from safe_merge.merger.cli import main
-from safe_merge.merger.demo import build_tokenizer
-from safe_merge.merger.stream import arith
+from safe_merge.cli import main
+from safe_merge.demo import build_tokenizer
+from safe_merge.io import loading
+from safe_merge.merger.backends import peft as backend_peft
+from safe_merge.merger.backends.stream import arith
 from tests.helpers import materialize, save_model
 from tests.release import HISTORY, INSTALLED, requires_release
 from tests.strategies import FEATURES, Case
@@ -196,7 +197,7 @@ def test_verify_reports_could_not_verify_for_an_unchecked_feature(inputs, tmp_pa
 
 def test_demo_runs_offline_and_passes():
     done = subprocess.run(
-        [sys.executable, "-m", "safe_merge.merger.cli", "demo", "--json"],
+        [sys.executable, "-m", "safe_merge", "demo", "--json"],
         capture_output=True,
         text=True,
         env={**_offline_env()},
@@ -264,7 +265,7 @@ def test_vision_model_is_verified_on_pixel_probes(tmp_path, capsys):
 
 def test_overflowing_reference_outputs_are_never_a_pass():
     """An unmerged model whose outputs overflow gives an infinite tolerance; the check must not run at all."""
-    from safe_merge.merger.outputs import check_outputs
+    from safe_merge.verifier.outputs import check_outputs
 
     class Blow(torch.nn.Module):
         def __init__(self, scale):

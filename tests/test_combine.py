@@ -14,11 +14,11 @@ from packaging.version import Version
 from torch import nn
 
 from safe_merge.errors import Unsupported
-from safe_merge.merger.combination import SAME_RANK, SVD, Combination
-from safe_merge.merger.combine import RANDOM, combined_delta
-from safe_merge.merger.delta import ModuleLora, low_rank_delta
-from safe_merge.merger.kinds import layer_kinds
-from safe_merge.merger.loading import installed_peft
+from safe_merge.io.loading import installed_peft
+from safe_merge.merger.rules.combinable import SAME_RANK, SVD, Combination
+from safe_merge.verifier.combination import RANDOM, combined_delta
+from safe_merge.verifier.delta import ModuleLora, low_rank_delta
+from safe_merge.verifier.layer_kinds import layer_kinds
 from tests.release import HISTORY, INSTALLED, combination_param, requires, weighted_adapter_options
 from tests.strategies import FEATURES
 

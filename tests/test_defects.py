@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safe_merge.merger.cli import main
+from safe_merge.cli import main
 from safe_merge.merger.pipeline import MergeRequest, merge_command
 from tests.helpers import materialize, save_model
 from tests.strategies import FEATURES, Case
@@ -150,7 +150,7 @@ def test_delta_on_the_wrong_layer_is_caught(llama, tmp_path, capsys):
 def test_plain_merge_into_a_tied_embedding_is_caught(tmp_path, capsys):
     """merge_and_unload alone merges an embedding LoRA into the tensor the LM head shares, so the head changes
     too, which the unmerged model never did. The verifier must name the head."""
-    from safe_merge.merger import loading
+    from safe_merge.io import loading
 
     case = Case(
         "gpt2",

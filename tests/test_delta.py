@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from safe_merge.compat.scaling import pattern_value, scaling
-from safe_merge.merger.delta import LayerKind, ModuleLora, low_rank_delta
-from safe_merge.merger.kinds import layer_kinds
+from safe_merge.verifier.delta import LayerKind, ModuleLora, low_rank_delta
+from safe_merge.verifier.layer_kinds import layer_kinds
 from tests.release import base_layer
 from tests.strategies import FEATURES
 

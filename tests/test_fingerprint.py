@@ -15,8 +15,8 @@ import pytest
 from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
-from safe_merge.merger import fingerprint as fp
-from safe_merge.merger.cli import main
+from safe_merge import fingerprints as fp
+from safe_merge.cli import main
 from tests.helpers import digest
 from tests.release import HISTORY, INSTALLED
 

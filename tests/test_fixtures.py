@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from safe_merge.compat.adapter_files import load_adapter
 from safe_merge.compat.plan import make_plan, write_state
 from safe_merge.errors import BadInput
-from safe_merge.merger import loading
-from safe_merge.merger.known_bugs import refuse_known_bugs
+from safe_merge.io import loading
 from safe_merge.merger.pipeline import MergeRequest, merge_command
+from safe_merge.merger.rules.known_bugs import refuse_known_bugs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 INSTALLED = Version(peft.__version__).base_version

@@ -9,10 +9,10 @@ import peft
 import pytest
 from packaging.version import Version
 
+from safe_merge.cli import main
 from safe_merge.compat.adapter_files import load_adapter
 from safe_merge.compat.history import NEVER_WRITTEN, History
 from safe_merge.compat.inspect import infer_origin, inspect_adapter
-from safe_merge.merger.cli import main
 from tests.helpers import save_model
 from tests.release import requires
 from tests.strategies import Case, build_base

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from safe_merge.merger import loading
-from safe_merge.merger.cli import main
+from safe_merge.cli import main
+from safe_merge.io import loading
 from tests.helpers import materialize, merge_refused, save_adapter
 from tests.release import requires
 from tests.strategies import FEATURES, HISTORY, INSTALLED, Case, _has_dora_layer, build_base

@@ -13,11 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from packaging.version import Version
 
+from safe_merge.cli import main
 from safe_merge.compat.adapter_files import load_adapter, read_tensors
 from safe_merge.compat.history import NEVER_WRITTEN, History
 from safe_merge.compat.plan import make_plan
-from safe_merge.merger import loading
-from safe_merge.merger.cli import main
+from safe_merge.io import loading
 from tests.helpers import digest, save_adapter, save_model
 from tests.release import requires
 from tests.strategies import FEATURES, Case, build_base

@@ -13,12 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from safe_merge.merger import loading
-from safe_merge.merger.outputs import check_outputs
+from safe_merge.io import loading
+from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.merger.pipeline import MergeRequest, merge_command
-from safe_merge.merger.probes import probe_inputs
-from safe_merge.merger.stream.checkpoint import Checkpoint
-from safe_merge.merger.summary import summarize
+from safe_merge.report import summarize
+from safe_merge.verifier.outputs import check_outputs
+from safe_merge.verifier.probes import probe_inputs
 from tests import stats
 from tests.helpers import materialize, merge_in_memory, probe_ids
 from tests.release import HISTORY, INSTALLED

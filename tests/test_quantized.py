@@ -16,11 +16,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from safe_merge.cli import main
 from safe_merge.compat.adapter_files import load_adapter
-from safe_merge.merger import backend_peft, loading, quantized_merge
-from safe_merge.merger.cli import main
+from safe_merge.io import loading
+from safe_merge.merger.backends import peft as backend_peft
+from safe_merge.merger.backends import quantized as quantized_merge
 from safe_merge.merger.pipeline import MergeRequest, merge_command
-from safe_merge.merger.quantized import detect, float_twin, grid, rounding_budget
+from safe_merge.quant.formats import detect, float_twin, grid, rounding_budget
 from tests import stats
 from tests.helpers import digest, save_adapter, save_model
 from tests.strategies import Case, build_base

@@ -11,10 +11,11 @@ import torch
 from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
+from safe_merge.cli import main
 from safe_merge.compat.history import History
-from safe_merge.merger import backend_peft, loading
-from safe_merge.merger.cli import main
-from safe_merge.merger.combination import SAME_RANK, SVD, UNCHECKABLE
+from safe_merge.io import loading
+from safe_merge.merger.backends import peft as backend_peft
+from safe_merge.merger.rules.combinable import SAME_RANK, SVD, UNCHECKABLE
 from tests.helpers import digest, merge_refused, save_adapter, save_model
 from tests.release import has_combination, requires
 from tests.strategies import Case, build_base

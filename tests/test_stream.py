@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from safe_merge.merger.cli import main
-from safe_merge.merger.delta import LayerKind, ModuleLora
-from safe_merge.merger.stream import arith
-from safe_merge.merger.stream.checkpoint import Checkpoint
-from safe_merge.merger.stream.writer import ShardWriter, Slot
+from safe_merge.cli import main
+from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.io.shards import ShardWriter, Slot
+from safe_merge.merger.backends.stream import arith
+from safe_merge.verifier.delta import LayerKind, ModuleLora
 from tests.helpers import materialize
 from tests.release import requires_release
 from tests.strategies import Case, build_base

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from safe_merge.errors import BadInput
-from safe_merge.tensorfile import DTYPE_NAMES, read_header
+from safe_merge.io.tensorfile import DTYPE_NAMES, read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -1,1 +1,2 @@
-"""Merging LoRA adapters into base models, verifying the result, and the safe-merge command."""
+"""The merge: a validated request, the rules that refuse before any work, the job they leave, the backends that
+merge and write (behind one protocol), and the pipeline that verifies and publishes."""

@@ -17,28 +17,32 @@ from safe_merge.compat.adapter_files import AdapterFiles, load_adapter, nonfinit
 from safe_merge.compat.migrations.base import State
 from safe_merge.compat.plan import Plan, make_plan, write_state
 from safe_merge.errors import BadInput, SafeMergeError
-from safe_merge.merger import backend_choice, backend_peft, loading, quantized, quantized_merge
-from safe_merge.merger.combination import (
-    Combination,
-    parse_combination,
-    refuse_changed_copies,
-    refuse_uncombinable,
-)
-from safe_merge.merger.combination_check import CombinationCheck, check_combination
-from safe_merge.merger.kinds import layer_kinds
-from safe_merge.merger.known_bugs import refuse_combination_bugs, refuse_known_bugs
-from safe_merge.merger.quantized import Quantization
-from safe_merge.merger.staging import check_target, staged
-from safe_merge.merger.stream import backend as stream_backend
-from safe_merge.merger.stream import verify as stream_verify
-from safe_merge.merger.verify import PASSED, adapter_precision, require_lora, verify_dirs
-from safe_merge.merger.write import (
+from safe_merge.io import loading
+from safe_merge.io.model_dir import (
     DEFAULT_SHARD_SIZE,
     TOKENIZER_FILES,
     tokenizer_size,
     tokenizer_source,
     write_model,
 )
+from safe_merge.io.staging import check_target, staged
+from safe_merge.merger.backends import choice as backend_choice
+from safe_merge.merger.backends import peft as backend_peft
+from safe_merge.merger.backends import quantized as quantized_merge
+from safe_merge.merger.backends.stream import verify as stream_verify
+from safe_merge.merger.backends.stream import write as stream_backend
+from safe_merge.merger.rules.combinable import (
+    Combination,
+    parse_combination,
+    refuse_changed_copies,
+    refuse_uncombinable,
+)
+from safe_merge.merger.rules.known_bugs import refuse_combination_bugs, refuse_known_bugs
+from safe_merge.quant import formats as quantized
+from safe_merge.quant.formats import Quantization
+from safe_merge.verifier.combined_adapter import CombinationCheck, check_combination
+from safe_merge.verifier.layer_kinds import layer_kinds
+from safe_merge.verifier.verdict import PASSED, adapter_precision, require_lora, verify_dirs
 
 
 @dataclass
@@ -304,8 +308,8 @@ def _choose_backend(
 
 def merge_plan(req: MergeRequest, prep: Prepared) -> dict:
     """What `merge` would do, read from headers and configs only: nothing is loaded or written."""
-    from safe_merge.merger.outputs import available_memory
-    from safe_merge.merger.probes import probe_inputs
+    from safe_merge.verifier.outputs import available_memory
+    from safe_merge.verifier.probes import probe_inputs
 
     base_dir, base_config, dtype = prep.base_dir, prep.base_config, prep.dtype
     backend, reason, streamed = _choose_backend(req, prep, prep.sources[0].files)

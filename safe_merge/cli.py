@@ -119,7 +119,7 @@ def _quiet_libraries() -> None:
 
 
 def _emit(command: str, report: dict, as_json: bool, report_path: Path | None = None) -> int:
-    from safe_merge.merger.summary import summarize
+    from safe_merge.report import summarize
 
     text = json.dumps(report, indent=2, default=str)
     if report_path is not None:
@@ -131,8 +131,8 @@ def _emit(command: str, report: dict, as_json: bool, report_path: Path | None = 
 
 
 def cmd_merge(args) -> int:
-    from safe_merge.merger.combination import parse_combination
     from safe_merge.merger.pipeline import MergeRequest, merge_command
+    from safe_merge.merger.rules.combinable import parse_combination
 
     combination = None
     joint = (args.combination, args.weights, args.density, args.svd_rank)
@@ -162,8 +162,8 @@ def cmd_verify(args) -> int:
     import time
 
     from safe_merge.errors import BadInput
-    from safe_merge.merger import loading
-    from safe_merge.merger.verify import verify_dirs
+    from safe_merge.io import loading
+    from safe_merge.verifier.verdict import verify_dirs
 
     if len(args.rest) != 2:
         raise BadInput("verify takes BASE ADAPTER MERGED (one adapter in this release)")
@@ -180,7 +180,7 @@ def cmd_verify(args) -> int:
 
 def cmd_inspect(args) -> int:
     from safe_merge.compat.inspect import inspect_adapter
-    from safe_merge.merger import loading
+    from safe_merge.io import loading
 
     target = args.target or loading.installed_peft()
     _check_release(target)
@@ -193,8 +193,8 @@ def cmd_migrate(args) -> int:
     from safe_merge.compat.adapter_files import load_adapter
     from safe_merge.compat.plan import make_plan, write_state
     from safe_merge.errors import BadInput
-    from safe_merge.merger import loading
-    from safe_merge.merger.staging import check_target, staged
+    from safe_merge.io import loading
+    from safe_merge.io.staging import check_target, staged
 
     target = args.target or loading.installed_peft()
     _check_release(target)
@@ -230,8 +230,8 @@ def _check_release(release: str) -> None:
 def cmd_fingerprint(args) -> int:
     import time
 
-    from safe_merge.merger.fingerprint import record, write_fingerprint
-    from safe_merge.merger.staging import refuse_existing
+    from safe_merge.fingerprints import record, write_fingerprint
+    from safe_merge.io.staging import refuse_existing
 
     started = time.monotonic()
     refuse_existing(args.out, args.force)  # before the work, not only after it
@@ -252,13 +252,13 @@ def cmd_fingerprint(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from safe_merge.merger.fingerprint import check
+    from safe_merge.fingerprints import check
 
     return _emit("check", check(args.fingerprint, args.base, args.adapter), args.json)
 
 
 def cmd_demo(args) -> int:
-    from safe_merge.merger.demo import run_demo
+    from safe_merge.demo import run_demo
 
     report = run_demo(args.out)
     return _emit("demo", report, args.json)

@@ -21,14 +21,14 @@ import torch
 
 from safe_merge.compat.adapter_files import AdapterFiles, release
 from safe_merge.errors import BadInput
-from safe_merge.merger.ledger import Ledger, build_ledger
-from safe_merge.merger.stream import arith
-from safe_merge.merger.stream.buffers import Buffers
-from safe_merge.merger.stream.checkpoint import Checkpoint
-from safe_merge.merger.stream.layout import BaseView, Layout, infer_layout
-from safe_merge.merger.stream.writer import ShardWriter, Slot
-from safe_merge.merger.weights import touched_params
-from safe_merge.merger.write import carry_files
+from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.io.model_dir import carry_files
+from safe_merge.io.shards import ShardWriter, Slot
+from safe_merge.merger.backends.stream import arith
+from safe_merge.merger.backends.stream.buffers import Buffers
+from safe_merge.merger.backends.stream.layout import BaseView, Layout, infer_layout
+from safe_merge.verifier.ledger import Ledger, build_ledger
+from safe_merge.verifier.weights import touched_params
 
 INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}

@@ -28,11 +28,12 @@ import torch
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.compat.plan import write_state
 from safe_merge.errors import EXIT_FAILED, EXIT_OK, BadInput, Unsupported
-from safe_merge.merger import backend_peft, loading
-from safe_merge.merger.known_bugs import refuse_known_bugs
-from safe_merge.merger.outputs import run
-from safe_merge.merger.probes import probe_inputs
-from safe_merge.merger.staging import refuse_existing
+from safe_merge.io import loading
+from safe_merge.io.staging import refuse_existing
+from safe_merge.merger.backends import peft as backend_peft
+from safe_merge.merger.rules.known_bugs import refuse_known_bugs
+from safe_merge.verifier.outputs import run
+from safe_merge.verifier.probes import probe_inputs
 
 KIND = "safe-merge fingerprint"
 FORMAT = 1

@@ -8,11 +8,11 @@ from packaging.version import Version
 
 from safe_merge.compat.history import History
 from safe_merge.errors import BadInput
-from safe_merge.merger.delta import LayerKind
-from safe_merge.merger.ledger import Status
-from safe_merge.merger.loading import installed_peft
-from safe_merge.merger.stream.backend import Prepared
-from safe_merge.merger.stream.layout import might_tie, vocab_rows
+from safe_merge.io.loading import installed_peft
+from safe_merge.merger.backends.stream.layout import might_tie, vocab_rows
+from safe_merge.merger.backends.stream.write import Prepared
+from safe_merge.verifier.delta import LayerKind
+from safe_merge.verifier.ledger import Status
 
 BACKENDS = ("auto", "peft", "stream")
 

@@ -17,8 +17,8 @@ from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.history import History
 from safe_merge.compat.keys import LORA_ROLES, Role, parse_key, targeted_modules
 from safe_merge.errors import BadInput, Unsupported
-from safe_merge.merger import loading
-from safe_merge.merger.combine import PRUNING, RANDOM, TASK_ON_FACTORS, TASK_THEN_SVD
+from safe_merge.io import loading
+from safe_merge.verifier.combination import PRUNING, RANDOM, TASK_ON_FACTORS, TASK_THEN_SVD
 
 SVD = TASK_THEN_SVD | {t for t in RANDOM if t.endswith("_svd")}
 SAME_RANK = TASK_ON_FACTORS | (RANDOM - SVD)  # factors added entry by entry

@@ -14,7 +14,7 @@ from packaging.version import Version
 from torch import nn
 
 from safe_merge.errors import BadInput
-from safe_merge.tensorfile import DTYPE_NAMES, FLOATING, read_header
+from safe_merge.io.tensorfile import DTYPE_NAMES, FLOATING, read_header
 
 DTYPES = {
     "float32": torch.float32,

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from safe_merge.merger.delta import LayerKind, ModuleLora
-from safe_merge.merger.outputs import OutputCheck, available_memory
-from safe_merge.merger.stream.backend import Prepared
-from safe_merge.merger.stream.checkpoint import Checkpoint
-from safe_merge.merger.stream.layout import BaseView
-from safe_merge.merger.tolerance import DORA_WEIGHT_ULPS, WEIGHT_ULPS, eps, smallest_step
-from safe_merge.merger.verify import Verification, check_outputs_dirs
-from safe_merge.merger.weights import (
+from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.merger.backends.stream.layout import BaseView
+from safe_merge.merger.backends.stream.write import Prepared
+from safe_merge.verifier.delta import LayerKind, ModuleLora
+from safe_merge.verifier.outputs import OutputCheck, available_memory
+from safe_merge.verifier.tolerance import DORA_WEIGHT_ULPS, WEIGHT_ULPS, eps, smallest_step
+from safe_merge.verifier.verdict import Verification, check_outputs_dirs
+from safe_merge.verifier.weights import (
     Stats,
     WeightCheck,
     add_result,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from safe_merge.merger.probes import main_output
-from safe_merge.merger.tolerance import NOISE_FACTOR, OUTPUT_ULPS, output_tolerance
+from safe_merge.verifier.probes import main_output
+from safe_merge.verifier.tolerance import NOISE_FACTOR, OUTPUT_ULPS, output_tolerance
 
 
 @dataclass

@@ -20,9 +20,9 @@ import torch
 from packaging.version import Version
 
 from safe_merge.compat.history import History
-from safe_merge.merger.delta import LayerKind, ModuleLora
-from safe_merge.merger.loading import installed_peft
-from safe_merge.merger.stream.buffers import Buffers
+from safe_merge.io.loading import installed_peft
+from safe_merge.merger.backends.stream.buffers import Buffers
+from safe_merge.verifier.delta import LayerKind, ModuleLora
 
 BLOCK_BYTES = 2**21  # rows per block of the plain merge: about 2 MiB of the product, inside a core's cache
 

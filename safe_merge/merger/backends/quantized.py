@@ -12,12 +12,9 @@ from torch import nn
 
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.errors import Unsupported
-from safe_merge.merger import backend_peft, loading
-from safe_merge.merger.kinds import layer_kinds
-from safe_merge.merger.ledger import build_ledger
-from safe_merge.merger.outputs import OutputCheck, model_depth, run
-from safe_merge.merger.probes import probe_inputs
-from safe_merge.merger.quantized import (
+from safe_merge.io import loading
+from safe_merge.merger.backends import peft as backend_peft
+from safe_merge.quant.formats import (
     OUTPUT_FACTOR,
     SENSITIVITY_SEED,
     QuantCheck,
@@ -27,9 +24,13 @@ from safe_merge.merger.quantized import (
     grid,
     quantized_modules,
 )
-from safe_merge.merger.tolerance import output_tolerance
-from safe_merge.merger.verify import Verification, adapter_precision, verify_models
-from safe_merge.merger.weights import WeightCheck, expected_params
+from safe_merge.verifier.layer_kinds import layer_kinds
+from safe_merge.verifier.ledger import build_ledger
+from safe_merge.verifier.outputs import OutputCheck, model_depth, run
+from safe_merge.verifier.probes import probe_inputs
+from safe_merge.verifier.tolerance import output_tolerance
+from safe_merge.verifier.verdict import Verification, adapter_precision, verify_models
+from safe_merge.verifier.weights import WeightCheck, expected_params
 
 
 def merge(base_dir: Path, adapter: AdapterFiles, policy: str, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:

@@ -26,7 +26,7 @@ import torch
 
 from safe_merge.compat.history import History
 from safe_merge.errors import Unsupported
-from safe_merge.merger.delta import ModuleLora, low_rank_delta
+from safe_merge.verifier.delta import ModuleLora, low_rank_delta
 
 # Every add_weighted_adapter type, by how its result is derived (combination.py builds its sets from these).
 EXACT = frozenset({"cat"})

@@ -18,7 +18,7 @@ import torch
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.keys import LORA_ROLES, Role, parse_key
 from safe_merge.compat.scaling import scaling
-from safe_merge.merger.delta import LayerKind, ModuleLora
+from safe_merge.verifier.delta import LayerKind, ModuleLora
 
 
 class Status(enum.Enum):

@@ -16,8 +16,8 @@ import torch
 
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.keys import Role, parse_key
-from safe_merge.merger.delta import LayerKind
-from safe_merge.merger.stream.checkpoint import Checkpoint
+from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.verifier.delta import LayerKind
 
 # transformers model types whose attention and MLP projections are Conv1D (weight stored [in, out])
 CONV1D_MODULES = {

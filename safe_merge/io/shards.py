@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from safe_merge.merger.stream.checkpoint import copy_range, tensor_bytes
-from safe_merge.tensorfile import NAME_OF
+from safe_merge.io.checkpoint import copy_range, tensor_bytes
+from safe_merge.io.tensorfile import NAME_OF
 
 ALIGN = 8  # the header is padded with spaces so that the data starts 8-byte aligned
 

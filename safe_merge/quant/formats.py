@@ -303,7 +303,7 @@ def check_requantized_weights(
     """Every merged weight against dequant(W) + ΔW within its rounding budget; a layer that did not move although
     the adapter asks it to is named, and so is any other parameter that moved. Returns the per-tensor results,
     the failures, the budgets (for the output sensitivity) and the share of ΔW each weight carries."""
-    from safe_merge.merger.weights import TensorResult
+    from safe_merge.verifier.weights import TensorResult
 
     results, failures, budgets, survival = [], [], {}, {}
     for name, exact in sorted(expected.items()):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from safe_merge.errors import BadInput
-from safe_merge.tensorfile import DTYPE_NAMES, FLOATING, read_header
+from safe_merge.io.tensorfile import DTYPE_NAMES, FLOATING, read_header
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from safe_merge.compat.adapter_files import AdapterFiles
-from safe_merge.merger.combination import Combination, svd_rank
-from safe_merge.merger.combine import (
+from safe_merge.merger.rules.combinable import Combination, svd_rank
+from safe_merge.verifier.combination import (
     RANDOM,
     TASK_THEN_SVD,
     best_rank,
@@ -33,9 +33,9 @@ from safe_merge.merger.combine import (
     factor_weights,
     task_delta,
 )
-from safe_merge.merger.delta import LayerKind, ModuleLora, low_rank_delta, product_magnitude
-from safe_merge.merger.ledger import Ledger, Status, build_ledger
-from safe_merge.merger.tolerance import eps
+from safe_merge.verifier.delta import LayerKind, ModuleLora, low_rank_delta, product_magnitude
+from safe_merge.verifier.ledger import Ledger, Status, build_ledger
+from safe_merge.verifier.tolerance import eps
 
 ARITHMETIC_ULPS = 4.0  # per source term: weight rounding, the products, the sum
 SVD_BACKWARD = 8.0  # LAPACK's SVD is backward stable: error within a few eps·sqrt(n)·sigma_1

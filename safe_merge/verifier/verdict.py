@@ -14,14 +14,14 @@ from torch import nn
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.compat.history import History
 from safe_merge.errors import EXIT_COULD_NOT_VERIFY, EXIT_FAILED, EXIT_OK, BadInput
-from safe_merge.merger import loading
-from safe_merge.merger.combination_check import CombinationCheck
-from safe_merge.merger.delta import LayerKind
-from safe_merge.merger.kinds import layer_kinds
-from safe_merge.merger.ledger import Ledger, Status, build_ledger
-from safe_merge.merger.outputs import OutputCheck, check_outputs
-from safe_merge.merger.probes import probe_inputs
-from safe_merge.merger.weights import WeightCheck, check_weights
+from safe_merge.io import loading
+from safe_merge.verifier.combined_adapter import CombinationCheck
+from safe_merge.verifier.delta import LayerKind
+from safe_merge.verifier.layer_kinds import layer_kinds
+from safe_merge.verifier.ledger import Ledger, Status, build_ledger
+from safe_merge.verifier.outputs import OutputCheck, check_outputs
+from safe_merge.verifier.probes import probe_inputs
+from safe_merge.verifier.weights import WeightCheck, check_weights
 
 PASSED, FAILED, COULD_NOT_VERIFY = "passed", "failed", "could_not_verify"
 

@@ -11,8 +11,8 @@ from torch import nn
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.history import History
 from safe_merge.compat.keys import targeted_modules
-from safe_merge.merger import loading
-from safe_merge.merger.combination import Combination
+from safe_merge.io import loading
+from safe_merge.merger.rules.combinable import Combination
 from safe_merge.merger.tying import record_broken_ties, shared_groups, untie_targets
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from safe_merge.merger.delta import LayerKind
+from safe_merge.verifier.delta import LayerKind
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:

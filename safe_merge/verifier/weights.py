@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from safe_merge.merger.delta import dora_factor, low_rank_delta, merged_bias, merged_weight, product_magnitude
-from safe_merge.merger.ledger import Ledger
-from safe_merge.merger.tolerance import (
+from safe_merge.verifier.delta import dora_factor, low_rank_delta, merged_bias, merged_weight, product_magnitude
+from safe_merge.verifier.ledger import Ledger
+from safe_merge.verifier.tolerance import (
     DORA_WEIGHT_ULPS,
     WEIGHT_ULPS,
     eps,
