@@ -1,4 +1,7 @@
-"""The safe-merge command. Exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify."""
+"""The safe-merge command: argparse and thin handlers over the Python API (safe_merge/api.py).
+
+Exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +12,56 @@ import sys
 import traceback
 from pathlib import Path
 
+from safe_merge import api
 from safe_merge.errors import EXIT_BAD_INPUT, SafeMergeError
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+EXIT_CODES = "exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify"
+EXAMPLES = {
+    "merge": [
+        "safe-merge merge ./base ./adapter -o ./merged",
+        "safe-merge merge ./base ./adapter -o ./merged --plan           # say what would happen, write nothing",
+        "safe-merge merge ./base ./a1 ./a2 --weights 0.7 0.3 --combination linear -o ./merged",
+    ],
+    "verify": ["safe-merge verify ./base ./adapter ./merged --json"],
+    "inspect": ["safe-merge inspect ./adapter --target 0.7.1"],
+    "migrate": ["safe-merge migrate ./adapter -o ./adapter-0.7 --target 0.7.1"],
+    "fingerprint": ["safe-merge fingerprint ./base ./adapter -o adapter.fp.json"],
+    "check": ["safe-merge check adapter.fp.json            # after an upgrade: exit 0, or 1 naming what moved"],
+    "demo": ["safe-merge demo -o ./demo                    # offline: a tiny model, an adapter, a verified merge"],
+}
+
+
+def _epilog(*commands: str) -> str:
+    lines = ["examples:"] + [f"  {line}" for c in commands for line in EXAMPLES[c]]
+    return "\n".join([*lines, "", EXIT_CODES])
+
+
+def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=_epilog(name),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="safe-merge", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="safe-merge",
+        description="Turn PEFT LoRA adapters into standalone models, and prove the merge is right.",
+        epilog=_epilog(*EXAMPLES),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base, verify, write a standalone model")
+    merge = _command(sub, "merge", "merge a LoRA adapter into its base, verify, write a standalone model")
     merge.add_argument("base", help="base model: a local directory or a cached hub id")
     merge.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directory or cached hub id")
     merge.add_argument("-o", "--out", required=True, type=Path, help="output directory (written only when verified)")
-    merge.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto keeps the base's stored dtype")
+    merge.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="auto keeps the base's"
+    )
     merge.add_argument(
         "--backend",
         choices=("auto", "peft", "stream"),
@@ -64,17 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--report", type=Path, help="also write the JSON report here")
     merge.add_argument("--json", action="store_true", help="print the JSON report on stdout")
 
-    verify = sub.add_parser("verify", help="check a merged checkpoint against its base and adapter")
+    verify = _command(sub, "verify", "check a merged checkpoint against its base and adapter")
     verify.add_argument("base")
     verify.add_argument("rest", nargs="+", metavar="ADAPTER... MERGED", help="the adapter, then the merged model")
     verify.add_argument("--json", action="store_true")
 
-    inspect = sub.add_parser("inspect", help="origin release, features, and how each key fares in a target release")
+    inspect = _command(sub, "inspect", "origin release, features, and how each key fares in a target release")
     inspect.add_argument("adapter")
     inspect.add_argument("--target", help="PEFT release to assess for (default: the installed one)")
     inspect.add_argument("--json", action="store_true")
 
-    migrate = sub.add_parser("migrate", help="write a copy of an adapter that a target PEFT release loads")
+    migrate = _command(sub, "migrate", "write a copy of an adapter that a target PEFT release loads")
     migrate.add_argument("adapter")
     migrate.add_argument("-o", "--out", required=True, type=Path)
     migrate.add_argument("--target", help="PEFT release to migrate to (default: the installed one)")
@@ -82,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
     migrate.add_argument("--json", action="store_true")
 
-    fingerprint = sub.add_parser(
-        "fingerprint", help="record what an adapter does on its base here, to check after a PEFT upgrade"
+    fingerprint = _command(
+        sub, "fingerprint", "record what an adapter does on its base here, to check after a PEFT upgrade"
     )
     fingerprint.add_argument("base")
     fingerprint.add_argument("adapter")
@@ -91,16 +130,61 @@ def build_parser() -> argparse.ArgumentParser:
     fingerprint.add_argument("--force", action="store_true", help="replace an existing file")
     fingerprint.add_argument("--json", action="store_true")
 
-    check = sub.add_parser("check", help="recompute a fingerprint here: exit 0 when nothing moved, 1 with what did")
+    check = _command(sub, "check", "recompute a fingerprint here: exit 0 when nothing moved, 1 with what did")
     check.add_argument("fingerprint", type=Path)
     check.add_argument("--base", help="the base model (default: where the fingerprint says)")
     check.add_argument("--adapter", help="the adapter (default: where the fingerprint says)")
     check.add_argument("--json", action="store_true")
 
-    demo = sub.add_parser("demo", help="build a tiny model and adapter offline and run the whole pipeline")
+    demo = _command(sub, "demo", "build a tiny model and adapter offline and run the whole pipeline")
     demo.add_argument("-o", "--out", type=Path, help="keep the demo's files here (default: a temp dir)")
     demo.add_argument("--json", action="store_true")
     return parser
+
+
+def cmd_merge(args) -> dict:
+    return api.merge(
+        args.base,
+        args.adapters,
+        args.out,
+        dtype=args.dtype,
+        backend=args.backend,
+        force=args.force,
+        max_shard_size=args.max_shard_size,
+        plan=args.plan,
+        combination=args.combination,
+        weights=args.weights,
+        density=args.density,
+        majority_sign=args.majority_sign,
+        svd_rank=args.svd_rank,
+        quantized=args.quantized,
+        check_outputs=args.check_outputs,
+    )
+
+
+def cmd_verify(args) -> dict:
+    from safe_merge.errors import BadInput
+
+    if len(args.rest) != 2:
+        raise BadInput("verify takes BASE ADAPTER MERGED (one adapter in this release)")
+    return api.verify(args.base, args.rest[0], args.rest[1])
+
+
+def cmd_demo(args) -> dict:
+    from safe_merge.demo import run_demo
+
+    return run_demo(args.out)
+
+
+HANDLERS = {
+    "merge": cmd_merge,
+    "verify": cmd_verify,
+    "inspect": lambda args: api.inspect(args.adapter, target=args.target),
+    "migrate": lambda args: api.migrate(args.adapter, args.out, target=args.target, plan=args.plan, force=args.force),
+    "fingerprint": lambda args: api.fingerprint(args.base, args.adapter, args.out, force=args.force),
+    "check": lambda args: api.check(args.fingerprint, base=args.base, adapter=args.adapter),
+    "demo": cmd_demo,
+}
 
 
 def _quiet_libraries() -> None:
@@ -130,156 +214,14 @@ def _emit(command: str, report: dict, as_json: bool, report_path: Path | None = 
     return int(report.get("exit_code", 0))
 
 
-def cmd_merge(args) -> int:
-    from safe_merge.merger.pipeline import MergeRequest, merge_command
-    from safe_merge.merger.rules.combinable import parse_combination
-
-    combination = None
-    joint = (args.combination, args.weights, args.density, args.svd_rank)
-    if len(args.adapters) > 1 or any(x is not None for x in joint):
-        combination = parse_combination(
-            args.combination or "cat", args.weights, len(args.adapters), args.density, args.majority_sign, args.svd_rank
-        )
-    report = merge_command(
-        MergeRequest(
-            args.base,
-            args.adapters,
-            args.out,
-            args.dtype,
-            args.backend,
-            args.force,
-            args.max_shard_size,
-            args.plan,
-            combination,
-            args.quantized,
-            args.check_outputs,
-        )
-    )
-    return _emit("merge", report, args.json, args.report)
-
-
-def cmd_verify(args) -> int:
-    import time
-
-    from safe_merge.errors import BadInput
-    from safe_merge.io import loading
-    from safe_merge.verifier.verdict import verify_dirs
-
-    if len(args.rest) != 2:
-        raise BadInput("verify takes BASE ADAPTER MERGED (one adapter in this release)")
-    started = time.monotonic()
-    base = loading.resolve_dir(args.base, "base model")
-    adapter = loading.resolve_dir(args.rest[0], "adapter")
-    merged = loading.resolve_dir(args.rest[1], "merged model")
-    result = verify_dirs(base, adapter, merged)
-    report = {**result.report(), "versions": loading.versions(), "merged": str(merged)}
-    report["seconds"] = round(time.monotonic() - started, 3)
-    report["exit_code"] = result.exit_code
-    return _emit("verify", report, args.json)
-
-
-def cmd_inspect(args) -> int:
-    from safe_merge.compat.inspect import inspect_adapter
-    from safe_merge.io import loading
-
-    target = args.target or loading.installed_peft()
-    _check_release(target)
-    adapter = loading.resolve_dir(args.adapter, "adapter")
-    report = {**inspect_adapter(adapter, target).report(), "exit_code": 0}
-    return _emit("inspect", report, args.json)
-
-
-def cmd_migrate(args) -> int:
-    from safe_merge.compat.adapter_files import load_adapter
-    from safe_merge.compat.plan import make_plan, write_state
-    from safe_merge.errors import BadInput
-    from safe_merge.io import loading
-    from safe_merge.io.staging import check_target, staged
-
-    target = args.target or loading.installed_peft()
-    _check_release(target)
-    source = loading.resolve_dir(args.adapter, "adapter")
-    check_target(args.out, args.force)
-    plan, state = make_plan(load_adapter(source), target)
-    report = {**plan.report(), "output": None, "exit_code": 0}
-    if plan.refused:
-        raise BadInput(
-            plan.refusal_message(),
-            hint="merge with a release that understands these keys, or keep "
-            "the adapter on a release at least as new as the first one named",
-        )
-    if not args.plan:
-        with staged(args.out, args.force) as stage:
-            files = write_state(state, source, stage)
-        report["output"] = {"path": str(args.out), "files": files}
-        report["status"] = "migrated"
-    return _emit("migrate", report, args.json)
-
-
-def _check_release(release: str) -> None:
-    from packaging.version import InvalidVersion, Version
-
-    from safe_merge.errors import BadInput
-
-    try:
-        Version(release)
-    except InvalidVersion as exc:
-        raise BadInput(f"--target {release!r} is not a release number", hint="e.g. --target 0.7.1") from exc
-
-
-def cmd_fingerprint(args) -> int:
-    import time
-
-    from safe_merge.fingerprints import record, write_fingerprint
-    from safe_merge.io.staging import refuse_existing
-
-    started = time.monotonic()
-    refuse_existing(args.out, args.force)  # before the work, not only after it
-    fingerprint = record(args.base, args.adapter, args.out)
-    write_fingerprint(fingerprint, args.out, args.force)
-    report = {
-        "status": "recorded",
-        "output": str(args.out),
-        "versions": fingerprint["recorded_with"],
-        "migrations": fingerprint["migrations"],
-        "tensors": len(fingerprint["adapter"]["tensors"]),
-        "deltas": len(fingerprint["deltas"]),
-        "outputs": fingerprint["outputs"]["shape"],
-        "seconds": round(time.monotonic() - started, 3),
-        "exit_code": 0,
-    }
-    return _emit("fingerprint", report, args.json)
-
-
-def cmd_check(args) -> int:
-    from safe_merge.fingerprints import check
-
-    return _emit("check", check(args.fingerprint, args.base, args.adapter), args.json)
-
-
-def cmd_demo(args) -> int:
-    from safe_merge.demo import run_demo
-
-    report = run_demo(args.out)
-    return _emit("demo", report, args.json)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    handlers = {
-        "merge": cmd_merge,
-        "verify": cmd_verify,
-        "inspect": cmd_inspect,
-        "migrate": cmd_migrate,
-        "fingerprint": cmd_fingerprint,
-        "check": cmd_check,
-        "demo": cmd_demo,
-    }
     try:
-        return handlers[args.command](args)
+        report = HANDLERS[args.command](args)
+        return _emit(args.command, report, args.json, getattr(args, "report", None))
     except SafeMergeError as exc:
-        return _fail(args, str(exc), exc.exit_code)
+        return _fail(args, str(exc), exc.exit_code, exc.rule)
     except KeyboardInterrupt:
         return _fail(args, "interrupted; nothing was written", EXIT_BAD_INPUT)
     except OSError as exc:  # a full disk, a read-only target, a vanished file: nothing was published
@@ -295,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, message, EXIT_BAD_INPUT)
 
 
-def _fail(args, message: str, code: int) -> int:
+def _fail(args, message: str, code: int, rule: str | None = None) -> int:
     print(f"safe-merge {args.command}: error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"status": "error", "error": message, "exit_code": code}))
+        print(json.dumps({"status": "error", "error": message, "exit_code": code, **({"rule": rule} if rule else {})}))
     return code
 
 

@@ -28,6 +28,13 @@ class SafeMergeError(Exception):
         self.path = path
         self.key = key
         self.hint = hint
+        self.rule: str | None = None  # the preflight rule that refused, when one did
+
+    def refused_by(self, rule: str) -> None:
+        """Name the rule that raised this (the innermost rule wins), so the user can look it up."""
+        if self.rule is None:
+            self.rule = rule
+            self.args = (f"{self.args[0]}\n  refused by rule: {rule}", *self.args[1:])
 
 
 class BadInput(SafeMergeError):

@@ -31,6 +31,7 @@ from safe_merge.errors import EXIT_FAILED, EXIT_OK, BadInput, Unsupported
 from safe_merge.io import loading
 from safe_merge.io.staging import refuse_existing
 from safe_merge.merger.backends import peft as backend_peft
+from safe_merge.merger.job import read_source
 from safe_merge.merger.rules.known_bugs import refuse_known_bugs
 from safe_merge.verifier.outputs import run
 from safe_merge.verifier.probes import probe_inputs
@@ -135,8 +136,6 @@ def _measure(base_dir: Path, source, inputs: dict[str, torch.Tensor] | None = No
 
 def record(base: str, adapter: str, out: Path) -> dict:
     """Build the fingerprint of ``adapter`` on ``base`` in this environment (the caller writes it to ``out``)."""
-    from safe_merge.merger.pipeline import read_source
-
     base_dir = loading.resolve_dir(base, "base model")
     source = read_source(loading.resolve_dir(adapter, "adapter"), loading.installed_peft())
     anchor = Path(out).parent
@@ -300,8 +299,6 @@ def _unravel(flat: int, shape: list[int]) -> tuple[int, ...]:
 
 def check(path: Path, base: str | None = None, adapter: str | None = None) -> dict:
     """Recompute the fingerprint at ``path`` here; the report's status is passed, failed or could_not_check."""
-    from safe_merge.merger.pipeline import read_source
-
     started = time.monotonic()
     recorded = read_fingerprint(path)
     anchor = Path(path).parent

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from safe_merge.cli import main
 from safe_merge.demo import build_tokenizer
-from safe_merge.merger import pipeline
+from safe_merge.io.shards import ShardWriter
+from safe_merge.merger.backends import peft as peft_backend
 from tests.helpers import materialize, merge_refused
 from tests.strategies import FEATURES, Case
 
@@ -137,8 +138,8 @@ def test_interrupted_or_failed_write_leaves_nothing(pair, tmp_path, capsys, monk
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(pipeline, "write_model", fail)  # the PEFT backend's writer
-    monkeypatch.setattr(pipeline.stream_backend.ShardWriter, "write", fail)  # the stream backend's, mid-shard
+    monkeypatch.setattr(peft_backend, "write_model", fail)  # the PEFT backend's writer
+    monkeypatch.setattr(ShardWriter, "write", fail)  # the stream backend's, mid-shard
     _merge_fails(base, adapter, tmp_path, capsys, needle, "nothing was written")
 
 
@@ -147,10 +148,8 @@ def test_existing_output_survives_a_failed_forced_merge(pair, tmp_path, capsys, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    monkeypatch.setattr(pipeline, "write_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    monkeypatch.setattr(
-        pipeline.stream_backend.ShardWriter, "write", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
-    )
+    monkeypatch.setattr(peft_backend, "write_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(ShardWriter, "write", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert main(["merge", str(base), str(adapter), "-o", str(out), "--force"]) == 2
     assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "out"]
 

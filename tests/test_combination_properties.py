@@ -19,8 +19,15 @@ from safe_merge.compat.history import History
 from safe_merge.compat.keys import targeted_modules
 from safe_merge.io import loading
 from safe_merge.merger.pipeline import MergeRequest, merge_command
-from safe_merge.merger.rules.combinable import NEEDS_DENSITY, SAME_RANK, SVD, UNCHECKABLE, parse_combination, svd_rank
 from safe_merge.report import summarize
+from safe_merge.verifier.combination_types import (
+    NEEDS_DENSITY,
+    SAME_RANK,
+    SVD,
+    UNCHECKABLE,
+    parse_combination,
+    svd_rank,
+)
 from tests import stats
 from tests.helpers import save_adapter, save_model
 from tests.strategies import ARCHS, DTYPES, Case, build_base, lora_kwargs, sizes_for

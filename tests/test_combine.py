@@ -15,8 +15,8 @@ from torch import nn
 
 from safe_merge.errors import Unsupported
 from safe_merge.io.loading import installed_peft
-from safe_merge.merger.rules.combinable import SAME_RANK, SVD, Combination
-from safe_merge.verifier.combination import RANDOM, combined_delta
+from safe_merge.verifier.combination_math import RANDOM, combined_delta
+from safe_merge.verifier.combination_types import SAME_RANK, SVD, Combination
 from safe_merge.verifier.delta import ModuleLora, low_rank_delta
 from safe_merge.verifier.layer_kinds import layer_kinds
 from tests.release import HISTORY, INSTALLED, combination_param, requires, weighted_adapter_options

@@ -20,9 +20,10 @@ from safe_merge.cli import main
 from safe_merge.compat.adapter_files import load_adapter
 from safe_merge.io import loading
 from safe_merge.merger.backends import peft as backend_peft
-from safe_merge.merger.backends import quantized as quantized_merge
 from safe_merge.merger.pipeline import MergeRequest, merge_command
-from safe_merge.quant.formats import detect, float_twin, grid, rounding_budget
+from safe_merge.quant.formats import detect, float_twin
+from safe_merge.quant.grids import grid, rounding_budget
+from safe_merge.verifier import quantized as quantized_check
 from tests import stats
 from tests.helpers import digest, save_adapter, save_model
 from tests.strategies import Case, build_base
@@ -194,7 +195,7 @@ def test_hqq_layers_merge_within_budget_by_each_policy(tmp_path, policy):
         model = float_twin(model, torch.float32)
     merged, _ = backend_peft.merge_model(model, load_adapter(tmp_path / "adapter"))
     inputs = {"input_ids": torch.arange(24).reshape(2, 12) % SIZES["vocab"]}
-    result = quantized_merge.verify_loaded(base_q, merged, tmp_path / "adapter", quant, policy, torch.float32, inputs)
+    result = quantized_check.verify_loaded(base_q, merged, tmp_path / "adapter", quant, policy, torch.float32, inputs)
     assert result.status == "passed", result.problems
     check = result.quantized
     assert check.output_max <= check.output_budget < check.effect

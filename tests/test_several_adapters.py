@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from safe_merge.cli import main
 from safe_merge.compat.history import History
 from safe_merge.io import loading
-from safe_merge.merger.backends import peft as backend_peft
-from safe_merge.merger.rules.combinable import SAME_RANK, SVD, UNCHECKABLE
+from safe_merge.merger import weighted_adapter
+from safe_merge.verifier.combination_types import SAME_RANK, SVD, UNCHECKABLE
 from tests.helpers import digest, merge_refused, save_adapter, save_model
 from tests.release import has_combination, requires
 from tests.strategies import Case, build_base
@@ -107,10 +107,10 @@ def test_an_rslora_first_adapter_does_not_overscale_the_combination(models, tmp_
 @requires("use_rslora")
 def test_a_combined_adapter_left_overscaled_fails_verification(models, tmp_path, capsys, monkeypatch):
     def overscale(peft_model):  # what PEFT 0.21.2 leaves when the first adapter is rsLoRA
-        peft_model.peft_config[backend_peft.COMBINED].use_rslora = True
+        peft_model.peft_config[weighted_adapter.COMBINED].use_rslora = True
         return []
 
-    monkeypatch.setattr(backend_peft, "_unit_scaling", overscale)
+    monkeypatch.setattr(weighted_adapter, "_unit_scaling", overscale)
     work = tmp_path / "work"
     work.mkdir()
     code, report, err = _merge([models["base"], models["plain"], models["third"], "-o", work / "out"], capsys)
@@ -123,7 +123,7 @@ def test_a_combined_adapter_left_overscaled_fails_verification(models, tmp_path,
 
 def _tamper(monkeypatch, change) -> None:
     """Let PEFT combine, then change the saved combined adapter's tensors before they are checked and merged."""
-    real = backend_peft.combine
+    real = weighted_adapter.combine
 
     def tampered(model, adapter_dirs, combination, out_dir):
         notes = real(model, adapter_dirs, combination, out_dir)
@@ -133,7 +133,7 @@ def _tamper(monkeypatch, change) -> None:
         save_file(tensors, str(path))
         return notes
 
-    monkeypatch.setattr(backend_peft, "combine", tampered)
+    monkeypatch.setattr(weighted_adapter, "combine", tampered)
 
 
 DARE = sorted({"dare_linear", "dare_ties"} & set(TYPES)) if not DARE_UNSCALED else []
@@ -179,14 +179,14 @@ def test_dare_that_kept_every_entry_fails_the_density_check(models, tmp_path, ca
 
 @pytest.mark.skipif(SVD_SCALED_TWICE, reason="svd of these adapters is refused on this release (tested below)")
 def test_an_svd_combination_of_other_weights_fails_verification(models, tmp_path, capsys, monkeypatch):
-    real = backend_peft.combine
+    real = weighted_adapter.combine
 
     def other_weights(model, adapter_dirs, combination, out_dir):
         from dataclasses import replace
 
         return real(model, adapter_dirs, replace(combination, weights=(0.7, -0.3)), out_dir)
 
-    monkeypatch.setattr(backend_peft, "combine", other_weights)
+    monkeypatch.setattr(weighted_adapter, "combine", other_weights)
     args = [models["base"], models["plain"], models["third"], "-o", tmp_path / "o", "--weights", "0.7", "-0.4"]
     code, report, err = _merge(args + ["--combination", "svd"], capsys)
     assert code == 1, err

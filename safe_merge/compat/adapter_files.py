@@ -71,7 +71,7 @@ def read_tensors(weight_file: Path) -> dict[str, torch.Tensor]:
 
 def map_tensors(weight_file: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors as views of a private mapping of the file: nothing is read until a tensor is
-    used, and ``release`` hands a used tensor's pages back (they are read again if it is used again)."""
+    used, and ``return_pages`` hands a used tensor's pages back (they are read again if it is used again)."""
     hint = "the file may be truncated or not a plain tensor file; save the adapter again"
     try:
         header, _, start = read_header(weight_file)
@@ -103,7 +103,7 @@ class _Mapped(dict):
         self.mapping, self.start, self.header = mapping, start, header
 
 
-def release(tensors: dict[str, torch.Tensor], keys) -> None:
+def return_pages(tensors: dict[str, torch.Tensor], keys) -> None:
     """Hand back the pages of mapped tensors once used (a no-op for tensors read into memory)."""
     if not isinstance(tensors, _Mapped) or tensors.mapping is None:
         return
@@ -142,5 +142,5 @@ def nonfinite_tensors(adapter: AdapterFiles) -> list[str]:
     for key, tensor in adapter.tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             out.append(key)
-        release(adapter.tensors, [key])
+        return_pages(adapter.tensors, [key])
     return out

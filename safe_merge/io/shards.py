@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from safe_merge.errors import BadInput
 from safe_merge.io.checkpoint import copy_range, tensor_bytes
 from safe_merge.io.tensorfile import NAME_OF
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
+_UNITS |= {"GIB": 2**30, "TIB": 2**40}
 ALIGN = 8  # the header is padded with spaces so that the data starts 8-byte aligned
 
 
@@ -123,3 +127,12 @@ class ShardWriter:
                 raise RuntimeError(f"{self.path.name}: {len(missing)} declared tensors never written ({missing[0]})")
         finally:
             os.close(self._fd)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (powers of ten), '500MiB' (powers of two) or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise BadInput(f"--max-shard-size {text!r} is not a size", hint="write it like 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[unit])

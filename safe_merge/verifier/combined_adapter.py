@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from safe_merge.compat.adapter_files import AdapterFiles
-from safe_merge.merger.rules.combinable import Combination, svd_rank
-from safe_merge.verifier.combination import (
+from safe_merge.verifier.combination_math import (
     RANDOM,
     TASK_THEN_SVD,
     best_rank,
@@ -33,6 +32,7 @@ from safe_merge.verifier.combination import (
     factor_weights,
     task_delta,
 )
+from safe_merge.verifier.combination_types import Combination, svd_rank
 from safe_merge.verifier.delta import LayerKind, ModuleLora, low_rank_delta, product_magnitude
 from safe_merge.verifier.ledger import Ledger, Status, build_ledger
 from safe_merge.verifier.tolerance import eps

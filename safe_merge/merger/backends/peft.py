@@ -1,4 +1,5 @@
-"""The PEFT backend: PeftModel.from_pretrained, then merge_and_unload, feature-detected across releases."""
+"""The PEFT backend: load the base with transformers, PeftModel.from_pretrained, merge_and_unload (feature-detected
+across releases), save_pretrained; then the whole-model verifier on what was written."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.history import History
 from safe_merge.compat.keys import targeted_modules
 from safe_merge.io import loading
-from safe_merge.merger.rules.combinable import Combination
+from safe_merge.io.model_dir import DEFAULT_SHARD_SIZE, write_model
+from safe_merge.merger.job import Job
 from safe_merge.merger.tying import record_broken_ties, shared_groups, untie_targets
+from safe_merge.verifier.verdict import Verification, verify_dirs
 
 
 def merge_and_unload(peft_model: nn.Module) -> nn.Module:
@@ -51,54 +54,53 @@ def merge_model(model: nn.Module, adapter: AdapterFiles) -> tuple[nn.Module, lis
     return merged, notes
 
 
-COMBINED = "default"  # the combined adapter's name: save_pretrained then writes it at the top of the directory
+class PeftBackend:
+    """merge_and_unload on the loaded base, for any architecture transformers and PEFT load."""
+
+    name = "peft"
+    chosen_because = "the stream backend cannot take it"
+
+    def __init__(self, job: Job, adapter: AdapterFiles):
+        self.job, self.adapter = job, adapter
+        self.model: nn.Module | None = None
+        self.notes: list[str] = []
+
+    @classmethod
+    def offer(cls, job: Job, adapter: AdapterFiles) -> PeftBackend | list[str]:
+        if job.quant is not None:
+            return [f"the base is quantized ({job.quant.describe()}): the quantized backend merges it"]
+        return cls(job, adapter)
+
+    def merge(self) -> None:
+        self.model, self.notes = merge(self.job.base_dir, self.adapter, self.job.dtype)
+
+    def write(self, stage: Path) -> list[str]:
+        assert self.model is not None, "merge() first"
+        size = self.job.request.max_shard_size or DEFAULT_SHARD_SIZE
+        files = write_model(self.model, stage, self.job.base_dir, self.adapter.path, size)
+        self.model = None  # the verifier loads what was written; the merged model in memory is not needed
+        return files
+
+    def verify(self, stage: Path) -> Verification:
+        return verify_dirs(self.job.base_dir, self.adapter.path, stage)
+
+    def report(self) -> dict:
+        return {}
+
+    def estimate_peak_memory(self, free: int) -> dict:
+        """Verification holds the merged model, the base as stored and the reference in the merged dtype at
+        once, plus a float64 twin of the reference when it fits in half the free memory (the noise measurement)."""
+        numel = loading.floating_numel(self.job.base_dir)
+        if not numel:
+            return {"bytes": None, "float64_noise_twin": False}
+        native = loading.stored_dtype(self.job.base_dir, self.job.base_config)
+        twin = numel * 8 if numel * 8 <= free // 2 else 0
+        peak = numel * (2 * _itemsize(self.job.dtype) + _itemsize(native)) + twin
+        return {"bytes": peak, "float64_noise_twin": bool(twin)}
+
+    def checks(self) -> list[str]:
+        return ["weights: every parameter against the float64 merge"]
 
 
-def combine(model: nn.Module, adapter_dirs: list[Path], combination: Combination, out_dir: Path) -> list[str]:
-    """Load every adapter onto ``model`` (consumed), run add_weighted_adapter, and save the combined adapter into
-    ``out_dir``; returns notes for the report.
-
-    The combined factors already carry each source's weight and scale, so the combined adapter's own scaling
-    must be 1. Releases that build it with the first source's use_rslora (PEFT 0.21.2 among them) scale it by
-    sqrt(r) instead; that is set right here, and said in the notes.
-    """
-    names = [f"source_{i}" for i in range(len(adapter_dirs))]
-    peft_model = loading.load_peft(model, adapter_dirs[0], adapter_name=names[0])
-    for name, adapter_dir in zip(names[1:], adapter_dirs[1:], strict=True):
-        loading.load_extra_adapter(peft_model, adapter_dir, name)
-    options = {
-        "combination_type": combination.type,
-        "density": combination.density,
-        "majority_sign_method": combination.majority_sign,
-        "svd_rank": combination.svd_rank,
-    }
-    accepted = inspect.signature(peft_model.add_weighted_adapter).parameters
-    kwargs = {k: v for k, v in options.items() if k in accepted and v is not None}
-    with torch.no_grad():
-        peft_model.add_weighted_adapter(names, list(combination.weights), COMBINED, **kwargs)
-    notes = _unit_scaling(peft_model)
-    for name, param in peft_model.named_parameters():
-        if f".{COMBINED}." in name and not param.data.is_contiguous():  # some releases leave SVD slices strided
-            param.data = param.data.contiguous()
-    peft_model.save_pretrained(str(out_dir), selected_adapters=[COMBINED], safe_serialization=True)
-    return notes
-
-
-def _unit_scaling(peft_model: nn.Module) -> list[str]:
-    config = peft_model.peft_config[COMBINED]
-    wrong = set()
-    for module in peft_model.modules():
-        scaling = getattr(module, "scaling", None)
-        if isinstance(scaling, dict) and COMBINED in scaling and scaling[COMBINED] != 1.0:
-            wrong.add(float(scaling[COMBINED]))
-            scaling[COMBINED] = 1.0
-    if not wrong:
-        return []
-    inherited = " (it inherited use_rslora from the first adapter)" if getattr(config, "use_rslora", False) else ""
-    if hasattr(config, "use_rslora"):
-        config.use_rslora = False
-    config.lora_alpha = config.r
-    return [
-        f"PEFT built the combined adapter with scaling {', '.join(f'{s:.4g}' for s in sorted(wrong))}{inherited}; "
-        "set to 1, since the combined factors already carry each adapter's weight and scale"
-    ]
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()

@@ -15,7 +15,7 @@ from safe_merge.compat.history import History
 from safe_merge.compat.keys import Role, parse_key
 from safe_merge.compat.scaling import scaling
 from safe_merge.errors import BadInput
-from safe_merge.merger.rules.combinable import SAME_RANK, SVD, Combination
+from safe_merge.verifier.combination_types import SAME_RANK, SVD, Combination
 
 EXACT_INSTEAD = "or use --combination cat (exact)"
 

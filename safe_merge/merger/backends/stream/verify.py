@@ -19,7 +19,7 @@ import torch
 
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.merger.backends.stream.layout import BaseView
-from safe_merge.merger.backends.stream.write import Prepared
+from safe_merge.merger.backends.stream.write import StreamMerge
 from safe_merge.verifier.delta import LayerKind, ModuleLora
 from safe_merge.verifier.outputs import OutputCheck, available_memory
 from safe_merge.verifier.tolerance import DORA_WEIGHT_ULPS, WEIGHT_ULPS, eps, smallest_step
@@ -44,7 +44,7 @@ class TensorChecks:
     """Checks each merged or replaced tensor as soon as it is written (read back from its shard), against the
     exact merge of the value it started from: the base is not read a second time."""
 
-    def __init__(self, prep: Prepared):
+    def __init__(self, prep: StreamMerge):
         self.prep = prep
         self.base = BaseView(prep.checkpoint, prep.layout)
         self.results = WeightCheck()
@@ -55,7 +55,7 @@ class TensorChecks:
         add_result(self.results, check_tensor(self.prep, self.base, name, start, got))
 
 
-def check_tensor(prep: Prepared, base: BaseView, name: str, start: torch.Tensor | None, got: torch.Tensor):
+def check_tensor(prep: StreamMerge, base: BaseView, name: str, start: torch.Tensor | None, got: torch.Tensor):
     """One touched tensor against its exact value after the merge; ``start`` is the base's value in the merged
     dtype when the caller has it (a plain Linear weight is then compared a block of rows at a time)."""
     lora = prep.ledger.modules.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
@@ -68,7 +68,7 @@ def check_tensor(prep: Prepared, base: BaseView, name: str, start: torch.Tensor 
 
 
 def verify(
-    prep: Prepared,
+    prep: StreamMerge,
     stage: Path,
     base_dir: Path,
     adapter_dir: Path,
@@ -84,7 +84,7 @@ def verify(
     return Verification(prep.ledger, weights, outputs)
 
 
-def check_weights(prep: Prepared, base: BaseView, written: Checkpoint, checks: TensorChecks | None = None):
+def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks: TensorChecks | None = None):
     """Every tensor of the written checkpoint: the set of names against the base's, untouched ones bit for bit,
     touched ones against their exact merge (unless ``checks`` already saw them written)."""
     check = checks.results if checks is not None else WeightCheck()
@@ -166,7 +166,7 @@ def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> 
         )
 
 
-def _outputs(prep: Prepared, stage: Path, base_dir: Path, adapter_dir: Path, mode: str, size: int) -> OutputCheck:
+def _outputs(prep: StreamMerge, stage: Path, base_dir: Path, adapter_dir: Path, mode: str, size: int) -> OutputCheck:
     """Run the output check when asked, or (auto) when the models it loads fit in half the free memory."""
     if mode == "never":
         return OutputCheck(False, reason="not asked for (--check-outputs never)", optional=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from safe_merge.compat.adapter_files import AdapterFiles, release
-from safe_merge.errors import BadInput
+from safe_merge.compat.adapter_files import AdapterFiles, return_pages
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.io.model_dir import carry_files
-from safe_merge.io.shards import ShardWriter, Slot
+from safe_merge.io.shards import ShardWriter, Slot, parse_size
 from safe_merge.merger.backends.stream import arith
 from safe_merge.merger.backends.stream.buffers import Buffers
 from safe_merge.merger.backends.stream.layout import BaseView, Layout, infer_layout
@@ -31,12 +29,10 @@ from safe_merge.verifier.ledger import Ledger, build_ledger
 from safe_merge.verifier.weights import touched_params
 
 INDEX = "model.safetensors.index.json"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
-_UNITS |= {"GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass
-class Prepared:
+class StreamMerge:
     """The base as the stream backend sees it, with the adapter accounted for."""
 
     checkpoint: Checkpoint
@@ -48,9 +44,9 @@ class Prepared:
     adapter_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # released as each tensor is done
     buffers: Buffers = field(default_factory=Buffers)  # the large temporaries, reused tensor after tensor
 
-    def release(self, name: str) -> None:
+    def return_pages(self, name: str) -> None:
         """Give back the memory of the adapter tensors that went into ``name`` (mapped files only)."""
-        release(self.adapter_tensors, [e.key for e in self.ledger.entries if e.param == name])
+        return_pages(self.adapter_tensors, [e.key for e in self.ledger.entries if e.param == name])
 
     @functools.cached_property
     def touched(self) -> frozenset[str]:
@@ -97,19 +93,19 @@ class Written:
             self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 3)
 
 
-def prepare(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dtype: torch.dtype) -> Prepared:
+def prepare(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dtype: torch.dtype) -> StreamMerge:
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     checkpoint = Checkpoint(base_dir)
     layout = infer_layout(adapter, checkpoint, config)
     ledger = build_ledger(adapter, BaseView(checkpoint, layout), layout.kinds, factor_dtype, precision=None)
-    return Prepared(checkpoint, layout, ledger, config, dtype, factor_dtype, adapter.tensors)
+    return StreamMerge(checkpoint, layout, ledger, config, dtype, factor_dtype, adapter.tensors)
 
 
 Check = Callable[[str, torch.Tensor, torch.Tensor], None]  # (name, value before the merge, as written)
 
 
 def write(
-    prep: Prepared,
+    prep: StreamMerge,
     out: Path,
     base_dir: Path,
     adapter_dir: Path,
@@ -168,13 +164,13 @@ def write(
     return written
 
 
-def _needs_read(prep: Prepared, base: BaseView, name: str) -> bool:
+def _needs_read(prep: StreamMerge, base: BaseView, name: str) -> bool:
     """Untouched tensors already in the output dtype are copied by the kernel, unread."""
     info = prep.checkpoint.tensors[base.source(name)]
     return name in prep.touched or info.dtype != prep.out_dtype(name) or info.offset < 0
 
 
-def _start_value(prep: Prepared, base: BaseView, name: str, role: str) -> tuple[torch.Tensor, float]:
+def _start_value(prep: StreamMerge, base: BaseView, name: str, role: str) -> tuple[torch.Tensor, float]:
     """The value a tensor starts the merge from, in the output dtype (a saved copy replaces the base's), and the
     seconds it took to read. A base tensor already in the output dtype is read into the ``role`` buffer."""
     started = time.perf_counter()
@@ -191,7 +187,7 @@ def _start_value(prep: Prepared, base: BaseView, name: str, role: str) -> tuple[
 
 
 def _emit(
-    prep: Prepared, writer: ShardWriter, slot: Slot, written: Written, read: Future | None, check: Check | None
+    prep: StreamMerge, writer: ShardWriter, slot: Slot, written: Written, read: Future | None, check: Check | None
 ) -> None:
     name = slot.name
     counts = written.counts
@@ -219,10 +215,10 @@ def _emit(
         with written.timing("verify"):
             # read back into the merge's buffer: its contents are on disk now
             check(name, start, writer.read_back(name, prep.buffers.take("merged", (slot.nbytes,), torch.uint8)))
-        prep.release(name)
+        prep.return_pages(name)
 
 
-def merged_tensor(prep: Prepared, name: str, start: torch.Tensor) -> torch.Tensor:
+def merged_tensor(prep: StreamMerge, name: str, start: torch.Tensor) -> torch.Tensor:
     """One touched tensor as PEFT's merge leaves it, from its starting value (the base's, or a saved copy's) in
     the output dtype."""
     module, _, leaf = name.rpartition(".")
@@ -235,7 +231,7 @@ def merged_tensor(prep: Prepared, name: str, start: torch.Tensor) -> torch.Tenso
     return arith.merge_weight(start, lora, prep.factor_dtype, buffers=prep.buffers)
 
 
-def _config(prep: Prepared) -> dict:
+def _config(prep: StreamMerge) -> dict:
     """The base's config with what the merge changed: the dtype, and ties broken."""
     config = json.loads(json.dumps(prep.config))
     dtype = str(prep.dtype).removeprefix("torch.")
@@ -249,16 +245,7 @@ def _config(prep: Prepared) -> dict:
     return config
 
 
-def parse_size(text: str) -> int:
-    """'5GB' (powers of ten), '500MiB' (powers of two) or a number of bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in _UNITS:
-        raise BadInput(f"--max-shard-size {text!r} is not a size", hint="write it like 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def _repack(names: list[str], prep: Prepared, limit: int) -> dict[str, list[str]]:
+def _repack(names: list[str], prep: StreamMerge, limit: int) -> dict[str, list[str]]:
     """Tensors in order into shards of at most ``limit`` bytes (a larger tensor gets a shard of its own)."""
     groups: list[list[str]] = [[]]
     size = 0

@@ -1,0 +1,155 @@
+"""The Python API: one function per command, each returning the report the CLI prints with --json (its
+``status`` first, its ``exit_code`` last). Refusals and bad input raise a SafeMergeError carrying the exit code.
+
+    import safe_merge
+    report = safe_merge.merge("base/", ["adapter/"], "merged/")
+    assert report["status"] == "passed"
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from safe_merge.errors import BadInput
+
+
+def merge(
+    base: str | Path,
+    adapters: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    dtype: str = "auto",
+    backend: str = "auto",
+    force: bool = False,
+    max_shard_size: str | None = None,
+    plan: bool = False,
+    combination: str | None = None,
+    weights: Sequence[float] | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    svd_rank: int | None = None,
+    quantized: str = "dequantize",
+    check_outputs: str = "auto",
+) -> dict:
+    """Merge one adapter (or combine several) into ``base``, verify what was written, publish ``out`` only if
+    verification passed. A failed or unverifiable merge returns its report (exit_code 1 or 3), nothing written."""
+    from safe_merge.merger.pipeline import merge_command
+    from safe_merge.merger.request import MergeRequest, combination_options
+
+    adapters = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
+    request = MergeRequest(
+        base=str(base),
+        adapters=tuple(str(a) for a in adapters),
+        out=Path(out),
+        dtype=dtype,
+        backend=backend,
+        force=force,
+        max_shard_size=max_shard_size,
+        plan=plan,
+        combination=combination_options(len(adapters), combination, weights, density, majority_sign, svd_rank),
+        quantized=quantized,
+        check_outputs=check_outputs,
+    )
+    return merge_command(request)
+
+
+def verify(base: str | Path, adapter: str | Path, merged: str | Path) -> dict:
+    """Check a merged checkpoint, whoever wrote it, against its base and adapter (ledger, weights, outputs)."""
+    from safe_merge.io import loading
+    from safe_merge.verifier.verdict import verify_dirs
+
+    started = time.monotonic()
+    base_dir = loading.resolve_dir(base, "base model")
+    adapter_dir = loading.resolve_dir(adapter, "adapter")
+    merged_dir = loading.resolve_dir(merged, "merged model")
+    result = verify_dirs(base_dir, adapter_dir, merged_dir)
+    report = {**result.report(), "versions": loading.versions(), "merged": str(merged_dir)}
+    report["seconds"] = round(time.monotonic() - started, 3)
+    report["exit_code"] = result.exit_code
+    return report
+
+
+def inspect(adapter: str | Path, *, target: str | None = None) -> dict:
+    """Which releases could have written the adapter, its features, and how each key fares in ``target`` (default:
+    the installed PEFT)."""
+    from safe_merge.compat.inspect import inspect_adapter
+    from safe_merge.io import loading
+
+    target = _release(target or loading.installed_peft())
+    adapter_dir = loading.resolve_dir(adapter, "adapter")
+    return {**inspect_adapter(adapter_dir, target).report(), "exit_code": 0}
+
+
+def migrate(
+    adapter: str | Path, out: str | Path, *, target: str | None = None, plan: bool = False, force: bool = False
+) -> dict:
+    """Write a copy of the adapter that ``target`` loads with the same meaning, or refuse naming the key, its value
+    and the first release that understands it (nothing written)."""
+    from safe_merge.compat.adapter_files import load_adapter
+    from safe_merge.compat.plan import make_plan, write_state
+    from safe_merge.io import loading
+    from safe_merge.io.staging import check_target, staged
+
+    target = _release(target or loading.installed_peft())
+    out = Path(out)
+    source = loading.resolve_dir(adapter, "adapter")
+    check_target(out, force)
+    migration, state = make_plan(load_adapter(source), target)
+    report = {**migration.report(), "output": None, "exit_code": 0}
+    if migration.refused:
+        raise BadInput(
+            migration.refusal_message(),
+            hint="merge with a release that understands these keys, or keep "
+            "the adapter on a release at least as new as the first one named",
+        )
+    if not plan:
+        with staged(out, force) as stage:
+            files = write_state(state, source, stage)
+        report["output"] = {"path": str(out), "files": files}
+        report["status"] = "migrated"
+    return report
+
+
+def fingerprint(base: str | Path, adapter: str | Path, out: str | Path, *, force: bool = False) -> dict:
+    """Record what the adapter does on its base here (versions, file hashes, tensor manifest, weight changes,
+    outputs) into ``out``, to check after an upgrade."""
+    from safe_merge import fingerprints
+    from safe_merge.io.staging import refuse_existing
+
+    started = time.monotonic()
+    out = Path(out)
+    refuse_existing(out, force)  # before the work, not only after it
+    recorded = fingerprints.record(str(base), str(adapter), out)
+    fingerprints.write_fingerprint(recorded, out, force)
+    return {
+        "status": "recorded",
+        "output": str(out),
+        "versions": recorded["recorded_with"],
+        "migrations": recorded["migrations"],
+        "tensors": len(recorded["adapter"]["tensors"]),
+        "deltas": len(recorded["deltas"]),
+        "outputs": recorded["outputs"]["shape"],
+        "seconds": round(time.monotonic() - started, 3),
+        "exit_code": 0,
+    }
+
+
+def check(fingerprint: str | Path, *, base: str | Path | None = None, adapter: str | Path | None = None) -> dict:
+    """Recompute a fingerprint here: status passed (exit_code 0) when nothing moved, failed (1) naming what did."""
+    from safe_merge import fingerprints
+
+    return fingerprints.check(
+        Path(fingerprint), None if base is None else str(base), None if adapter is None else str(adapter)
+    )
+
+
+def _release(release: str) -> str:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        Version(release)
+    except InvalidVersion as exc:
+        raise BadInput(f"--target {release!r} is not a release number", hint="e.g. --target 0.7.1") from exc
+    return release

@@ -1,0 +1,125 @@
+"""The stream backend as the pipeline sees it: offered a job, it takes it only where its arithmetic is PEFT's
+(the installed release, every layer kind, ties it can name), and says why not otherwise."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from packaging.version import Version
+
+from safe_merge.compat.adapter_files import AdapterFiles
+from safe_merge.compat.history import History
+from safe_merge.merger.backends.stream import verify as stream_verify
+from safe_merge.merger.backends.stream import write as stream_write
+from safe_merge.merger.backends.stream.layout import might_tie, vocab_rows
+from safe_merge.merger.job import Job
+from safe_merge.verifier.delta import LayerKind
+from safe_merge.verifier.ledger import Status
+from safe_merge.verifier.verdict import Verification, adapter_precision
+
+
+class StreamBackend:
+    """Tensor by tensor from the base's shards into new shards; memory bounded by the largest tensor."""
+
+    name = "stream"
+    chosen_because = "the stream backend handles every part of it"
+
+    def __init__(self, job: Job, adapter: AdapterFiles, view: stream_write.StreamMerge):
+        self.job, self.adapter, self.view = job, adapter, view
+        self.checks_as_written = stream_verify.TensorChecks(view)
+        self.written: stream_write.Written | None = None
+        self.notes: list[str] = []
+
+    @classmethod
+    def offer(cls, job: Job, adapter: AdapterFiles) -> StreamBackend | list[str]:
+        early = blockers(job, None)
+        if early:
+            return early
+        view = stream_write.prepare(job.base_dir, adapter, job.dtype, adapter_precision(job.dtype))
+        return blockers(job, view) or cls(job, adapter, view)
+
+    def merge(self) -> None:
+        """Nothing happens before writing: each tensor is merged as it is written."""
+
+    def write(self, stage: Path) -> list[str]:
+        self.written = stream_write.write(
+            self.view,
+            stage,
+            self.job.base_dir,
+            self.adapter.path,
+            self.job.request.max_shard_size,
+            self.checks_as_written,
+        )
+        self.notes = self.written.notes
+        return self.written.files
+
+    def verify(self, stage: Path) -> Verification:
+        assert self.written is not None, "write() first"
+        with self.written.timing("verify"):
+            return stream_verify.verify(
+                self.view,
+                stage,
+                self.job.base_dir,
+                self.adapter.path,
+                self.job.request.check_outputs,
+                self.checks_as_written,
+            )
+
+    def report(self) -> dict:
+        assert self.written is not None, "write() first"
+        return {"stream": {"tensors": self.written.counts, "seconds": self.written.seconds}}
+
+    def estimate_peak_memory(self, free: int) -> dict:
+        """The adapter, and per tensor the base tensor, its merge and (verifying a tensor that is not a plain
+        Linear) its float64 reference with its tolerance terms; the output check, when it runs, holds the models."""
+        tensors = self.view.checkpoint.tensors.values()
+        largest = max((i.shape for i in tensors), key=math.prod, default=())
+        item = torch.tensor([], dtype=self.view.dtype).element_size()
+        peak = self.adapter.weight_file.stat().st_size + math.prod(largest) * (3 * item + 5 * 8)
+        need = stream_verify.MODELS_IN_MEMORY * sum(math.prod(i.shape) * item for i in tensors)
+        mode = self.job.request.check_outputs
+        runs = mode == "always" or (mode == "auto" and need <= free // 2)
+        return {
+            "bytes": max(peak, need) if runs else peak,
+            "float64_noise_twin": False,
+            "output_check": f"{'runs' if runs else 'skipped'} ({mode})",
+        }
+
+    def checks(self) -> list[str]:
+        return ["weights: every parameter against the float64 merge"]
+
+
+def blockers(job: Job, view: stream_write.StreamMerge | None) -> list[str]:
+    """Why the stream backend cannot take this merge (empty: it can); ``view`` None asks only what the job says."""
+    if job.combination is not None:
+        return ["several adapters are combined with PEFT's add_weighted_adapter"]
+    if job.quant is not None:
+        return ["the base is quantized; its layers are dequantized and requantized by PEFT"]
+    release = job.peft_release
+    first = History.load().boundary("stream_backend_matches")
+    if Version(release) < first:
+        return [f"the installed PEFT {release} merges differently from the stream backend (it matches from {first})"]
+    if getattr(job.base_config, "auto_map", None):
+        return ["the model's code is not part of transformers (auto_map): its layer classes are unknown unbuilt"]
+    if view is None:
+        return []
+    out = [f"{m}: {why}" for m, why in view.layout.problems.items()]
+    if view.layout.tied is None and might_tie(view.config):
+        tieable = sorted(set(vocab_rows(view.checkpoint, view.config)) & view.touched)
+        if tieable:
+            out.append(
+                f"{tieable[0]}: the config leaves weight tying on and the adapter changes this tensor, but which "
+                "output weight shares it is only known to the built model"
+            )
+    for entry in view.ledger.entries:
+        if entry.status in (Status.UNMATCHED, Status.UNVERIFIED):
+            out.append(f"{entry.key}: {entry.reason}")
+    float32_bias = Version(release) < History.load().boundary("delta_rounded_before_add")
+    for module, lora in view.ledger.modules.items():
+        if lora.magnitude is not None and lora.kind is LayerKind.EMBEDDING:
+            out.append(f"{module}: DoRA on an embedding is merged by the PEFT backend")
+        if lora.bias is not None and float32_bias and view.dtype in (torch.float16, torch.bfloat16):
+            out.append(f"{module}: PEFT {release} leaves a merged lora_B bias in float32; the PEFT backend keeps that")
+    return out

@@ -1,0 +1,123 @@
+"""A job: the request with its inputs read (the base's directory and config, each adapter and its migration plan,
+the quantization, the dtype). Fields are read on first use, in the order the preflight asks for them, so a
+refusal comes before any later input is read; once the preflight has passed, every backend may rely on them."""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
+from safe_merge.compat.migrations.base import State
+from safe_merge.compat.plan import Plan, make_plan
+from safe_merge.errors import BadInput, SafeMergeError
+from safe_merge.io import loading
+from safe_merge.merger.request import MergeRequest
+from safe_merge.merger.rules import adapters as adapter_rules
+from safe_merge.merger.rules import rule
+from safe_merge.quant import formats
+from safe_merge.quant.formats import Quantization
+from safe_merge.verifier.combination_types import Combination
+
+
+@dataclass
+class AdapterSource:
+    """One adapter as the user gave it (never written to), and its migration to the installed PEFT."""
+
+    path: Path
+    files: AdapterFiles
+    plan: Plan
+    state: State
+
+    def drop_tensors(self) -> None:
+        """Drop the tensors (config, plan and paths stay for the report)."""
+        self.files.tensors = {}
+        self.state.tensors = {}
+
+    def report(self, weight: float | None = None) -> dict:
+        out = {
+            "path": str(self.path),
+            "origin_peft": self.plan.origin,
+            "peft_version": self.files.config.get("peft_version"),
+            "migrations": self.plan.steps,
+        }
+        if weight is not None:
+            out["weight"] = weight
+        return out
+
+
+def read_source(path: Path, peft_release: str, refusal: type[SafeMergeError] = BadInput) -> AdapterSource:
+    """Read one adapter and plan its migration to ``peft_release``, under the adapter rules (a migration the
+    release cannot take raises ``refusal``)."""
+    files = load_adapter(path, mapped=True)
+    with rule("lora-only"):
+        adapter_rules.lora_only(files)
+    with rule("finite-adapter"):
+        adapter_rules.finite(files)
+    plan, state = make_plan(files, peft_release)
+    with rule("migratable"):
+        adapter_rules.migratable(plan, refusal)
+    return AdapterSource(path, files, plan, state)
+
+
+@dataclass
+class Job:
+    """What the preflight read and checked; backends and the pipeline take it from here."""
+
+    request: MergeRequest
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def out(self) -> Path:
+        return self.request.out
+
+    @property
+    def combination(self) -> Combination | None:
+        return self.request.combination
+
+    @property
+    def policy(self) -> str:
+        return self.request.quantized
+
+    @functools.cached_property
+    def peft_release(self) -> str:
+        return loading.installed_peft()
+
+    @functools.cached_property
+    def base_dir(self) -> Path:
+        return loading.resolve_dir(self.request.base, "base model")
+
+    @functools.cached_property
+    def sources(self) -> list[AdapterSource]:
+        self.base_dir  # noqa: B018 - the base is named first when both are missing
+        return [read_source(loading.resolve_dir(a, "adapter"), self.peft_release) for a in self.request.adapters]
+
+    @property
+    def adapter_files(self) -> list[AdapterFiles]:
+        return [s.files for s in self.sources]
+
+    @functools.cached_property
+    def base_config(self):
+        return loading.read_config_json(self.base_dir)
+
+    @functools.cached_property
+    def quant(self) -> Quantization | None:
+        return formats.from_config(self.base_config)
+
+    @functools.cached_property
+    def dtype(self) -> torch.dtype:
+        requested = self.request.torch_dtype
+        return requested if requested is not None else loading.stored_dtype(self.base_dir, self.base_config)
+
+    def adapters_report(self, ledgers: list[dict] | None = None) -> list[dict]:
+        """The adapters as the report lists them (with their weights when combined, and each one's ledger when a
+        combination check made them)."""
+        weights = self.combination.weights if self.combination else [None] * len(self.sources)
+        rows = [s.report(w) for s, w in zip(self.sources, weights, strict=True)]
+        for row, ledger in zip(rows, ledgers or [], strict=False):
+            row["ledger"] = ledger
+        return rows

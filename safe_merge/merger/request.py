@@ -1,0 +1,83 @@
+"""A merge request: what the user asked for, checked once when it is made and frozen afterwards.
+
+The CLI and the Python API build it with keywords; everything after it (preflight, backends, the pipeline) may
+trust its fields. The inputs themselves (directories, configs, adapters) are read by the preflight, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from safe_merge.errors import BadInput
+from safe_merge.io.loading import DTYPES
+from safe_merge.io.shards import parse_size
+from safe_merge.quant.formats import POLICIES
+from safe_merge.verifier.combination_types import Combination, parse_combination
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+BACKEND_CHOICES = ("auto", "peft", "stream")
+OUTPUT_CHECKS = ("auto", "always", "never")  # the stream backend's output check: when the models fit, always, never
+
+
+def _one_of(option: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise BadInput(f"{option} {value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """One `merge`: the base, the adapters in order, OUT, and every option, validated in ``__post_init__``."""
+
+    base: str
+    adapters: tuple[str, ...]
+    out: Path
+    dtype: str = "auto"  # auto keeps the base's stored dtype
+    backend: str = "auto"  # auto | peft | stream
+    force: bool = False  # replace an existing OUT, only after success
+    max_shard_size: str | None = None  # None: the stream backend mirrors the base's shards, PEFT uses 5GB
+    plan: bool = False  # say what would happen; write nothing
+    combination: Combination | None = None  # how to join several adapters (or weight one); cat for several
+    quantized: str = "dequantize"  # a quantized base: dequantize | requantize | refuse (quant/formats.py)
+    check_outputs: str = "auto"  # stream backend: auto (when the models fit in free memory) | always | never
+
+    def __post_init__(self) -> None:
+        adapters = (self.adapters,) if isinstance(self.adapters, (str, Path)) else self.adapters
+        object.__setattr__(self, "base", str(self.base))
+        object.__setattr__(self, "adapters", tuple(str(a) for a in adapters))
+        object.__setattr__(self, "out", Path(self.out))
+        if not self.adapters:
+            raise BadInput("no adapter given", hint="name at least one adapter directory after the base")
+        _one_of("--dtype", self.dtype, DTYPE_CHOICES)
+        _one_of("--backend", self.backend, BACKEND_CHOICES)
+        _one_of("--check-outputs", self.check_outputs, OUTPUT_CHECKS)
+        _one_of("--quantized", self.quantized, POLICIES)
+        if self.max_shard_size is not None:
+            parse_size(self.max_shard_size)
+        if self.combination is None and len(self.adapters) > 1:
+            object.__setattr__(self, "combination", parse_combination("cat", None, len(self.adapters)))
+        if self.combination is not None and len(self.combination.weights) != len(self.adapters):
+            raise BadInput(
+                f"{len(self.combination.weights)} weights for {len(self.adapters)} adapters",
+                hint="give one --weights value per adapter",
+            )
+
+    @property
+    def torch_dtype(self):
+        """The asked-for dtype as torch names it (None for auto: the preflight reads the base's)."""
+        return None if self.dtype == "auto" else DTYPES[self.dtype]
+
+
+def combination_options(
+    n_adapters: int,
+    combination: str | None = None,
+    weights: Sequence[float] | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    svd_rank: int | None = None,
+) -> Combination | None:
+    """The Combination the options ask for: any option (or several adapters) makes one, cat by default."""
+    if n_adapters <= 1 and all(x is None for x in (combination, weights, density, svd_rank)):
+        return None
+    return parse_combination(combination or "cat", weights, n_adapters, density, majority_sign, svd_rank)
