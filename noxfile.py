@@ -1,4 +1,16 @@
-"""Sessions: tests (the suite on the current pair), demo, lint. Versions come from matrix/matrix.toml."""
+"""safe-merge's sessions. Versions (torch, the current PEFT × transformers pair, the matrix cells, the fixture
+releases) come from matrix/matrix.toml; `python3 -m nox -l` lists them all.
+
+- lint: ruff check and ruff format --check.
+- tests: the whole suite on the current pair, with the quantization libraries (`ci` hypothesis profile).
+- crosscheck(cell): the newest release's fixtures migrated down and loaded by each older real PEFT release.
+- matrix(peft, transformers): the whole suite in one cell; `-t smoke` (in CI) or `-t full` picks a tier.
+- demo: `safe-merge demo`, offline.
+- bench: the stream backend against the PEFT path on 1.1B- and 4.4B-parameter models (figures, not a test).
+- regress: `safe-merge check` of a fingerprint in every cell of a tier, as a table.
+- fixtures(cell): regenerate tests/fixtures/peft-<release>/ with that real release.
+- history: re-derive history.json's first releases from every PEFT wheel on the index (downloads; not in CI).
+"""
 
 from __future__ import annotations
 
@@ -9,16 +21,17 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nox
 import nox.command
-import tomllib
+import nox.project
 
 ROOT = Path(__file__).parent
-MATRIX = tomllib.loads((ROOT / "matrix" / "matrix.toml").read_text())
+MATRIX = nox.project.load_toml(ROOT / "matrix" / "matrix.toml")  # nox reads toml on any Python (tomllib is 3.11+)
 
-nox.options.default_venv_backend = "uv" if shutil.which("uv") else "virtualenv"
+nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["lint", "tests", "crosscheck"]
 nox.options.reuse_existing_virtualenvs = True
 
@@ -48,21 +61,37 @@ def write_constraints(path: Path, peft: str, transformers: str, extra: list[str]
     return path
 
 
-def install_project(
-    session: nox.Session, peft: str, transformers: str, extras: str = "test", extra: list[str] | None = None
+def install(
+    pip: Callable[..., object],
+    cell: dict,
+    constraints: Path,
+    *,
+    extras: str | None = "test",
+    more: Sequence[str] = (),
 ) -> None:
-    """torch first and pinned (a constraint keeps every later install from replacing it), then the project."""
-    constraints = write_constraints(Path(session.create_tmp()) / "constraints.txt", peft, transformers, extra)
-    session.install(*find_links(), f"torch=={torch_version()}")
-    session.install(*find_links(), "-c", str(constraints), "-e", f".[{extras}]")
+    """The one way an environment is filled: torch first and pinned (the constraints keep every later install
+    from replacing it), then the project with the cell's PEFT and transformers (``extras``), or with ``extras``
+    None the cell's releases alone (a real old release, which may predate the project). ``pip`` runs an install
+    with the given arguments in the target environment."""
+    extra = cell.get("extra", [])
+    write_constraints(constraints, cell["peft"], cell["transformers"], extra)
+    pip(*find_links(), f"torch=={torch_version()}")
+    if extras is None:
+        releases = [f"peft=={cell['peft']}", f"transformers=={cell['transformers']}", "safetensors"]
+        pip(*find_links(), "-c", str(constraints), *releases, *more, *extra)
+    else:
+        pip(*find_links(), "-c", str(constraints), "-e", f"{ROOT}[{extras}]")
+
+
+def install_project(session: nox.Session, cell: dict, extras: str = "test") -> None:
+    install(session.install, cell, Path(session.create_tmp()) / "constraints.txt", extras=extras)
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole suite on the current PEFT × transformers pair, with the `ci` hypothesis profile, and the
     quantization libraries (the `quant` extra) so the quantized-base tests run too."""
-    pair = MATRIX["current"]
-    install_project(session, pair["peft"], pair["transformers"], extras="test,quant")
+    install_project(session, MATRIX["current"], extras="test,quant")
     session.run(
         "python",
         "-c",
@@ -76,8 +105,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """`safe-merge demo`: the whole pipeline on a tiny model it builds itself, offline."""
-    pair = MATRIX["current"]
-    install_project(session, pair["peft"], pair["transformers"], extras="test")
+    install_project(session, MATRIX["current"])
     session.run("safe-merge", "demo", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
@@ -85,8 +113,7 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The stream backend against the PEFT path on a TinyLlama-shaped 1.1B model and one 4x its size (built once,
     cached in .nox/bench-models): wall seconds, peak RSS, bit-identity. `-- --skip-large` skips the 4x model."""
-    pair = MATRIX["current"]
-    install_project(session, pair["peft"], pair["transformers"], extras="test")
+    install_project(session, MATRIX["current"])
     cache = ROOT / ".nox" / "bench-models"
     session.run("python", "bench/stream.py", str(cache), *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
@@ -120,7 +147,7 @@ def matrix(session: nox.Session, peft: str, transformers: str) -> None:
     cell = _cell(peft, transformers)
     if "reason" in cell:
         session.skip(f"known-bad pair: peft {peft} with transformers {transformers}: {cell['reason']}")
-    install_project(session, peft, transformers, extra=cell.get("extra", []))
+    install_project(session, cell)
     try:
         session.run("python", "-c", "import peft, transformers, safe_merge.merger.pipeline", silent=True)
     except nox.command.CommandFailed:
@@ -149,17 +176,18 @@ def _cell_python(session: nox.Session, cell: dict) -> Path:
     probe = f"import peft, transformers, safe_merge; assert peft.__version__ == {cell['peft']!r}"
     if python.exists() and subprocess.run([python, "-c", probe], capture_output=True).returncode == 0:
         return python
-    constraints = write_constraints(
-        env.parent / f"{name}.constraints.txt", cell["peft"], cell["transformers"], cell.get("extra", [])
-    )
     if shutil.which("uv"):
         session.run("uv", "venv", "-q", "--allow-existing", str(env), external=True)
-        install = ["uv", "pip", "install", "-q", "--python", str(python), *find_links()]
+        prefix = ["uv", "pip", "install", "-q", "--python", str(python)]
     else:
         session.run(sys.executable, "-m", "venv", str(env), external=True)
-        install = [str(python), "-m", "pip", "install", "-q"]
-    session.run(*install, f"torch=={torch_version()}", external=True)
-    session.run(*install, "-c", str(constraints), "-e", str(ROOT), external=True)
+        prefix = [str(python), "-m", "pip", "install", "-q"]
+    install(
+        lambda *args: session.run(*prefix, *args, external=True),
+        cell,
+        env.parent / f"{name}.constraints.txt",
+        extras="test",
+    )
     return python
 
 
@@ -218,28 +246,11 @@ def regress(session: nox.Session) -> None:
         session.error("the fingerprint moved, or the check could not run, in at least one cell (table above)")
 
 
-def install_release(session: nox.Session, cell: dict, *more: str) -> None:
-    """One real PEFT release on its transformers, torch pinned, without the project (it may predate it)."""
-    constraints = Path(session.create_tmp()) / "constraints.txt"
-    constraints.write_text(f"torch=={torch_version()}\n")
-    session.install(*find_links(), f"torch=={torch_version()}")
-    session.install(
-        *find_links(),
-        "-c",
-        str(constraints),
-        f"peft=={cell['peft']}",
-        f"transformers=={cell['transformers']}",
-        "safetensors",
-        *more,
-        *cell.get("extra", []),
-    )
-
-
 @nox.session
 @nox.parametrize("cell", [nox.param(c, id=f"peft={c['peft']},transformers={c['transformers']}") for c in FIXTURE_CELLS])
 def fixtures(session: nox.Session, cell: dict) -> None:
     """Regenerate tests/fixtures/peft-<release>/ with that real release (one venv per release)."""
-    install_release(session, cell)
+    install(session.install, cell, Path(session.create_tmp()) / "constraints.txt", extras=None)
     out = ROOT / "tests" / "fixtures" / f"peft-{cell['peft']}"
     session.run("python", str(ROOT / "tests" / "fixtures" / "produce.py"), str(out), env={"HF_HUB_OFFLINE": "1"})
 
@@ -252,7 +263,7 @@ OLDER_CELLS = [c for c in FIXTURE_CELLS if c["peft"] != MATRIX["current"]["peft"
 def crosscheck(session: nox.Session, cell: dict) -> None:
     """Migrate the newest release's fixtures down to an older real release and load them there: each must give
     its producer's logits, or be refused where the history table says so."""
-    install_release(session, cell, "packaging")
+    install(session.install, cell, Path(session.create_tmp()) / "constraints.txt", extras=None, more=["packaging"])
     newest = ROOT / "tests" / "fixtures" / f"peft-{MATRIX['current']['peft']}"
     session.run(
         "python",

@@ -1,6 +1,6 @@
-"""A base checkpoint on disk, read one tensor at a time: safetensors shards by their headers and plain file reads
-(no memory map, so pages read for one tensor are not held for the rest of the run), .bin shards through torch's
-weights-only loader."""
+"""A checkpoint on disk, the one reader: every weight file is found through the index, and read one tensor at a
+time: safetensors shards by their headers and plain file reads (no memory map, so pages read for one tensor are
+not held for the rest of the run), .bin shards through torch's weights-only loader."""
 
 from __future__ import annotations
 
@@ -15,6 +15,44 @@ import torch
 
 from safe_merge.errors import BadInput
 from safe_merge.io.tensorfile import DTYPE_NAMES, FLOATING, read_header
+
+WEIGHT_STEMS = ("model.safetensors", "pytorch_model.bin")  # safetensors first, as transformers prefers it
+
+
+def shard_files(model_dir: Path, *, required: bool = True) -> list[Path]:
+    """A model directory's weight files, as its index names them (or the single unsharded file). Without any
+    weights: refused when ``required``, else empty. An index naming a shard that is not there is refused."""
+    model_dir = Path(model_dir)
+    for stem in WEIGHT_STEMS:
+        index = model_dir / f"{stem}.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+            except (ValueError, AttributeError) as exc:
+                raise BadInput(f"the index is not a JSON object with a weight_map ({exc})", path=index) from exc
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (model_dir / f).is_file()]
+            if missing:
+                raise BadInput(f"the index names shards that are not there: {', '.join(missing)}", path=index)
+            return [model_dir / f for f in files]
+        if (model_dir / stem).is_file():
+            return [model_dir / stem]
+    if not required:
+        return []
+    raise BadInput(
+        "no model weights (model.safetensors, pytorch_model.bin or their sharded index)",
+        path=model_dir,
+        hint="point BASE at the directory save_pretrained wrote",
+    )
+
+
+def safetensors_headers(model_dir: Path) -> Iterator[dict]:
+    """The header of every safetensors shard of a model directory, following its index (nothing for .bin
+    checkpoints or a directory without weights: callers fall back to the config, or the loader says what is
+    missing)."""
+    for shard in shard_files(model_dir, required=False):
+        if shard.suffix == ".safetensors":
+            yield read_header(shard)[0]
 
 
 @dataclass(frozen=True)
@@ -36,7 +74,7 @@ class Checkpoint:
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
-        self.shards = self._shard_files()
+        self.shards = shard_files(self.dir)
         self.format = "bin" if self.shards[0].suffix == ".bin" else "safetensors"
         self.tensors: dict[str, TensorInfo] = {}
         self.order: dict[Path, list[str]] = {}
@@ -46,24 +84,6 @@ class Checkpoint:
             for info in self._scan(shard):
                 self.tensors[info.name] = info
                 self.order[shard].append(info.name)
-
-    def _shard_files(self) -> list[Path]:
-        for stem in ("model.safetensors", "pytorch_model.bin"):
-            index = self.dir / f"{stem}.index.json"
-            if index.is_file():
-                weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
-                files = sorted(set(weight_map.values()))
-                missing = [f for f in files if not (self.dir / f).is_file()]
-                if missing:
-                    raise BadInput(f"the index names shards that are not there: {', '.join(missing)}", path=index)
-                return [self.dir / f for f in files]
-            if (self.dir / stem).is_file():
-                return [self.dir / stem]
-        raise BadInput(
-            "no model weights (model.safetensors, pytorch_model.bin or their sharded index)",
-            path=self.dir,
-            hint="point BASE at the directory save_pretrained wrote",
-        )
 
     def _scan(self, shard: Path) -> Iterator[TensorInfo]:
         if shard.suffix == ".bin":

@@ -14,7 +14,8 @@ from packaging.version import Version
 from torch import nn
 
 from safe_merge.errors import BadInput
-from safe_merge.io.tensorfile import DTYPE_NAMES, FLOATING, read_header
+from safe_merge.io.checkpoint import safetensors_headers, shard_files
+from safe_merge.io.tensorfile import DTYPE_NAMES, FLOATING
 
 DTYPES = {
     "float32": torch.float32,
@@ -97,16 +98,11 @@ def model_class(config):
     return transformers.AutoModel
 
 
-def _headers(model_dir: Path):
-    for file in sorted(model_dir.glob("*.safetensors")):
-        yield read_header(file)[0]
-
-
 def stored_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in a safetensors checkpoint, from its headers alone (empty for .bin)."""
     return {
         key: tuple(info["shape"])
-        for header in _headers(model_dir)
+        for header in safetensors_headers(model_dir)
         for key, info in header.items()
         if key != "__metadata__"
     }
@@ -116,17 +112,18 @@ def stored_tensor(model_dir: Path, name: str) -> torch.Tensor | None:
     """One tensor of a safetensors checkpoint, read alone (None when it is not there or the base is .bin)."""
     from safetensors import safe_open
 
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as fh:
-            if name in fh.keys():
-                return fh.get_tensor(name)
+    for file in shard_files(model_dir, required=False):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as fh:
+                if name in fh.keys():
+                    return fh.get_tensor(name)
     return None
 
 
 def floating_numel(model_dir: Path) -> int | None:
     """Number of floating-point values in a safetensors checkpoint, from its headers alone (None for .bin)."""
     total, seen = 0, False
-    for header in _headers(model_dir):
+    for header in safetensors_headers(model_dir):
         for key, info in header.items():
             if key != "__metadata__" and info.get("dtype") in _SAFETENSORS_DTYPES:
                 total += math.prod(info["shape"])
@@ -137,7 +134,7 @@ def floating_numel(model_dir: Path) -> int | None:
 def stored_dtype(model_dir: Path, config=None) -> torch.dtype:
     """The floating dtype the weights are stored in: read from safetensors headers, else from the config."""
     counts: dict[torch.dtype, int] = {}
-    for header in _headers(model_dir):
+    for header in safetensors_headers(model_dir):
         for key, info in header.items():
             if key != "__metadata__" and info.get("dtype") in _SAFETENSORS_DTYPES:
                 dtype = _SAFETENSORS_DTYPES[info["dtype"]]
