@@ -43,7 +43,7 @@ EPS32 = torch.finfo(torch.float32).eps
 # Bounds between two float32 environments. A weight change W' - W is rounded once per element in each (<= eps·|W'|)
 # and B·A may be summed in another order (r·eps·|B||A|, within 2·eps·‖ΔW‖ for these ranks' norms): 8·eps·(‖W‖ +
 # ‖ΔW‖) holds both with room. Outputs go through every layer, in kernels transformers changes between releases
-# (attention, rotary): 1e-4 of the largest output, measured well below that (README).
+# (attention, rotary): 1e-4 of the largest output, measured well below that (docs/fingerprints.md).
 DELTA_ULPS = 8
 OUTPUT_RELATIVE = 1e-4
 

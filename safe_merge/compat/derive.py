@@ -1,12 +1,12 @@
 """Re-derive, from released PEFT wheels, which adapter-config keys each release writes.
 
-The history table (history.toml) is maintained by hand, because its neutral-value rules need judgement; its
+The history table (history.json) is maintained by hand, because its neutral-value rules need judgement; its
 "first release" column must agree with the wheels. This module reads each wheel as a zip, parses the source
 with ``ast`` (nothing from a wheel is imported or run), and collects the dataclass fields of LoraConfig and its
 PeftConfig bases, with their defaults where they are literals.
 
     python -m safe_merge.compat.derive WHEEL_DIR          # print the derived first release of every key
-    python -m safe_merge.compat.derive WHEEL_DIR --check  # exit 1 on any difference from history.toml
+    python -m safe_merge.compat.derive WHEEL_DIR --check  # exit 1 on any difference from history.json
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def differences(by_release: dict[Version, dict[str, Field]], history) -> list[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("wheel_dir", type=Path)
-    parser.add_argument("--check", action="store_true", help="compare with history.toml; exit 1 on a difference")
+    parser.add_argument("--check", action="store_true", help="compare with history.json; exit 1 on a difference")
     args = parser.parse_args(argv)
     by_release = fields_by_release(args.wheel_dir)
     if not by_release:
