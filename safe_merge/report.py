@@ -20,12 +20,20 @@ def _size(n) -> str:
 
 
 def summarize(command: str, report: dict) -> str:
+    """A report as the few lines a person reads on stderr: the verdict, then each section the report has."""
     lines = [
         f"safe-merge {command}: {str(report.get('status')).upper()}  (exit {report.get('exit_code', '?')}"
         + (f", {report['seconds']:.1f} s)" if "seconds" in report else ")")
     ]
-    if command in ("fingerprint", "check"):
-        return "\n".join(lines + _regression_lines(command, report))
+    sections = (_regression_lines,) if command in ("fingerprint", "check") else SECTIONS
+    for section in sections:
+        lines += section(command, report)
+    return "\n".join(lines)
+
+
+def _origin_lines(command: str, report: dict) -> list[str]:
+    """inspect: where the adapter comes from, and how each key fares in the target release."""
+    lines: list[str] = []
     origin = report.get("origin") if command == "inspect" else None
     if origin:
         lines.append(f"  adapter   {report['path']} ({report['peft_type']}, {report['weight_file']})")
@@ -44,6 +52,12 @@ def summarize(command: str, report: dict) -> str:
             for row in keys.get(action, []):
                 first = f" (first in {row['first']})" if row.get("first") else ""
                 lines.append(f"  {action:9s} {row['key']} = {json.dumps(row['value'])}{first}: {row['reason']}")
+    return lines
+
+
+def _migration_lines(command: str, report: dict) -> list[str]:
+    """inspect and migrate: the migration steps, and what is refused."""
+    lines: list[str] = []
     plan = report.get("plan") if command == "inspect" else report if command == "migrate" else None
     if command == "migrate":
         lines.append(f"  adapter   {report['source']} (written by PEFT {report['origin']}) → PEFT {report['target']}")
@@ -53,6 +67,12 @@ def summarize(command: str, report: dict) -> str:
         for r in plan.get("refusals", []):
             first = f" (first understood by {r['first']})" if r.get("first") else ""
             lines.append(f"  REFUSED   {r['key']} = {json.dumps(r['value'])}: {r['reason']}{first}")
+    return lines
+
+
+def _input_lines(command: str, report: dict) -> list[str]:
+    """merge: the base and each adapter, with its origin and migrations."""
+    lines: list[str] = []
     base = report.get("base")
     if base:
         lines.append(f"  base      {base['path']} ({base.get('class')})")
@@ -63,6 +83,12 @@ def summarize(command: str, report: dict) -> str:
             f"  adapter   {adapter['path']} ({weight}origin peft {adapter.get('origin_peft') or 'unknown'}; "
             f"migrations: {migrations})"
         )
+    return lines
+
+
+def _combination_lines(command: str, report: dict) -> list[str]:
+    """merge: how several adapters are combined."""
+    lines: list[str] = []
     combination = report.get("combination")
     if combination:
         options = ", ".join(
@@ -73,6 +99,12 @@ def summarize(command: str, report: dict) -> str:
             f"  combine   {combination['type']} of {len(combination['weights'])} adapters"
             f"{' (' + options + ')' if options else ''}{rank}"
         )
+    return lines
+
+
+def _backend_lines(command: str, report: dict) -> list[str]:
+    """merge: which backend, why, in which dtype; the quantization policy."""
+    lines: list[str] = []
     if "backend" in report:
         reason = f" ({report['backend_reason']})" if report.get("backend_reason") else ""
         lines.append(f"  backend   {report['backend']}{reason}   dtype {report.get('dtype')}")
@@ -83,6 +115,12 @@ def summarize(command: str, report: dict) -> str:
             f"  quantized {quant['method']}, {quant.get('bits') or '?'}-bit{scheme}: {quant['modules']} layers; "
             f"--quantized {quant['policy']}"
         )
+    return lines
+
+
+def _check_lines(command: str, report: dict) -> list[str]:
+    """merge and verify: the ledger, each check's figures, problems and gaps."""
+    lines: list[str] = []
     ledger = report.get("ledger")
     if ledger:
         lines.append(
@@ -125,6 +163,12 @@ def summarize(command: str, report: dict) -> str:
         lines.append(f"  PROBLEM   {problem}")
     for gap in report.get("gaps", []):
         lines.append(f"  gap       {gap}")
+    return lines
+
+
+def _outcome_lines(command: str, report: dict) -> list[str]:
+    """merge: what --plan would do, or what was written; the warnings."""
+    lines: list[str] = []
     estimate = report.get("peak_memory_estimate")
     if estimate:
         out = report["output"]
@@ -136,7 +180,7 @@ def summarize(command: str, report: dict) -> str:
         for check in report.get("checks", []):
             lines.append(f"  check     {check}")
         lines.append("  written   nothing (--plan)")
-        return "\n".join(lines)
+        return lines
     output = report.get("output")
     if output:
         if output.get("path"):
@@ -145,7 +189,7 @@ def summarize(command: str, report: dict) -> str:
             lines.append(f"  written   nothing ({output['not_written']})")
     for warning in report.get("warnings", []):
         lines.append(f"  warning   {warning}")
-    return "\n".join(lines)
+    return lines
 
 
 def _regression_lines(command: str, report: dict) -> list[str]:
@@ -182,3 +226,14 @@ def _regression_lines(command: str, report: dict) -> list[str]:
     for note in report.get("notes", []):
         lines.append(f"  note      {note}")
     return lines
+
+
+SECTIONS = (
+    _origin_lines,
+    _migration_lines,
+    _input_lines,
+    _combination_lines,
+    _backend_lines,
+    _check_lines,
+    _outcome_lines,
+)

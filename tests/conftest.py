@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 from tests import stats
@@ -17,6 +19,15 @@ settings.register_profile("thorough", max_examples=400, **_COMMON)
 _NO_SHRINK = [p for p in Phase if p is not Phase.shrink]
 settings.register_profile("matrix", max_examples=8, derandomize=True, print_blob=True, phases=_NO_SHRINK, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture
+def cli(capsys):
+    """`cli(*args) -> (exit_code, report_or_None, stderr)`: run `safe-merge ARGS...` in this process
+    (tests.helpers.run_cli with this test's capsys)."""
+    from tests.helpers import run_cli
+
+    return functools.partial(run_cli, capsys)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import json
 from pathlib import Path
 
 import peft
@@ -16,6 +17,20 @@ from safe_merge.merger.backends.peft import merge_model
 from safe_merge.verifier.layer_kinds import layer_kinds
 from safe_merge.verifier.verdict import Verification, verify_models
 from tests.strategies import Case, build_base, fill_adapter, lora_config
+
+FIXTURES = Path(__file__).parent / "fixtures"  # adapters and bases written by real PEFT releases (`nox -s fixtures`)
+
+
+def run_cli(capsys, *args) -> tuple[int, dict | None, str]:
+    """`safe-merge ARGS...` in this process: the exit code, the JSON report it printed on stdout (None without
+    --json) and stderr. Arguments may be paths. The `cli` fixture (tests/conftest.py) binds capsys."""
+    from safe_merge.cli import main
+
+    argv = [str(a) for a in args]
+    code = main(argv)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out) if "--json" in argv and captured.out.strip() else None
+    return code, report, captured.err
 
 
 def digest(*dirs: Path) -> str:
@@ -31,13 +46,10 @@ def digest(*dirs: Path) -> str:
 def merge_refused(tmp_path: Path, capsys, inputs: list[Path], extra: list[str], *needles: str, code: int = 2) -> str:
     """Run `merge BASE ADAPTER... -o tmp_path/work/out EXTRA`; assert the exit code, the message (no traceback),
     that the inputs are byte-identical and that nothing (output or staging dir) was left; returns stderr."""
-    from safe_merge.cli import main
-
     before = digest(*inputs)
     work = tmp_path / "work"
     work.mkdir()
-    got = main(["merge", *map(str, inputs), "-o", str(work / "out"), *map(str, extra)])
-    err = capsys.readouterr().err
+    got, _, err = run_cli(capsys, "merge", *inputs, "-o", work / "out", *extra)
     assert got == code, err
     assert "Traceback" not in err
     for needle in needles:

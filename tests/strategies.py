@@ -37,7 +37,8 @@ def _has_dora_layer(name: str) -> bool:
     return hasattr(dora, name)
 
 
-# Releases whose merge of a feature is known wrong or crashes refuse it (tests/test_known_bugs.py): not drawn there.
+# Releases whose merge of a feature is known wrong or crashes refuse it (tests/merger/test_known_bugs.py): not
+# drawn there.
 _DORA_MERGES = not HISTORY.affected("dora_half_precision_merge_raises", INSTALLED)
 FEATURES = {
     "rank_pattern": _has("rank_pattern"),
@@ -303,6 +304,16 @@ def _product(module, a, b) -> torch.Tensor:
     if a.dim() > 2:  # conv: [r, in, *k] and [out, r, 1, ...]
         return torch.einsum("or,r...->o...", b.reshape(b.shape[0], b.shape[1]), a)
     return b @ a
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixed tiny sizes, for the tests that build one model by hand instead of drawing one: a test keeps the sizes it
+# was written with, and says which by name (``{**TINY["one_layer"], "hidden": 32}`` for a variation).
+
+TINY = {
+    "two_layers": {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2},
+    "one_layer": {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2},
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ from safe_merge.demo import build_tokenizer
 from safe_merge.io import loading
 from safe_merge.merger.backends import peft as backend_peft
 from safe_merge.merger.backends.stream import arith
-from tests.helpers import materialize, save_model
+from tests.helpers import FIXTURES, materialize, save_model
 from tests.release import HISTORY, INSTALLED, requires_release
-from tests.strategies import FEATURES, Case
+from tests.strategies import FEATURES, TINY, Case
 
-SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+SIZES = TINY["two_layers"]
 
 
 EMBEDDING = ["embed_tokens"] if FEATURES["embedding_merge"] else []
@@ -47,16 +47,10 @@ def inputs(tmp_path_factory):
     return base_dir, adapter_dir
 
 
-def _run(args, capsys) -> tuple[int, dict | None, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, (json.loads(captured.out) if captured.out.strip() else None), captured.err
-
-
-def test_merge_writes_a_standalone_model_that_loads_with_the_base_class(inputs, tmp_path, capsys):
+def test_merge_writes_a_standalone_model_that_loads_with_the_base_class(inputs, tmp_path, cli):
     base, adapter = inputs
     out = tmp_path / "out"
-    code, report, err = _run(["merge", base, adapter, "-o", out, "--json"], capsys)
+    code, report, err = cli("merge", base, adapter, "-o", out, "--json")
     assert code == 0 and report["status"] == "passed", err
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors"} <= files
@@ -83,24 +77,24 @@ def test_merge_writes_a_standalone_model_that_loads_with_the_base_class(inputs, 
     assert any("untied" in w for w in report["warnings"]) == bool(EMBEDDING)  # the tied embedding was targeted
 
 
-def test_tokenizer_comes_from_the_adapter_when_it_saved_its_own(inputs, tmp_path, capsys):
+def test_tokenizer_comes_from_the_adapter_when_it_saved_its_own(inputs, tmp_path, cli):
     base, adapter = inputs
     own = tmp_path / "adapter"
     own.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (own / name).write_bytes((adapter / name).read_bytes())
     (own / "tokenizer_config.json").write_text('{"marker": "from the adapter"}')
-    code, _, err = _run(["merge", base, own, "-o", tmp_path / "out"], capsys)
+    code, _, err = cli("merge", base, own, "-o", tmp_path / "out")
     assert code == 0, err
     assert "from the adapter" in (tmp_path / "out" / "tokenizer_config.json").read_text()
     assert not (tmp_path / "out" / "tokenizer.json").exists()  # nothing mixed in from the base's tokenizer
 
 
-def test_merge_keeps_the_base_dtype_with_dtype_auto(inputs, tmp_path, capsys):
+def test_merge_keeps_the_base_dtype_with_dtype_auto(inputs, tmp_path, cli):
     base, adapter = inputs
     half_base = tmp_path / "base-bf16"
     save_model(loading.load_model(base, torch.bfloat16), half_base)
-    code, report, err = _run(["merge", half_base, adapter, "-o", tmp_path / "out", "--json"], capsys)
+    code, report, err = cli("merge", half_base, adapter, "-o", tmp_path / "out", "--json")
     assert code == 0, err
     assert report["dtype"] == "bfloat16"
     merged = {k: t.dtype for k, t in load_file(str(tmp_path / "out" / "model.safetensors")).items()}
@@ -111,74 +105,74 @@ def test_merge_keeps_the_base_dtype_with_dtype_auto(inputs, tmp_path, capsys):
     assert set(merged.values()) <= set(stored.values()) and torch.bfloat16 in merged.values()
 
 
-def test_merge_shards_when_asked(inputs, tmp_path, capsys):
+def test_merge_shards_when_asked(inputs, tmp_path, cli):
     base, adapter = inputs
     out = tmp_path / "out"
-    code, _, err = _run(["merge", base, adapter, "-o", out, "--max-shard-size", "20KB"], capsys)
+    code, _, err = cli("merge", base, adapter, "-o", out, "--max-shard-size", "20KB")
     assert code == 0, err
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
 
 
-def test_existing_output_is_refused_without_force(inputs, tmp_path, capsys):
+def test_existing_output_is_refused_without_force(inputs, tmp_path, cli):
     base, adapter = inputs
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, report, err = _run(["merge", base, adapter, "-o", out, "--json"], capsys)
+    code, report, err = cli("merge", base, adapter, "-o", out, "--json")
     assert code == 2 and "already exists" in err and report["status"] == "error"
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, err = _run(["merge", base, adapter, "-o", out, "--force"], capsys)
+    code, _, err = cli("merge", base, adapter, "-o", out, "--force")
     assert code == 0, err
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
 @pytest.mark.skipif(not hasattr(peft.tuners.lora.LoraModel, "unload"), reason="peft 0.3 has no unload()")
 @pytest.mark.parametrize("backend", ["peft", pytest.param("stream", marks=requires_release("stream_backend_matches"))])
-def test_a_merge_that_changed_nothing_is_caught_and_nothing_is_written(inputs, tmp_path, capsys, monkeypatch, backend):
+def test_a_merge_that_changed_nothing_is_caught_and_nothing_is_written(inputs, tmp_path, cli, monkeypatch, backend):
     base, adapter = inputs
     monkeypatch.setattr(backend_peft, "merge_and_unload", lambda peft_model: peft_model.unload())
     monkeypatch.setattr(arith, "merge_weight", lambda weight, *args, **kwargs: weight.clone())
     out = tmp_path / "out"
-    code, report, _ = _run(["merge", base, adapter, "-o", out, "--json", "--backend", backend], capsys)
+    code, report, _ = cli("merge", base, adapter, "-o", out, "--json", "--backend", backend)
     assert code == 1 and report["status"] == "failed"
     assert any("q_proj.weight" in p for p in report["problems"])
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no staging dir left behind either
 
 
-def test_missing_adapter_config_is_bad_input(inputs, tmp_path, capsys):
+def test_missing_adapter_config_is_bad_input(inputs, tmp_path, cli):
     base, _ = inputs
     empty = tmp_path / "adapter"
     empty.mkdir()
-    code, _, err = _run(["merge", base, empty, "-o", tmp_path / "out"], capsys)
+    code, _, err = cli("merge", base, empty, "-o", tmp_path / "out")
     assert code == 2 and "adapter_config.json" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
-def test_non_lora_adapter_is_refused_naming_the_supported_types(inputs, tmp_path, capsys):
+def test_non_lora_adapter_is_refused_naming_the_supported_types(inputs, tmp_path, cli):
     base, adapter = inputs
     other = tmp_path / "ia3"
     other.mkdir()
     config = json.loads((adapter / "adapter_config.json").read_text())
     (other / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     (other / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
-    code, _, err = _run(["merge", base, other, "-o", tmp_path / "out"], capsys)
+    code, _, err = cli("merge", base, other, "-o", tmp_path / "out")
     assert code == 2 and "IA3" in err and "LORA" in err
 
 
-def test_quantized_base_is_refused_on_request_naming_the_key(inputs, tmp_path, capsys):
+def test_quantized_base_is_refused_on_request_naming_the_key(inputs, tmp_path, cli):
     base, adapter = inputs
     quantized = tmp_path / "base-4bit"
     shutil.copytree(base, quantized)
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (quantized / "config.json").write_text(json.dumps(config))
-    code, _, err = _run(["merge", quantized, adapter, "-o", tmp_path / "out", "--quantized", "refuse"], capsys)
+    code, _, err = cli("merge", quantized, adapter, "-o", tmp_path / "out", "--quantized", "refuse")
     assert code == 2 and "quantization_config" in err and "bitsandbytes, 4-bit" in err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(not FEATURES["embedding_merge"], reason="peft 0.3 cannot merge LoRA on embeddings (refused)")
-def test_verify_reports_could_not_verify_for_an_unchecked_feature(inputs, tmp_path, capsys):
+def test_verify_reports_could_not_verify_for_an_unchecked_feature(inputs, tmp_path, capsys, cli):
     base, adapter = inputs
     merged = tmp_path / "merged"
     assert main(["merge", str(base), str(adapter), "-o", str(merged)]) == 0
@@ -191,10 +185,11 @@ def test_verify_reports_could_not_verify_for_an_unchecked_feature(inputs, tmp_pa
     from safetensors.torch import save_file
 
     save_file(tensors, str(extra / "adapter_model.safetensors"))
-    code, report, _ = _run(["verify", base, extra, merged, "--json"], capsys)
+    code, report, _ = cli("verify", base, extra, merged, "--json")
     assert code == 3 and report["status"] == "could_not_verify"
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_and_passes():
     done = subprocess.run(
         [sys.executable, "-m", "safe_merge", "demo", "--json"],
@@ -221,7 +216,7 @@ def _offline_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def test_vision_model_is_verified_on_pixel_probes(tmp_path, capsys):
+def test_vision_model_is_verified_on_pixel_probes(tmp_path, cli):
     import peft
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -254,9 +249,7 @@ def test_vision_model_is_verified_on_pixel_probes(tmp_path, capsys):
             if "lora_B" in name or "modules_to_save" in name:
                 param.add_(0.5 * torch.randn_like(param))
     save_model(peft_model, tmp_path / "adapter")
-    code, report, err = _run(
-        ["merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", "--json"], capsys
-    )
+    code, report, err = cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", "--json")
     assert code == 0, err
     outputs = report["verification"]["outputs"]
     assert outputs["ran"] and outputs["discriminating"]
@@ -279,7 +272,7 @@ def test_overflowing_reference_outputs_are_never_a_pass():
     assert not result.ran and not result.passed and "overflow" in result.reason
 
 
-def test_a_base_whose_config_asks_for_unsaved_parameters_is_bad_input(inputs, tmp_path, capsys):
+def test_a_base_whose_config_asks_for_unsaved_parameters_is_bad_input(inputs, tmp_path, cli):
     """A base whose config.json asks for biases it was saved without (what transformers 4.31 wrote for
     attention_bias): transformers would invent random biases; safe-merge refuses and names them."""
     import transformers
@@ -299,7 +292,7 @@ def test_a_base_whose_config_asks_for_unsaved_parameters_is_bad_input(inputs, tm
         pytest.skip(f"this base already has {key}")
     config[key] = True  # this base was saved without those biases
     (edited / "config.json").write_text(json.dumps(config))
-    code, _, err = _run(["merge", edited, adapter, "-o", tmp_path / "out"], capsys)
+    code, _, err = cli("merge", edited, adapter, "-o", tmp_path / "out")
     assert code == 2 and bias in err and "random values" in err
     assert not (tmp_path / "out").exists()
 
@@ -307,32 +300,30 @@ def test_a_base_whose_config_asks_for_unsaved_parameters_is_bad_input(inputs, tm
 @pytest.mark.skipif(
     not FEATURES["writes_safetensors"], reason="peft 0.3 writes and reads .bin beside this test's safetensors"
 )
-def test_an_old_adapter_is_migrated_on_the_way_and_left_untouched(tmp_path, capsys):
-    fixture = Path(__file__).parent / "fixtures" / "peft-0.4.0" / "llama-plain"
+def test_an_old_adapter_is_migrated_on_the_way_and_left_untouched(tmp_path, cli):
+    fixture = FIXTURES / "peft-0.4.0" / "llama-plain"
     before = {p.name: p.read_bytes() for p in fixture.iterdir()}
-    code, report, err = _run(
-        ["merge", fixture.parent / "base-llama", fixture, "-o", tmp_path / "out", "--json"], capsys
-    )
+    code, report, err = cli("merge", fixture.parent / "base-llama", fixture, "-o", tmp_path / "out", "--json")
     assert code == 0, err
     assert [m["id"] for m in report["adapters"][0]["migrations"]] == ["bin-to-safetensors"]
     assert report["adapters"][0]["origin_peft"].startswith(">= 0.4.0")
     assert {p.name: p.read_bytes() for p in fixture.iterdir()} == before
 
 
-def test_an_adapter_with_a_key_no_release_knows_is_refused_before_any_work(inputs, tmp_path, capsys):
+def test_an_adapter_with_a_key_no_release_knows_is_refused_before_any_work(inputs, tmp_path, cli):
     _, adapter = inputs
     odd = tmp_path / "adapter"
     shutil.copytree(adapter, odd)
     config = json.loads((odd / "adapter_config.json").read_text())
     (odd / "adapter_config.json").write_text(json.dumps({**config, "quantum_rank": 3}))
-    code, _, err = _run(["merge", inputs[0], odd, "-o", tmp_path / "out"], capsys)
+    code, _, err = cli("merge", inputs[0], odd, "-o", tmp_path / "out")
     assert code == 2 and "quantum_rank = 3" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_merge_plan_says_what_would_happen_and_writes_nothing(inputs, tmp_path, capsys):
+def test_merge_plan_says_what_would_happen_and_writes_nothing(inputs, tmp_path, cli):
     base, adapter = inputs
-    code, report, err = _run(["merge", base, adapter, "-o", tmp_path / "out", "--plan", "--json"], capsys)
+    code, report, err = cli("merge", base, adapter, "-o", tmp_path / "out", "--plan", "--json")
     assert code == 0 and report["status"] == "planned" and "written   nothing" in err
     assert list(tmp_path.iterdir()) == []
     streams = Version(INSTALLED) >= HISTORY.boundary("stream_backend_matches")

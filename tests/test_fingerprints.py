@@ -17,17 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from safe_merge import fingerprints as fp
 from safe_merge.cli import main
-from tests.helpers import digest
+from tests.helpers import FIXTURES, digest
 from tests.release import HISTORY, INSTALLED
 
-FIXTURES = Path(__file__).parent / "fixtures"
 RECORDED = sorted((FIXTURES / "fingerprints").glob("*.json"))
-
-
-def _check(capsys, *args) -> tuple[int, dict, str]:
-    code = main(["check", *map(str, args), "--json"])
-    captured = capsys.readouterr()
-    return code, json.loads(captured.out), captured.err
 
 
 def _loadable_here(path: Path) -> bool:
@@ -41,9 +34,9 @@ def _loadable_here(path: Path) -> bool:
 
 
 @pytest.mark.parametrize("recorded", RECORDED, ids=[p.stem for p in RECORDED])
-def test_a_fingerprint_from_0_21_2_holds_in_every_release_that_can_load_the_adapter(recorded, capsys):
+def test_a_fingerprint_from_0_21_2_holds_in_every_release_that_can_load_the_adapter(recorded, cli):
     before = digest(FIXTURES / "peft-0.21.2")
-    code, report, err = _check(capsys, recorded)
+    code, report, err = cli("check", recorded, "--json")
     if not _loadable_here(recorded):
         assert code == 3 and ("use_dora" in err and "0.9.0" in err or "fixed in 0.4.0" in err), err
         return
@@ -53,7 +46,7 @@ def test_a_fingerprint_from_0_21_2_holds_in_every_release_that_can_load_the_adap
     assert digest(FIXTURES / "peft-0.21.2") == before  # the inputs are read, never written
 
 
-def test_a_5_percent_change_in_one_lora_b_fails_naming_the_tensor(tmp_path, capsys):
+def test_a_5_percent_change_in_one_lora_b_fails_naming_the_tensor(tmp_path, cli):
     recorded = FIXTURES / "fingerprints" / "llama-plain.json"
     adapter = tmp_path / "adapter"
     shutil.copytree(FIXTURES / "peft-0.21.2" / "llama-plain", adapter)
@@ -61,21 +54,21 @@ def test_a_5_percent_change_in_one_lora_b_fails_naming_the_tensor(tmp_path, caps
     name = next(k for k in sorted(tensors) if "v_proj.lora_B" in k)
     tensors[name] = tensors[name] * 1.05
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
-    code, report, err = _check(capsys, recorded, "--adapter", adapter)
+    code, report, err = cli("check", recorded, "--adapter", adapter, "--json")
     assert code == 1 and report["status"] == "failed", err
     assert f"adapter tensor {name} changed" in report["problems"][0] and "+5.00%" in report["problems"][0]
     # what the merge does moved with it, and the check says where
     assert any("model.layers.0.self_attn.v_proj.weight" in p for p in report["problems"][1:]), report["problems"]
 
 
-def test_a_changed_merge_fails_naming_the_parameter_even_with_the_same_tensors(tmp_path, capsys):
+def test_a_changed_merge_fails_naming_the_parameter_even_with_the_same_tensors(tmp_path, cli):
     # same tensors, another lora_alpha: the files' hashes say little, the weight change says which module moved
     adapter = tmp_path / "adapter"
     shutil.copytree(FIXTURES / "peft-0.21.2" / "llama-plain", adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["lora_alpha"] = config["lora_alpha"] * 2
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    code, report, err = _check(capsys, FIXTURES / "fingerprints" / "llama-plain.json", "--adapter", adapter)
+    code, report, err = cli("check", FIXTURES / "fingerprints" / "llama-plain.json", "--adapter", adapter, "--json")
     assert code == 1, err
     assert not any(p.startswith("adapter tensor") for p in report["problems"])
     assert any(p.startswith("the merge changes model.layers.0.self_attn.q_proj.weight") for p in report["problems"])

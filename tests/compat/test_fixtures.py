@@ -4,7 +4,6 @@ load, merge and verify here, and reproduce the logits their producer computed.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import peft
 import pytest
@@ -18,8 +17,8 @@ from safe_merge.errors import BadInput
 from safe_merge.io import loading
 from safe_merge.merger.pipeline import MergeRequest, merge_command
 from safe_merge.merger.rules.known_bugs import refuse_known_bugs
+from tests.helpers import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 INSTALLED = Version(peft.__version__).base_version
 CASES = sorted(p.parent for p in FIXTURES.glob("peft-*/*/fixture.json"))
 

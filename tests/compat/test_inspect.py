@@ -15,14 +15,14 @@ from safe_merge.compat.history import NEVER_WRITTEN, History
 from safe_merge.compat.inspect import infer_origin, inspect_adapter
 from tests.helpers import save_model
 from tests.release import requires
-from tests.strategies import Case, build_base
+from tests.strategies import TINY, Case, build_base
 
 INSTALLED = Version(peft.__version__).base_version
 HISTORY = History.load()
 # the adapter under inspection is written by the installed release with DoRA and rsLoRA; older cells inspect the
 # real releases' fixtures instead (test_fixtures.py)
 pytestmark = requires("use_dora", "use_rslora")
-SIZES = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
+SIZES = TINY["one_layer"]
 
 
 @pytest.fixture(scope="module")

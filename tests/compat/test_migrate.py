@@ -13,18 +13,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from packaging.version import Version
 
-from safe_merge.cli import main
 from safe_merge.compat.adapter_files import load_adapter, read_tensors
 from safe_merge.compat.history import NEVER_WRITTEN, History
 from safe_merge.compat.plan import make_plan
 from safe_merge.io import loading
 from tests.helpers import digest, save_adapter, save_model
 from tests.release import requires
-from tests.strategies import FEATURES, Case, build_base
+from tests.strategies import FEATURES, TINY, Case, build_base
 
 HISTORY = History.load()
 INSTALLED = Version(peft.__version__).base_version
-SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+SIZES = TINY["two_layers"]
 RELEASES = sorted({e.first for e in HISTORY.entries.values()} | {"0.3.0", "0.6.2", "0.7.1", "0.13.2"}, key=Version)
 TABLE_RELEASES = [r for r in RELEASES if Version(r) >= Version("0.3.0")]
 
@@ -42,27 +41,21 @@ def _logits(base: torch.nn.Module, adapter_dir: Path) -> torch.Tensor:
         return model(torch.arange(12).reshape(2, 6) % SIZES["vocab"]).logits
 
 
-def _migrate(adapter: Path, out: Path, target: str, capsys, *extra) -> tuple[int, dict | None, str]:
-    code = main(["migrate", str(adapter), "-o", str(out), "--target", target, "--json", *extra])
-    captured = capsys.readouterr()
-    return code, json.loads(captured.out) if captured.out.strip() else None, captured.err
-
-
 @requires("use_dora")
-def test_dora_adapter_to_0_7_1_is_refused_and_nothing_is_written(tmp_path, capsys):
+def test_dora_adapter_to_0_7_1_is_refused_and_nothing_is_written(tmp_path, cli):
     _, _, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj"], use_dora=True)
     before = digest(adapter)
-    code, _, err = _migrate(adapter, tmp_path / "out", "0.7.1", capsys)
+    code, _, err = cli("migrate", adapter, "-o", tmp_path / "out", "--target", "0.7.1", "--json")
     assert code == 2 and "use_dora = true" in err and "0.9.0" in err
     assert not (tmp_path / "out").exists() and digest(adapter) == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging dir left
 
 
 @requires("use_rslora")
-def test_rslora_folds_into_lora_b_and_answers_the_same(tmp_path, capsys):
+def test_rslora_folds_into_lora_b_and_answers_the_same(tmp_path, cli):
     _, base, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj", "embed_tokens"], use_rslora=True)
     before = digest(adapter)
-    code, report, err = _migrate(adapter, tmp_path / "old", "0.7.1", capsys)
+    code, report, err = cli("migrate", adapter, "-o", tmp_path / "old", "--target", "0.7.1", "--json")
     assert code == 0, err
     assert digest(adapter) == before  # the input is read, never written
     assert "rslora-fold-into-lora-b" in [s["id"] for s in report["steps"]]
@@ -76,13 +69,13 @@ def test_rslora_folds_into_lora_b_and_answers_the_same(tmp_path, capsys):
     Version(INSTALLED) < HISTORY.boundary("targeted_bias_under_base_layer"),
     reason="starts from an adapter with base_layer keys, which the installed PEFT does not write",
 )
-def test_targeted_bias_keys_cross_the_0_7_boundary_both_ways(tmp_path, capsys):
+def test_targeted_bias_keys_cross_the_0_7_boundary_both_ways(tmp_path, cli):
     _, base, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj"], bias="all")
     assert any(k.endswith("q_proj.base_layer.bias") for k in read_tensors(adapter / "adapter_model.safetensors"))
-    assert _migrate(adapter, tmp_path / "v06", "0.6.2", capsys)[0] == 0
+    assert cli("migrate", adapter, "-o", tmp_path / "v06", "--target", "0.6.2", "--json")[0] == 0
     old_keys = read_tensors(tmp_path / "v06" / "adapter_model.safetensors")
     assert any(k.endswith("q_proj.bias") for k in old_keys) and not any("base_layer" in k for k in old_keys)
-    code, report, _ = _migrate(tmp_path / "v06", tmp_path / "back", INSTALLED, capsys)
+    code, report, _ = cli("migrate", tmp_path / "v06", "-o", tmp_path / "back", "--target", INSTALLED, "--json")
     assert code == 0 and "base-layer-key-naming" in [s["id"] for s in report["steps"]]
     assert torch.equal(_logits(base, adapter), _logits(base, tmp_path / "back"))
 
@@ -90,13 +83,13 @@ def test_targeted_bias_keys_cross_the_0_7_boundary_both_ways(tmp_path, capsys):
 @pytest.mark.skipif(
     not FEATURES["writes_safetensors"], reason="peft 0.3 writes and reads .bin beside this test's safetensors"
 )
-def test_weights_go_to_bin_for_0_3_and_back_to_safetensors_without_unpickling_code(tmp_path, capsys):
+def test_weights_go_to_bin_for_0_3_and_back_to_safetensors_without_unpickling_code(tmp_path, cli):
     _, base, adapter = _adapter(tmp_path, target_modules=["q_proj", "v_proj"])
-    assert _migrate(adapter, tmp_path / "v03", "0.3.0", capsys)[0] == 0
+    assert cli("migrate", adapter, "-o", tmp_path / "v03", "--target", "0.3.0", "--json")[0] == 0
     assert (tmp_path / "v03" / "adapter_model.bin").is_file()
     assert not (tmp_path / "v03" / "adapter_model.safetensors").exists()
     torch.load(tmp_path / "v03" / "adapter_model.bin", weights_only=True)  # a plain dict of tensors
-    code, report, _ = _migrate(tmp_path / "v03", tmp_path / "new", INSTALLED, capsys)
+    code, report, _ = cli("migrate", tmp_path / "v03", "-o", tmp_path / "new", "--target", INSTALLED, "--json")
     assert code == 0 and report["steps"][0]["id"] == "bin-to-safetensors"
     assert torch.equal(_logits(base, adapter), _logits(base, tmp_path / "new"))
 
@@ -126,13 +119,14 @@ def test_unknown_keys_go_only_when_empty(tmp_path):
 
 
 @pytest.mark.skipif(Version(INSTALLED) < Version("0.7.0"), reason="0.6.2 reads what this release writes")
-def test_plan_flag_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+def test_plan_flag_prints_the_plan_and_writes_nothing(tmp_path, cli):
     _, _, adapter = _adapter(tmp_path, target_modules=["q_proj"])
-    code, report, _ = _migrate(adapter, tmp_path / "out", "0.6.2", capsys, "--plan")
+    code, report, _ = cli("migrate", adapter, "-o", tmp_path / "out", "--target", "0.6.2", "--json", "--plan")
     assert code == 0 and report["status"] == "migrate" and report["steps"]
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.property
 @given(data=st.data())
 def test_configs_saved_now_migrate_down_to_each_release_or_are_refused_by_the_table(data, tmp_path_factory):
     """Drawn configs, saved by the installed PEFT, moved to a drawn older release: either every refusal is a key
@@ -162,7 +156,7 @@ def test_configs_saved_now_migrate_down_to_each_release_or_are_refused_by_the_ta
 
 
 @requires("use_rslora", "rank_pattern", "alpha_pattern")
-def test_rank_and_alpha_patterns_fold_for_releases_before_0_6(tmp_path, capsys):
+def test_rank_and_alpha_patterns_fold_for_releases_before_0_6(tmp_path, cli):
     layer = "layers.0.self_attn.q_proj"
     _, base, adapter = _adapter(
         tmp_path,
@@ -171,7 +165,7 @@ def test_rank_and_alpha_patterns_fold_for_releases_before_0_6(tmp_path, capsys):
         rank_pattern={layer: 2},
         alpha_pattern={layer: 3},
     )
-    code, report, err = _migrate(adapter, tmp_path / "v05", "0.5.0", capsys)
+    code, report, err = cli("migrate", adapter, "-o", tmp_path / "v05", "--target", "0.5.0", "--json")
     assert code == 0, err
     assert [s["id"] for s in report["steps"]][:2] == ["rslora-fold-into-lora-b", "patterns-fold-into-lora-b"]
     config = json.loads((tmp_path / "v05" / "adapter_config.json").read_text())
@@ -184,7 +178,7 @@ def test_rank_and_alpha_patterns_fold_for_releases_before_0_6(tmp_path, capsys):
     not HISTORY.entries["target_parameters"].present_in(INSTALLED),
     reason="the installed PEFT cannot write target_parameters adapters",
 )
-def test_target_parameters_on_linear_weights_become_target_modules(tmp_path, capsys):
+def test_target_parameters_on_linear_weights_become_target_modules(tmp_path, cli):
     case = Case("llama", SIZES, False, {"r": 4, "lora_alpha": 8}, "float32", seed=3)
     base = build_base(case)
     config = peft.LoraConfig(
@@ -194,7 +188,7 @@ def test_target_parameters_on_linear_weights_become_target_modules(tmp_path, cap
     save_model(model, tmp_path / "adapter")
     zero = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     save_model(zero, tmp_path / "none")  # lora_B = 0: the base's own answers
-    code, report, err = _migrate(tmp_path / "adapter", tmp_path / "v16", "0.16.0", capsys)
+    code, report, err = cli("migrate", tmp_path / "adapter", "-o", tmp_path / "v16", "--target", "0.16.0", "--json")
     assert code == 0, err
     assert "target-parameters-as-modules" in [s["id"] for s in report["steps"]]
     migrated = json.loads((tmp_path / "v16" / "adapter_config.json").read_text())

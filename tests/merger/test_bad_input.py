@@ -19,9 +19,9 @@ from safe_merge.demo import build_tokenizer
 from safe_merge.io.shards import ShardWriter
 from safe_merge.merger.backends import peft as peft_backend
 from tests.helpers import materialize, merge_refused
-from tests.strategies import FEATURES, Case
+from tests.strategies import FEATURES, TINY, Case
 
-SIZES = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
+SIZES = TINY["one_layer"]
 
 
 @pytest.fixture
@@ -154,6 +154,7 @@ def test_existing_output_survives_a_failed_forced_merge(pair, tmp_path, capsys, 
     assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["inputs", "out"]
 
 
+@pytest.mark.slow
 def test_hub_ids_resolve_from_the_local_cache_and_say_so_when_absent(pair, tmp_path):
     base, adapter = pair
     cache = tmp_path / "hub"

@@ -51,6 +51,7 @@ TYPES = sorted(
     if HISTORY.combination_first(t) <= INSTALLED and t not in UNCHECKABLE and not _refused_here(t)
 )
 ARCH_NAMES = ("llama", "gpt2", "opt")  # bert_cls saves its classifier head, which no combination can weight
+pytestmark = pytest.mark.property
 
 
 @st.composite
@@ -88,6 +89,7 @@ def several(draw):
     return cases, parse_combination(combination, weights, n, density)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TYPES, reason=f"peft {INSTALLED} has no combination type this suite can check")
 @settings(max_examples=max(3, settings.default.max_examples // 2))  # each example is 3 merges
 @given(drawn=several())

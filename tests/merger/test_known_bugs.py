@@ -9,9 +9,9 @@ from safe_merge.cli import main
 from safe_merge.io import loading
 from tests.helpers import materialize, merge_refused, save_adapter
 from tests.release import requires
-from tests.strategies import FEATURES, HISTORY, INSTALLED, Case, _has_dora_layer, build_base
+from tests.strategies import FEATURES, HISTORY, INSTALLED, TINY, Case, _has_dora_layer, build_base
 
-SIZES = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
+SIZES = TINY["one_layer"]
 
 
 def _base():
@@ -52,7 +52,7 @@ def test_dora_on_fan_in_fan_out_layers_is_refused_where_peft_cannot_load_it(tmp_
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"], "use_dora": True, "fan_in_fan_out": True}
     if not FEATURES["use_dora"] or not FEATURES["dora_fan_in_fan_out"]:
         pytest.skip("the installed PEFT cannot write this adapter")
-    sizes = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
+    sizes = TINY["one_layer"]
     base, adapter = materialize(Case("gpt2", sizes, True, lora, "float32", seed=6), tmp_path / "inputs")
     monkeypatch.setattr(loading, "installed_peft", lambda: "0.10.0")
     needles = ("cannot load DoRA on fan_in_fan_out layers", "fixed in 0.11.0")

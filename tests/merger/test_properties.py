@@ -28,6 +28,7 @@ _NO_GPT2 = pytest.mark.skipif(
     not FEATURES["config_free_merge"], reason=f"peft {INSTALLED} cannot merge GPT-2 (refused)"
 )
 HF_ARCHS = ("llama", pytest.param("gpt2", marks=_NO_GPT2), "bert_cls", "opt")
+pytestmark = pytest.mark.property
 
 
 def _merge_hf(case: Case, root: Path, dtype: str, backend: str = "auto") -> tuple[dict, Path, Path, Path]:
@@ -83,6 +84,7 @@ def _assert_checks_can_fail(report: dict, dtype: str) -> None:
         assert outputs["discriminating"], f"the adapter does not move float32 outputs: {outputs}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", HF_ARCHS)
 @given(data=st.data())
 def test_merged_model_answers_like_unmerged_peft_model_in_every_dtype(arch, data):

@@ -11,16 +11,15 @@ import torch
 from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
-from safe_merge.cli import main
 from safe_merge.compat.history import History
 from safe_merge.io import loading
 from safe_merge.merger import weighted_adapter
 from safe_merge.verifier.combination_types import SAME_RANK, SVD, UNCHECKABLE
 from tests.helpers import digest, merge_refused, save_adapter, save_model
 from tests.release import has_combination, requires
-from tests.strategies import Case, build_base
+from tests.strategies import TINY, Case, build_base
 
-SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+SIZES = TINY["two_layers"]
 INSTALLED = loading.installed_peft()
 TYPES = sorted(t for t in History.load().combination_types if History.load().combination_first(t) <= Version(INSTALLED))
 CHECKABLE = [t for t in TYPES if t not in UNCHECKABLE]
@@ -61,24 +60,18 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _merge(args, capsys) -> tuple[int, dict | None, str]:
-    code = main(["merge", *map(str, args), "--json"])
-    captured = capsys.readouterr()
-    return code, (json.loads(captured.out) if captured.out.strip() else None), captured.err
-
-
 def _density(combination: str) -> list[str]:
     return ["--density", "0.5"] if combination in PRUNING else []
 
 
 @pytest.mark.parametrize("combination", CHECKABLE)
-def test_each_combination_type_of_three_adapters_passes_the_verifier(models, tmp_path, combination, capsys):
+def test_each_combination_type_of_three_adapters_passes_the_verifier(models, tmp_path, combination, cli):
     sources = [models["rs"], models["plain"], models["third"]]
     before = digest(*sources)
     out = tmp_path / "out"
     weights = ["0.7", "-0.4" if NEGATIVE_OK or combination not in SAME_RANK else "0.4", "1.1"]
     args = [models["base"], *sources, "-o", out, "--weights", *weights, "--combination", combination]
-    code, report, err = _merge(args + _density(combination), capsys)
+    code, report, err = cli("merge", *args, *_density(combination), "--json")
     if SVD_SCALED_TWICE and combination in SVD:  # adapters with scale 4: refused on these releases
         assert code == 2 and "applies each adapter's scale twice" in err, err
         return
@@ -96,8 +89,8 @@ def test_each_combination_type_of_three_adapters_passes_the_verifier(models, tmp
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
 
 
-def test_an_rslora_first_adapter_does_not_overscale_the_combination(models, tmp_path, capsys):
-    code, report, err = _merge([models["base"], models["rs"], models["plain"], "-o", tmp_path / "o"], capsys)
+def test_an_rslora_first_adapter_does_not_overscale_the_combination(models, tmp_path, cli):
+    code, report, err = cli("merge", models["base"], models["rs"], models["plain"], "-o", tmp_path / "o", "--json")
     assert code == 0, err
     fixed = [w for w in report["warnings"] if "combined adapter with scaling" in w]
     # PEFT releases that pass use_rslora on to the combined adapter scale it by sqrt(r) = 2; safe-merge sets it to 1
@@ -105,7 +98,7 @@ def test_an_rslora_first_adapter_does_not_overscale_the_combination(models, tmp_
 
 
 @requires("use_rslora")
-def test_a_combined_adapter_left_overscaled_fails_verification(models, tmp_path, capsys, monkeypatch):
+def test_a_combined_adapter_left_overscaled_fails_verification(models, tmp_path, cli, monkeypatch):
     def overscale(peft_model):  # what PEFT 0.21.2 leaves when the first adapter is rsLoRA
         peft_model.peft_config[weighted_adapter.COMBINED].use_rslora = True
         return []
@@ -113,7 +106,7 @@ def test_a_combined_adapter_left_overscaled_fails_verification(models, tmp_path,
     monkeypatch.setattr(weighted_adapter, "_unit_scaling", overscale)
     work = tmp_path / "work"
     work.mkdir()
-    code, report, err = _merge([models["base"], models["plain"], models["third"], "-o", work / "out"], capsys)
+    code, report, err = cli("merge", models["base"], models["plain"], models["third"], "-o", work / "out", "--json")
     assert code == 1, err
     assert any(
         p.startswith("combination: model.layers.0.self_attn.q_proj: combined delta off") for p in report["problems"]
@@ -140,45 +133,45 @@ DARE = sorted({"dare_linear", "dare_ties"} & set(TYPES)) if not DARE_UNSCALED el
 
 
 @pytest.mark.parametrize("combination", DARE)
-def test_a_dare_entry_no_mask_can_produce_fails_verification(models, tmp_path, capsys, monkeypatch, combination):
+def test_a_dare_entry_no_mask_can_produce_fails_verification(models, tmp_path, cli, monkeypatch, combination):
     def nudge(tensors):
         key = next(k for k in tensors if k.endswith("layers.1.self_attn.v_proj.lora_A.weight"))
         tensors[key][0, 0] += 0.05 * float(tensors[key].abs().max())
 
     _tamper(monkeypatch, nudge)
     args = [models["base"], models["rs"], models["third"], "-o", tmp_path / "o", "--combination", combination]
-    code, report, err = _merge(args + _density(combination), capsys)
+    code, report, err = cli("merge", *args, *_density(combination), "--json")
     assert code == 1, err
     assert any("v_proj: 1 of" in p and "no masked combination" in p for p in report["problems"]), report["problems"]
 
 
 @pytest.mark.parametrize("combination", DARE)
-def test_a_dare_combination_that_kept_nothing_fails_verification(models, tmp_path, capsys, monkeypatch, combination):
+def test_a_dare_combination_that_kept_nothing_fails_verification(models, tmp_path, cli, monkeypatch, combination):
     def zero(tensors):  # every entry is then "the empty subset": only the share of kept positions can tell
         for key in tensors:
             tensors[key].zero_()
 
     _tamper(monkeypatch, zero)
     args = [models["base"], models["rs"], models["third"], "-o", tmp_path / "o", "--combination", combination]
-    code, report, err = _merge(args + _density(combination), capsys)
+    code, report, err = cli("merge", *args, *_density(combination), "--json")
     assert code == 1, err
     assert any("positions" in p and "keeps at least" in p for p in report["problems"]), report["problems"]
     assert report["output"]["path"] is None
 
 
 @pytest.mark.parametrize("combination", DARE)
-def test_dare_that_kept_every_entry_fails_the_density_check(models, tmp_path, capsys, monkeypatch, combination):
+def test_dare_that_kept_every_entry_fails_the_density_check(models, tmp_path, cli, monkeypatch, combination):
     # every entry kept (and rescaled by 1/density) is a value some mask gives, but not at density 0.5
     monkeypatch.setattr(torch, "bernoulli", lambda t, *a, **k: torch.ones_like(t))
     args = [models["base"], models["rs"], models["third"], "-o", tmp_path / "o", "--combination", combination]
-    code, report, err = _merge(args + _density(combination), capsys)
+    code, report, err = cli("merge", *args, *_density(combination), "--json")
     assert code == 1, err
     share = "keep 100.0%" if combination == "dare_linear" else "at density 0.5 keeps at most 50%"
     assert any(share in p for p in report["problems"]), report["problems"]
 
 
 @pytest.mark.skipif(SVD_SCALED_TWICE, reason="svd of these adapters is refused on this release (tested below)")
-def test_an_svd_combination_of_other_weights_fails_verification(models, tmp_path, capsys, monkeypatch):
+def test_an_svd_combination_of_other_weights_fails_verification(models, tmp_path, cli, monkeypatch):
     real = weighted_adapter.combine
 
     def other_weights(model, adapter_dirs, combination, out_dir):
@@ -188,20 +181,22 @@ def test_an_svd_combination_of_other_weights_fails_verification(models, tmp_path
 
     monkeypatch.setattr(weighted_adapter, "combine", other_weights)
     args = [models["base"], models["plain"], models["third"], "-o", tmp_path / "o", "--weights", "0.7", "-0.4"]
-    code, report, err = _merge(args + ["--combination", "svd"], capsys)
+    code, report, err = cli("merge", *args, "--combination", "svd", "--json")
     assert code == 1, err
     assert any("combined delta off what svd of the adapters means" in p for p in report["problems"])
 
 
-def test_one_adapter_with_a_weight_merges_that_share_of_its_delta(models, tmp_path, capsys):
-    code, report, err = _merge([models["base"], models["plain"], "-o", tmp_path / "o", "--weights", "0.5"], capsys)
+def test_one_adapter_with_a_weight_merges_that_share_of_its_delta(models, tmp_path, cli):
+    code, report, err = cli(
+        "merge", models["base"], models["plain"], "-o", tmp_path / "o", "--weights", "0.5", "--json"
+    )
     assert code == 0, err
     assert report["combination"]["weights"] == [0.5] and report["verification"]["combination"]["passed"]
 
 
-def test_the_plan_lists_every_adapter_with_its_weight_and_the_combination_check(models, tmp_path, capsys):
+def test_the_plan_lists_every_adapter_with_its_weight_and_the_combination_check(models, tmp_path, cli):
     args = [models["base"], models["rs"], models["plain"], "-o", tmp_path / "o", "--plan", "--weights", "1", "2"]
-    code, report, err = _merge(args, capsys)
+    code, report, err = cli("merge", *args, "--json")
     assert code == 0 and report["status"] == "planned" and list(tmp_path.iterdir()) == []
     assert [a["weight"] for a in report["adapters"]] == [1.0, 2.0] and report["combination"]["type"] == "cat"
     assert report["checks"][0].startswith("the combined adapter against what cat")
@@ -247,10 +242,10 @@ def test_adapters_of_different_bases_are_refused(models, tmp_path, capsys):
     _refused(renamed, tmp_path, capsys, ["plain", "third"], [], "different base models", "org/mistral-7b")
 
 
-def test_a_hub_id_and_a_local_copy_of_it_count_as_one_base(models, tmp_path, capsys):
+def test_a_hub_id_and_a_local_copy_of_it_count_as_one_base(models, tmp_path, cli):
     local = f"{tmp_path / 'models' / 'Llama-2-7b-hf'}/"  # a local copy, named by its directory
     renamed = _trained_on(models, tmp_path, plain=local, third="meta-llama/Llama-2-7b-hf")
-    code, _, err = _merge([models["base"], renamed["plain"], renamed["third"], "-o", tmp_path / "o"], capsys)
+    code, _, err = cli("merge", models["base"], renamed["plain"], renamed["third"], "-o", tmp_path / "o", "--json")
     assert code == 0, err
 
 
@@ -309,8 +304,8 @@ def test_patterns_first_on_a_release_that_passes_them_on_are_refused(models, tmp
     _refused(models, tmp_path, capsys, ["pattern", "third"], [], "first adapter's rank_pattern", "fixed in 0.16.0")
 
 
-def test_patterns_first_combine_right_on_a_release_that_resets_them(models, tmp_path, capsys):
+def test_patterns_first_combine_right_on_a_release_that_resets_them(models, tmp_path, cli):
     if HISTORY.affected("combined_adapter_inherits_patterns", INSTALLED):
         pytest.skip("refused on this release (tested above)")
-    code, report, err = _merge([models["base"], models["pattern"], models["third"], "-o", tmp_path / "o"], capsys)
+    code, report, err = cli("merge", models["base"], models["pattern"], models["third"], "-o", tmp_path / "o", "--json")
     assert code == 0, err

@@ -17,11 +17,11 @@ from safe_merge.merger.backends.stream import arith
 from safe_merge.verifier.delta import LayerKind, ModuleLora
 from tests.helpers import materialize
 from tests.release import requires_release
-from tests.strategies import Case, build_base
+from tests.strategies import TINY, Case, build_base
 
 pytestmark = requires_release("stream_backend_matches")
 
-SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+SIZES = TINY["two_layers"]
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,6 @@ def inputs(tmp_path_factory):
         "llama", SIZES, False, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "float32", seed=5
     )
     return (*materialize(case, root), case)
-
-
-def _merge(args: list, capsys) -> tuple[int, dict]:
-    code = main(["merge", *map(str, args), "--json"])
-    out = capsys.readouterr().out
-    return code, json.loads(out) if out.strip() else {}
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -77,34 +71,34 @@ def test_block_arithmetic_equals_the_whole_tensor_form_bit_for_bit(dtype):
         assert torch.equal(arith.merge_weight(weight, lora, torch.float32, block_bytes), whole)
 
 
-def test_a_bin_base_is_read_with_the_weights_only_loader_and_written_as_safetensors(inputs, tmp_path, capsys):
+def test_a_bin_base_is_read_with_the_weights_only_loader_and_written_as_safetensors(inputs, tmp_path, cli):
     source, adapter, case = inputs
     base = tmp_path / "bin-base"  # as transformers 4 wrote it with safe_serialization=False
     base.mkdir()
     (base / "config.json").write_bytes((source / "config.json").read_bytes())
     torch.save(build_base(case).state_dict(), base / "pytorch_model.bin")
-    code, report = _merge([base, adapter, "-o", tmp_path / "s", "--backend", "stream"], capsys)
+    code, report, _ = cli("merge", base, adapter, "-o", tmp_path / "s", "--backend", "stream", "--json")
     assert code == 0 and report["backend"] == "stream", report.get("problems")
     assert (tmp_path / "s" / "model.safetensors").is_file()
-    code, _ = _merge([base, adapter, "-o", tmp_path / "p", "--backend", "peft"], capsys)
+    code, _, _ = cli("merge", base, adapter, "-o", tmp_path / "p", "--backend", "peft", "--json")
     streamed, merged = _tensors(tmp_path / "s"), _tensors(tmp_path / "p")
     assert streamed.keys() == merged.keys() and all(torch.equal(streamed[k], merged[k]) for k in streamed)
 
 
-def test_shards_mirror_the_base_or_follow_max_shard_size(inputs, tmp_path, capsys):
+def test_shards_mirror_the_base_or_follow_max_shard_size(inputs, tmp_path, cli):
     _, adapter, case = inputs
     base = tmp_path / "sharded"
     build_base(case).save_pretrained(str(base), max_shard_size="20KB", safe_serialization=True)
     base_files = sorted(p.name for p in base.glob("*.safetensors"))
     assert len(base_files) > 1
-    code, _ = _merge([base, adapter, "-o", tmp_path / "mirror", "--backend", "stream"], capsys)
+    code, _, _ = cli("merge", base, adapter, "-o", tmp_path / "mirror", "--backend", "stream", "--json")
     assert code == 0 and sorted(p.name for p in (tmp_path / "mirror").glob("*.safetensors")) == base_files
     for file in base_files:  # the same tensors in each shard
         assert set(Checkpoint(base).order[base / file]) == set(
             Checkpoint(tmp_path / "mirror").order[tmp_path / "mirror" / file]
         )
-    code, report = _merge(
-        [base, adapter, "-o", tmp_path / "one", "--backend", "stream", "--max-shard-size", "1GB"], capsys
+    code, report, _ = cli(
+        "merge", base, adapter, "-o", tmp_path / "one", "--backend", "stream", "--max-shard-size", "1GB", "--json"
     )
     assert code == 0 and [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
     assert not (tmp_path / "one" / "model.safetensors.index.json").exists()
@@ -113,9 +107,9 @@ def test_shards_mirror_the_base_or_follow_max_shard_size(inputs, tmp_path, capsy
     assert set(index["weight_map"]) == set(_tensors(tmp_path / "mirror"))
 
 
-def test_auto_says_why_it_picks_a_backend_and_stream_refuses_what_it_cannot_do(inputs, tmp_path, capsys):
+def test_auto_says_why_it_picks_a_backend_and_stream_refuses_what_it_cannot_do(inputs, tmp_path, capsys, cli):
     base, adapter, _ = inputs
-    code, report = _merge([base, adapter, "-o", tmp_path / "a"], capsys)
+    code, report, _ = cli("merge", base, adapter, "-o", tmp_path / "a", "--json")
     assert code == 0 and report["backend"] == "stream" and "every part" in report["backend_reason"]
     config = json.loads((base / "config.json").read_text())
     remote = tmp_path / "remote"
@@ -123,25 +117,25 @@ def test_auto_says_why_it_picks_a_backend_and_stream_refuses_what_it_cannot_do(i
     for item in base.iterdir():
         (remote / item.name).write_bytes(item.read_bytes())
     (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Model"}}))
-    code, report = _merge([remote, adapter, "-o", tmp_path / "b", "--plan"], capsys)
+    code, report, _ = cli("merge", remote, adapter, "-o", tmp_path / "b", "--plan", "--json")
     assert code == 0 and report["backend"] == "peft" and "auto_map" in report["backend_reason"]
     assert main(["merge", str(remote), str(adapter), "-o", str(tmp_path / "c"), "--backend", "stream"]) == 2
     assert "auto_map" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
-def test_the_report_says_whether_the_output_check_ran(inputs, tmp_path, capsys):
+def test_the_report_says_whether_the_output_check_ran(inputs, tmp_path, cli):
     base, adapter, _ = inputs
-    code, report = _merge([base, adapter, "-o", tmp_path / "a", "--backend", "stream"], capsys)
+    code, report, _ = cli("merge", base, adapter, "-o", tmp_path / "a", "--backend", "stream", "--json")
     assert code == 0 and report["verification"]["outputs"]["ran"] and report["verification"]["outputs"]["passed"]
     args = [base, adapter, "-o", tmp_path / "b", "--backend", "stream", "--check-outputs", "never"]
-    code, report = _merge(args, capsys)
+    code, report, _ = cli("merge", *args, "--json")
     outputs = report["verification"]["outputs"]
     assert code == 0 and report["status"] == "passed" and not outputs["ran"] and outputs["optional"]
     assert any("output check did not run" in w for w in report["warnings"])
     assert report["verification"]["weights"]["checked_tensors"] == 4  # q and v in each of 2 layers
 
 
-def test_a_stream_merge_that_scales_wrong_fails_naming_the_tensor(inputs, tmp_path, capsys, monkeypatch):
+def test_a_stream_merge_that_scales_wrong_fails_naming_the_tensor(inputs, tmp_path, cli, monkeypatch):
     base, adapter, _ = inputs
     real = arith.merge_weight
 
@@ -149,27 +143,27 @@ def test_a_stream_merge_that_scales_wrong_fails_naming_the_tensor(inputs, tmp_pa
         return real(weight, ModuleLora(lora.module, lora.kind, lora.a, lora.b, 1.05 * lora.scale), *args, **kwargs)
 
     monkeypatch.setattr(arith, "merge_weight", doubled)
-    code, report = _merge([base, adapter, "-o", tmp_path / "a", "--backend", "stream"], capsys)
+    code, report, _ = cli("merge", base, adapter, "-o", tmp_path / "a", "--backend", "stream", "--json")
     assert code == 1 and report["status"] == "failed" and any("q_proj.weight" in p for p in report["problems"])
     assert not (tmp_path / "a").exists()
 
 
-def test_a_tied_embedding_is_found_by_name_when_another_tensor_has_as_many_rows(tmp_path, capsys):
+def test_a_tied_embedding_is_found_by_name_when_another_tensor_has_as_many_rows(tmp_path, cli):
     # OPT's learned positions have max_position_embeddings + 2 rows: 34, as many as this vocabulary
     sizes = {"vocab": 34, "hidden": 16, "layers": 1, "heads": 4, "kv_heads": 1}
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"]}
     base, adapter = materialize(Case("opt", sizes, True, lora, "float32", seed=209), tmp_path / "in")
-    code, report = _merge([base, adapter, "-o", tmp_path / "s", "--backend", "stream"], capsys)
+    code, report, _ = cli("merge", base, adapter, "-o", tmp_path / "s", "--backend", "stream", "--json")
     assert code == 0 and report["verification"]["outputs"]["passed"], report.get("problems")
     assert any("untied lm_head.weight from model.decoder.embed_tokens.weight" in w for w in report["warnings"])
-    code, _ = _merge([base, adapter, "-o", tmp_path / "p", "--backend", "peft"], capsys)
+    code, _, _ = cli("merge", base, adapter, "-o", tmp_path / "p", "--backend", "peft", "--json")
     streamed, merged = _tensors(tmp_path / "s"), _tensors(tmp_path / "p")
     assert streamed.keys() == merged.keys() and all(torch.equal(streamed[k], merged[k]) for k in streamed)
 
 
-def test_a_tensor_that_may_be_tied_to_an_unknown_output_goes_to_the_peft_backend(tmp_path, capsys):
-    sizes = {"vocab": 32, "hidden": 16, "layers": 1, "heads": 2, "kv_heads": 2}
+def test_a_tensor_that_may_be_tied_to_an_unknown_output_goes_to_the_peft_backend(tmp_path, cli):
+    sizes = TINY["one_layer"]
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["word_embeddings", "query"]}
     base, adapter = materialize(Case("bert_cls", sizes, False, lora, "float32", seed=3), tmp_path / "in")
-    code, report = _merge([base, adapter, "-o", tmp_path / "a"], capsys)
+    code, report, _ = cli("merge", base, adapter, "-o", tmp_path / "a", "--json")
     assert code == 0 and report["backend"] == "peft" and "tying" in report["backend_reason"]

@@ -31,6 +31,7 @@ from tests.strategies import Case, build_base
 SIZES = {"vocab": 64, "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2}
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "up_proj"]}
 BACKENDS = {"bnb4": "bitsandbytes", "bnb8": "bitsandbytes", "torchao": "torchao", "hqq": "hqq"}
+pytestmark = pytest.mark.quant
 
 
 def _needs(backend: str):
@@ -73,17 +74,11 @@ def quantized_inputs(request, tmp_path_factory):
     return backend, *_quantized_inputs(tmp_path_factory.mktemp(backend), backend)
 
 
-def _merge(args, capsys) -> tuple[int, dict, str]:
-    code = main(["merge", *map(str, args), "--json"])
-    captured = capsys.readouterr()
-    return code, json.loads(captured.out), captured.err
-
-
 @pytest.mark.parametrize("policy", ["dequantize", "requantize"])
-def test_each_policy_merges_measures_and_warns_with_numbers(quantized_inputs, tmp_path, capsys, policy):
+def test_each_policy_merges_measures_and_warns_with_numbers(quantized_inputs, tmp_path, cli, policy):
     backend, base, adapter = quantized_inputs
     before = digest(base, adapter)
-    code, report, err = _merge([base, adapter, "-o", tmp_path / "out", "--quantized", policy], capsys)
+    code, report, err = cli("merge", base, adapter, "-o", tmp_path / "out", "--quantized", policy, "--json")
     assert code == 0 and report["status"] == "passed", err
     quant = report["quantization"]
     assert (quant["method"], quant["bits"], quant["policy"]) == (
@@ -105,32 +100,31 @@ def test_each_policy_merges_measures_and_warns_with_numbers(quantized_inputs, tm
     stats.record_quantized(backend, policy, quant)
 
 
-def test_refuse_exits_2_naming_method_and_bits(quantized_inputs, tmp_path, capsys):
+def test_refuse_exits_2_naming_method_and_bits(quantized_inputs, tmp_path, cli):
     backend, base, adapter = quantized_inputs
-    code = main(["merge", str(base), str(adapter), "-o", str(tmp_path / "out"), "--quantized", "refuse"])
-    err = capsys.readouterr().err
+    code, _, err = cli("merge", base, adapter, "-o", tmp_path / "out", "--quantized", "refuse")
     bits = "4-bit" if backend == "bnb4" else "8-bit"
     assert code == 2 and BACKENDS[backend] in err and bits in err and "quantization_config" in err
     assert not (tmp_path / "out").exists()
 
 
 @_needs("bnb4")
-def test_requantizing_a_delta_below_the_quantization_step_fails_and_dequantize_keeps_it(tmp_path, capsys):
+def test_requantizing_a_delta_below_the_quantization_step_fails_and_dequantize_keeps_it(tmp_path, cli):
     base, adapter = _quantized_inputs(tmp_path, "bnb4", delta_scale=1e-5)
-    code, report, err = _merge([base, adapter, "-o", tmp_path / "lost", "--quantized", "requantize"], capsys)
+    code, report, err = cli("merge", base, adapter, "-o", tmp_path / "lost", "--quantized", "requantize", "--json")
     assert code == 1 and not (tmp_path / "lost").exists(), err
     # a few elements still cross a level, so it is "carries 2% of ΔW" more often than "unchanged"; either fails
     lost = [p for p in report["problems"] if "--quantized dequantize" in p]
     assert lost and all("carries" in p or "left it unchanged" in p for p in lost), report["problems"]
-    code, report, err = _merge([base, adapter, "-o", tmp_path / "kept", "--quantized", "dequantize"], capsys)
+    code, report, err = cli("merge", base, adapter, "-o", tmp_path / "kept", "--quantized", "dequantize", "--json")
     assert code == 0, err
 
 
 @_needs("bnb4")
-def test_a_merge_that_changed_nothing_fails_naming_the_layer(tmp_path, capsys, monkeypatch):
+def test_a_merge_that_changed_nothing_fails_naming_the_layer(tmp_path, cli, monkeypatch):
     base, adapter = _quantized_inputs(tmp_path, "bnb4")
     monkeypatch.setattr(backend_peft, "merge_and_unload", lambda peft_model: peft_model.unload())
-    code, report, err = _merge([base, adapter, "-o", tmp_path / "out", "--quantized", "requantize"], capsys)
+    code, report, err = cli("merge", base, adapter, "-o", tmp_path / "out", "--quantized", "requantize", "--json")
     assert code == 1, err
     assert any(
         p.startswith("model.layers.0.self_attn.q_proj.weight: the merge left it unchanged") for p in report["problems"]
@@ -138,7 +132,7 @@ def test_a_merge_that_changed_nothing_fails_naming_the_layer(tmp_path, capsys, m
 
 
 @_needs("bnb4")
-def test_a_merge_that_moved_weights_far_more_than_the_delta_fails(tmp_path, capsys, monkeypatch):
+def test_a_merge_that_moved_weights_far_more_than_the_delta_fails(tmp_path, cli, monkeypatch):
     base, adapter = _quantized_inputs(tmp_path, "bnb4")
     real = backend_peft.merge_and_unload
 
@@ -149,7 +143,7 @@ def test_a_merge_that_moved_weights_far_more_than_the_delta_fails(tmp_path, caps
         return real(peft_model)
 
     monkeypatch.setattr(backend_peft, "merge_and_unload", twice)
-    code, report, err = _merge([base, adapter, "-o", tmp_path / "out", "--quantized", "requantize"], capsys)
+    code, report, err = cli("merge", base, adapter, "-o", tmp_path / "out", "--quantized", "requantize", "--json")
     assert code == 1, err
     assert any("beyond its rounding budget" in p for p in report["problems"]), report["problems"]
 
@@ -250,6 +244,7 @@ def quantized_cases(draw):
 @pytest.mark.skipif(
     not any(importlib.util.find_spec(BACKENDS[b]) for b in ("bnb4", "torchao")), reason="no quantization library"
 )
+@pytest.mark.property
 @settings(max_examples=max(2, settings.default.max_examples // 8))  # each example loads a model a dozen times
 @given(drawn=quantized_cases())
 def test_drawn_adapters_on_quantized_bases_warn_and_hold_their_budget(drawn):
@@ -279,7 +274,7 @@ def test_drawn_adapters_on_quantized_bases_warn_and_hold_their_budget(drawn):
         ({"quant_method": "awq", "bits": 4, "group_size": 128}, "awq, 4-bit"),
     ],
 )
-def test_a_method_safe_merge_cannot_dequantize_is_refused_naming_it(tmp_path, capsys, quantization_config, needle):
+def test_a_method_safe_merge_cannot_dequantize_is_refused_naming_it(tmp_path, cli, quantization_config, needle):
     case = Case("llama", SIZES, False, LORA, "float32", seed=3)
     base = build_base(case)
     save_model(base, tmp_path / "base")
@@ -287,17 +282,8 @@ def test_a_method_safe_merge_cannot_dequantize_is_refused_naming_it(tmp_path, ca
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
     for policy in ("dequantize", "requantize"):
-        code = main(
-            [
-                "merge",
-                str(tmp_path / "base"),
-                str(tmp_path / "adapter"),
-                "-o",
-                str(tmp_path / "out"),
-                "--quantized",
-                policy,
-            ]
+        code, _, err = cli(
+            "merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", "--quantized", policy
         )
-        err = capsys.readouterr().err
         assert code == 2 and needle in err and "cannot dequantize or merge into" in err, err
         assert not (tmp_path / "out").exists()

@@ -3,7 +3,6 @@ and the tensor named, by `safe-merge verify`."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -11,12 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safe_merge.cli import main
 from safe_merge.merger.pipeline import MergeRequest, merge_command
 from tests.helpers import materialize, save_model
-from tests.strategies import FEATURES, Case
+from tests.strategies import FEATURES, TINY, Case
 
-SIZES = {"vocab": 32, "hidden": 16, "layers": 2, "heads": 2, "kv_heads": 2}
+SIZES = TINY["two_layers"]
 Q = "model.layers.1.self_attn.q_proj.weight"
 
 
@@ -67,71 +65,66 @@ def _tamper(merged: Path, dest: Path, edit) -> Path:
     return dest
 
 
-def _verify(base: Path, adapter: Path, merged: Path, capsys) -> tuple[int, dict]:
-    code = main(["verify", str(base), str(adapter), str(merged), "--json"])
-    return code, json.loads(capsys.readouterr().out)
-
-
 def _base_tensors(base: Path) -> dict[str, torch.Tensor]:
     return load_file(str(base / "model.safetensors"))
 
 
-def test_untouched_merge_passes(llama, capsys):
-    code, report = _verify(*llama, capsys)
+def test_untouched_merge_passes(llama, cli):
+    code, report, _ = cli("verify", *llama, "--json")
     assert (code, report["status"]) == (0, "passed")
 
 
-def test_layer_left_unmerged_is_caught(llama, tmp_path, capsys):
+def test_layer_left_unmerged_is_caught(llama, tmp_path, cli):
     base, adapter, merged = llama
     bad = _tamper(merged, tmp_path / "bad", lambda t: t.__setitem__(Q, _base_tensors(base)[Q].clone()))
-    code, report = _verify(base, adapter, bad, capsys)
+    code, report, _ = cli("verify", base, adapter, bad, "--json")
     assert code == 1 and report["status"] == "failed"
     assert any(p.startswith(Q) for p in report["problems"]), report["problems"]
 
 
-def test_delta_applied_twice_is_caught(llama, tmp_path, capsys):
+def test_delta_applied_twice_is_caught(llama, tmp_path, cli):
     base, adapter, merged = llama
     w = _base_tensors(base)[Q]
     bad = _tamper(merged, tmp_path / "bad", lambda t: t.__setitem__(Q, w + 2 * (t[Q] - w)))
-    code, report = _verify(base, adapter, bad, capsys)
+    code, report, _ = cli("verify", base, adapter, bad, "--json")
     assert code == 1 and any(p.startswith(Q) for p in report["problems"])
 
 
-def test_transposed_delta_is_caught(llama, tmp_path, capsys):
+def test_transposed_delta_is_caught(llama, tmp_path, cli):
     base, adapter, merged = llama
     w = _base_tensors(base)[Q]
     assert w.shape[0] == w.shape[1]  # square, so the transposed delta fits and only the numbers can tell
     bad = _tamper(merged, tmp_path / "bad", lambda t: t.__setitem__(Q, w + (t[Q] - w).T))
-    code, report = _verify(base, adapter, bad, capsys)
+    code, report, _ = cli("verify", base, adapter, bad, "--json")
     assert code == 1 and any(p.startswith(Q) for p in report["problems"])
 
 
-def test_rslora_scale_used_as_plain_scale_is_caught(llama, tmp_path, capsys):
+def test_rslora_scale_used_as_plain_scale_is_caught(llama, tmp_path, cli):
     base, adapter, merged = llama
     w = _base_tensors(base)[Q]
     r = 4  # plain scale α/r is the rsLoRA scale α/√r divided by √r
     bad = _tamper(merged, tmp_path / "bad", lambda t: t.__setitem__(Q, w + (t[Q] - w) / r**0.5))
-    code, report = _verify(base, adapter, bad, capsys)
+    code, report, _ = cli("verify", base, adapter, bad, "--json")
     assert code == 1 and any(p.startswith(Q) for p in report["problems"])
 
 
-def test_modules_to_save_head_left_at_base_is_caught(classifier, tmp_path, capsys):
+def test_modules_to_save_head_left_at_base_is_caught(classifier, tmp_path, cli):
     base, adapter, merged = classifier
     head = _base_tensors(base)["classifier.weight"]
     bad = _tamper(merged, tmp_path / "bad", lambda t: t.__setitem__("classifier.weight", head.clone()))
-    code, report = _verify(base, adapter, bad, capsys)
+    code, report, _ = cli("verify", base, adapter, bad, "--json")
     assert code == 1 and any(p.startswith("classifier.weight") for p in report["problems"])
 
 
-def test_modules_to_save_head_missing_from_checkpoint_is_caught(classifier, tmp_path, capsys):
+def test_modules_to_save_head_missing_from_checkpoint_is_caught(classifier, tmp_path, cli):
     base, adapter, merged = classifier
     bad = _tamper(merged, tmp_path / "bad", lambda t: (t.pop("classifier.weight"), t.pop("classifier.bias")))
-    code, report = _verify(base, adapter, bad, capsys)
+    code, report, _ = cli("verify", base, adapter, bad, "--json")
     assert code == 1
     assert any("classifier.weight" in p for p in report["problems"]), report["problems"]
 
 
-def test_delta_on_the_wrong_layer_is_caught(llama, tmp_path, capsys):
+def test_delta_on_the_wrong_layer_is_caught(llama, tmp_path, cli):
     base, adapter, merged = llama
     wrong = "model.layers.1.self_attn.k_proj.weight"
     w = _base_tensors(base)[Q]
@@ -141,13 +134,13 @@ def test_delta_on_the_wrong_layer_is_caught(llama, tmp_path, capsys):
         t[Q] = w.clone()
         t[wrong] = t[wrong] + delta[: t[wrong].shape[0]]
 
-    code, report = _verify(base, adapter, _tamper(merged, tmp_path / "bad", move), capsys)
+    code, report, _ = cli("verify", base, adapter, _tamper(merged, tmp_path / "bad", move), "--json")
     assert code == 1
     assert any(p.startswith(wrong) for p in report["problems"]) and any(p.startswith(Q) for p in report["problems"])
 
 
 @pytest.mark.skipif(not FEATURES["embedding_merge"], reason="peft 0.3 cannot merge LoRA on embeddings (refused)")
-def test_plain_merge_into_a_tied_embedding_is_caught(tmp_path, capsys):
+def test_plain_merge_into_a_tied_embedding_is_caught(tmp_path, cli):
     """merge_and_unload alone merges an embedding LoRA into the tensor the LM head shares, so the head changes
     too, which the unmerged model never did. The verifier must name the head."""
     from safe_merge.io import loading
@@ -164,6 +157,6 @@ def test_plain_merge_into_a_tied_embedding_is_caught(tmp_path, capsys):
     base, adapter = materialize(case, tmp_path)
     plain = loading.load_peft(loading.load_model(base, torch.float32), adapter).merge_and_unload()
     save_model(plain, tmp_path / "plain")
-    code, report = _verify(base, adapter, tmp_path / "plain", capsys)
+    code, report, _ = cli("verify", base, adapter, tmp_path / "plain", "--json")
     assert code == 1
     assert any(p.startswith("lm_head.weight") for p in report["problems"]), report["problems"]
