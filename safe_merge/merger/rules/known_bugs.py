@@ -84,9 +84,19 @@ def refuse_known_bugs(adapter: AdapterFiles, release: str, dtype: torch.dtype, m
 
 
 def refuse_combination_bugs(combination: Combination, adapters: Sequence[AdapterFiles], release: str) -> None:
-    """Releases whose add_weighted_adapter is known to compute something else than the type means."""
-    history = History.load()
+    """Releases whose add_weighted_adapter is known to compute something else than the type means: each known bug
+    of COMBINATION_BUGS, in order."""
     kind = combination.effective_type(len(adapters))
+    for bug in COMBINATION_BUGS:
+        bug(combination, kind, adapters, release)
+
+
+def _targets(adapter: AdapterFiles) -> set[str]:
+    return {m for m, r in map(_parsed, adapter.tensors) if r in (Role.LORA_A, Role.EMBEDDING_A)}
+
+
+def _negative_weights(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
+    history = History.load()
     negative = history.boundary("negative_combination_weights")
     signed_on_a = history.affected("linear_weight_on_a_only", release)  # w·s goes on A whole: the sign survives
     if (
@@ -100,11 +110,17 @@ def refuse_combination_bugs(combination: Combination, adapters: Sequence[Adapter
             "sign: it takes the square root of each weight for both factors)",
             hint=f"install peft>={negative}, or use --combination cat / svd, which take negative weights",
         )
-    if kind.startswith("dare") and combination.density < 1 and history.affected("dare_rescale_missing", release):
+
+
+def _dare_rescale(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
+    if kind.startswith("dare") and combination.density < 1 and History.load().affected("dare_rescale_missing", release):
         what = f"drops DARE's 1/density rescale of the kept entries ({kind})"
         _refuse("dare_rescale_missing", release, what, alternative="or use ties / magnitude_prune")
+
+
+def _inherited_patterns(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
     first = adapters[0].config
-    if history.affected("combined_adapter_inherits_patterns", release) and (
+    if History.load().affected("combined_adapter_inherits_patterns", release) and (
         first.get("rank_pattern") or first.get("alpha_pattern")
     ):
         what = (
@@ -115,58 +131,74 @@ def refuse_combination_bugs(combination: Combination, adapters: Sequence[Adapter
         path = adapters[0].path / "adapter_config.json"
         alternative = "or put an adapter without patterns first"
         _refuse("combined_adapter_inherits_patterns", release, what, path=path, key=key, alternative=alternative)
-    if len(adapters) > 1 and history.affected("combination_needs_same_targets", release):
-        targets = [{m for m, r in map(_parsed, a.tensors) if r in (Role.LORA_A, Role.EMBEDDING_A)} for a in adapters]
-        for adapter, own in zip(adapters[1:], targets[1:], strict=True):
-            if own != targets[0]:
-                what = (
-                    f"can only combine adapters that target the same modules ({adapters[0].path.name} and "
-                    f"{adapter.path.name} differ at {sorted(own ^ targets[0])[0]})"
-                )
-                path = adapter.path / "adapter_config.json"
-                _refuse("combination_needs_same_targets", release, what, path=path, key="target_modules")
-    if kind == "cat" and history.affected("cat_rank_pattern_overflow", release):
-        for adapter in adapters:
-            r = adapter.config.get("r", 8)
-            larger = {m: k for m, k in (adapter.config.get("rank_pattern") or {}).items() if k > r}
-            if larger:
-                module, rank = next(iter(larger.items()))
-                what = (
-                    f"sizes a cat-combined adapter by each r and cannot hold rank_pattern {module!r}: {rank} (r = {r})"
-                )
-                path = adapter.path / "adapter_config.json"
-                _refuse("cat_rank_pattern_overflow", release, what, path=path, key="rank_pattern")
-    if kind not in SVD:
+
+
+def _different_targets(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
+    if len(adapters) < 2 or not History.load().affected("combination_needs_same_targets", release):
         return
-    if history.affected("svd_combination_clamps", release):
+    targets = [_targets(a) for a in adapters]
+    for adapter, own in zip(adapters[1:], targets[1:], strict=True):
+        if own != targets[0]:
+            what = (
+                f"can only combine adapters that target the same modules ({adapters[0].path.name} and "
+                f"{adapter.path.name} differ at {sorted(own ^ targets[0])[0]})"
+            )
+            path = adapter.path / "adapter_config.json"
+            _refuse("combination_needs_same_targets", release, what, path=path, key="target_modules")
+
+
+def _cat_rank_overflow(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
+    if kind != "cat" or not History.load().affected("cat_rank_pattern_overflow", release):
+        return
+    for adapter in adapters:
+        r = adapter.config.get("r", 8)
+        larger = {m: k for m, k in (adapter.config.get("rank_pattern") or {}).items() if k > r}
+        if larger:
+            module, rank = next(iter(larger.items()))
+            what = f"sizes a cat-combined adapter by each r and cannot hold rank_pattern {module!r}: {rank} (r = {r})"
+            path = adapter.path / "adapter_config.json"
+            _refuse("cat_rank_pattern_overflow", release, what, path=path, key="rank_pattern")
+
+
+def _svd_clamps(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
+    if kind in SVD and History.load().affected("svd_combination_clamps", release):
         what = f"clamps the {kind}-combined factors to their 0.99 quantile, not the rank-k cut of the weighted sum"
         _refuse("svd_combination_clamps", release, what, alternative="or use --combination linear")
-    if history.affected("svd_combination_embedding_crashes", release):
-        for adapter in adapters:
-            embedding = next((k for k in adapter.tensors if _parsed(k)[1] is Role.EMBEDDING_A), None)
-            if embedding is not None:
-                what = f"cannot combine adapters on embeddings with {kind} ({embedding})"
-                path = adapter.weight_file
-                _refuse(
-                    "svd_combination_embedding_crashes",
-                    release,
-                    what,
-                    path=path,
-                    key=embedding,
-                    alternative=EXACT_INSTEAD,
-                )
-    if history.affected("svd_combination_scale_twice", release):
-        for adapter in adapters:
-            for module in sorted({m for m, r in map(_parsed, adapter.tensors) if r in (Role.LORA_A, Role.EMBEDDING_A)}):
-                scale = _scale(adapter, module)
-                if abs(scale - 1.0) > 1e-12:
-                    what = f"applies each adapter's scale twice in {kind} ({module} has scale {scale:.4g})"
-                    path = adapter.path / "adapter_config.json"
-                    _refuse(
-                        "svd_combination_scale_twice",
-                        release,
-                        what,
-                        path=path,
-                        key="lora_alpha",
-                        alternative=EXACT_INSTEAD,
-                    )
+
+
+def _svd_embeddings(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
+    if kind not in SVD or not History.load().affected("svd_combination_embedding_crashes", release):
+        return
+    for adapter in adapters:
+        embedding = next((k for k in adapter.tensors if _parsed(k)[1] is Role.EMBEDDING_A), None)
+        if embedding is not None:
+            what = f"cannot combine adapters on embeddings with {kind} ({embedding})"
+            path = adapter.weight_file
+            bug = "svd_combination_embedding_crashes"
+            _refuse(bug, release, what, path=path, key=embedding, alternative=EXACT_INSTEAD)
+
+
+def _svd_scale_twice(combination: Combination, kind: str, adapters: Sequence[AdapterFiles], release: str) -> None:
+    if kind not in SVD or not History.load().affected("svd_combination_scale_twice", release):
+        return
+    for adapter in adapters:
+        for module in sorted(_targets(adapter)):
+            scale = _scale(adapter, module)
+            if abs(scale - 1.0) > 1e-12:
+                what = f"applies each adapter's scale twice in {kind} ({module} has scale {scale:.4g})"
+                path = adapter.path / "adapter_config.json"
+                bug = "svd_combination_scale_twice"
+                _refuse(bug, release, what, path=path, key="lora_alpha", alternative=EXACT_INSTEAD)
+
+
+# Each takes (combination, its effective type, the adapters, the installed release) and refuses or returns.
+COMBINATION_BUGS = (
+    _negative_weights,
+    _dare_rescale,
+    _inherited_patterns,
+    _different_targets,
+    _cat_rank_overflow,
+    _svd_clamps,
+    _svd_embeddings,
+    _svd_scale_twice,
+)
