@@ -1,0 +1,53 @@
+"""The request, the preflight's ordered rules and the backend registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from safe_merge.errors import BadInput
+from safe_merge.merger import backends
+from safe_merge.merger.preflight import RULES, preflight
+from safe_merge.merger.request import MergeRequest
+
+
+def test_a_request_is_frozen_and_normalised_once():
+    request = MergeRequest("base", ["a1", Path("a2")], "out")
+    assert request.adapters == ("a1", "a2") and request.out == Path("out")
+    assert request.combination is not None and request.combination.type == "cat"  # several adapters: cat
+    assert request.combination.weights == (1.0, 1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.backend = "stream"
+
+
+@pytest.mark.parametrize(
+    "option, value", [("dtype", "float8"), ("backend", "gpu"), ("check_outputs", "sometimes"), ("quantized", "keep")]
+)
+def test_a_request_refuses_an_option_outside_its_choices(option, value):
+    with pytest.raises(BadInput, match=repr(value)):
+        MergeRequest("base", ["adapter"], "out", **{option: value})
+
+
+def test_the_rules_have_unique_names_and_the_output_path_comes_first():
+    names = [rule.name for rule in RULES]
+    assert len(names) == len(set(names)) and names[0] == "output-path"
+    assert all(rule.refuses for rule in RULES)
+
+
+def test_a_refusal_names_its_rule_and_earlier_rules_win(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()  # output-path refuses before the missing base and adapter are even looked at
+    with pytest.raises(BadInput) as raised:
+        preflight(MergeRequest(str(tmp_path / "no-base"), [str(tmp_path / "no-adapter")], out))
+    assert raised.value.rule == "output-path"
+    with pytest.raises(BadInput) as raised:
+        preflight(MergeRequest(str(tmp_path), [str(tmp_path / "no-adapter")], tmp_path / "new"))
+    assert raised.value.rule == "adapters" and "no-adapter" in str(raised.value)
+
+
+def test_the_registry_holds_each_backend_once_and_auto_offers_the_stream_backend_first():
+    names = [cls.name for cls in backends.REGISTRY]
+    assert names[0] == "stream" and set(names) == {"stream", "peft"}
+    assert len(set(backends.REGISTRY)) == len(backends.REGISTRY)
