@@ -10,6 +10,7 @@ import pytest
 import safe_merge
 from safe_merge.cli import EXAMPLES, build_parser
 from tests.helpers import materialize
+from tests.release import INSTALLED
 from tests.strategies import TINY, Case
 
 
@@ -58,8 +59,8 @@ def test_verify_and_inspect_return_reports_with_exit_codes(pair, tmp_path):
     assert safe_merge.merge(base, [adapter], tmp_path / "out", backend="peft")["backend"] == "peft"
     verified = safe_merge.verify(base, adapter, tmp_path / "out")
     assert verified["status"] == "passed" and verified["exit_code"] == 0
-    inspected = safe_merge.inspect(adapter, target="0.7.1")
-    assert inspected["target"] == "0.7.1" and inspected["exit_code"] == 0
+    inspected = safe_merge.inspect(adapter, target=INSTALLED)
+    assert inspected["target"] == INSTALLED and inspected["exit_code"] == 0
 
 
 def test_a_refusal_raises_with_its_exit_code_and_rule_and_writes_nothing(pair, tmp_path):
