@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument(
         "--backend",
-        choices=("auto", "peft", "stream"),
         default="auto",
+        metavar="auto|stream|peft",
         help="stream: tensor by tensor, memory bounded by the largest tensor; peft: load the model and "
-        "merge_and_unload; auto (default): stream when it handles every part of the merge",
+        "merge_and_unload; auto (default): the first backend that handles every part of the merge",
     )
     merge.add_argument(
         "--check-outputs",

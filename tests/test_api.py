@@ -75,7 +75,7 @@ def test_a_refusal_raises_with_its_exit_code_and_rule_and_writes_nothing(pair, t
 
 
 def test_an_option_outside_its_choices_is_refused_before_any_input_is_read(tmp_path):
-    with pytest.raises(safe_merge.BadInput, match="--backend 'fast' is not one of auto, peft, stream"):
+    with pytest.raises(safe_merge.BadInput, match="--backend 'fast' is not one of auto, stream, peft"):
         safe_merge.merge(tmp_path / "no-base", tmp_path / "no-adapter", tmp_path / "out", backend="fast")
     with pytest.raises(safe_merge.BadInput, match="--max-shard-size"):
         safe_merge.merge(tmp_path / "no-base", tmp_path / "no-adapter", tmp_path / "out", max_shard_size="big")

@@ -17,7 +17,6 @@ from safe_merge.quant.formats import POLICIES
 from safe_merge.verifier.combination_types import Combination, parse_combination
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-BACKEND_CHOICES = ("auto", "peft", "stream")
 OUTPUT_CHECKS = ("auto", "always", "never")  # the stream backend's output check: when the models fit, always, never
 
 
@@ -50,7 +49,9 @@ class MergeRequest:
         if not self.adapters:
             raise BadInput("no adapter given", hint="name at least one adapter directory after the base")
         _one_of("--dtype", self.dtype, DTYPE_CHOICES)
-        _one_of("--backend", self.backend, BACKEND_CHOICES)
+        from safe_merge.merger.backends import names  # the registry imports the job, which imports this module
+
+        _one_of("--backend", self.backend, names())
         _one_of("--check-outputs", self.check_outputs, OUTPUT_CHECKS)
         _one_of("--quantized", self.quantized, POLICIES)
         if self.max_shard_size is not None:

@@ -51,3 +51,4 @@ def test_the_registry_holds_each_backend_once_and_auto_offers_the_stream_backend
     names = [cls.name for cls in backends.REGISTRY]
     assert names[0] == "stream" and set(names) == {"stream", "peft"}
     assert len(set(backends.REGISTRY)) == len(backends.REGISTRY)
+    assert backends.names() == ("auto", "stream", "peft")  # what --backend accepts comes from the registry

@@ -18,6 +18,11 @@ from safe_merge.merger.job import Job
 REGISTRY: tuple[type[Backend], ...] = (StreamBackend, QuantizedBackend, PeftBackend)
 
 
+def names() -> tuple[str, ...]:
+    """What --backend accepts: auto, then each backend's name in REGISTRY order."""
+    return ("auto", *dict.fromkeys(cls.name for cls in REGISTRY))
+
+
 def choose(job: Job, adapter: AdapterFiles) -> tuple[Backend, str]:
     """The backend for this job and the reason it was chosen; refused (exit 2) when the one asked for cannot."""
     requested = job.request.backend
