@@ -22,6 +22,7 @@ from safe_merge.merger.rules import rule
 from safe_merge.quant import formats
 from safe_merge.quant.formats import Quantization
 from safe_merge.verifier.combination_types import Combination
+from safe_merge.verifier.verdict import require_lora
 
 
 @dataclass
@@ -55,7 +56,7 @@ def read_source(path: Path, peft_release: str, refusal: type[SafeMergeError] = B
     release cannot take raises ``refusal``)."""
     files = load_adapter(path, mapped=True)
     with rule("lora-only"):
-        adapter_rules.lora_only(files)
+        require_lora(files)
     with rule("finite-adapter"):
         adapter_rules.finite(files)
     plan, state = make_plan(files, peft_release)
@@ -109,9 +110,19 @@ class Job:
         return formats.from_config(self.base_config)
 
     @functools.cached_property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype most of the base's floating tensors are stored in (headers, else the config)."""
+        return loading.stored_dtype(self.base_dir, self.base_config)
+
+    @functools.cached_property
+    def base_numel(self) -> int | None:
+        """How many floating-point values the base stores (from safetensors headers; None for .bin)."""
+        return loading.floating_numel(self.base_dir)
+
+    @functools.cached_property
     def dtype(self) -> torch.dtype:
         requested = self.request.torch_dtype
-        return requested if requested is not None else loading.stored_dtype(self.base_dir, self.base_config)
+        return requested if requested is not None else self.stored_dtype
 
     def adapters_report(self, ledgers: list[dict] | None = None) -> list[dict]:
         """The adapters as the report lists them (with their weights when combined, and each one's ledger when a

@@ -124,7 +124,7 @@ def plan(job: Job) -> dict:
     free = available_memory()
     memory = {"free_now": free, **backend.estimate_peak_memory(free)}
     if memory["bytes"] and job.combination is not None:  # combining holds the base in float32 with every adapter
-        numel = loading.floating_numel(job.base_dir) or 0
+        numel = job.base_numel or 0
         adapters = sum(s.files.weight_file.stat().st_size for s in job.sources)
         memory["bytes"] = max(memory["bytes"], numel * 4 + adapters * 2)
     probes = probe_inputs(job.base_config)
@@ -137,8 +137,8 @@ def plan(job: Job) -> dict:
         "base": {
             "path": str(job.base_dir),
             "class": loading.class_name(job.base_config),
-            "stored_dtype": _dtype_name(loading.stored_dtype(job.base_dir, job.base_config)),
-            "parameters": loading.floating_numel(job.base_dir),
+            "stored_dtype": _dtype_name(job.stored_dtype),
+            "parameters": job.base_numel,
         },
         "adapters": job.adapters_report(),
         **({"combination": job.combination.report()} if job.combination else {}),
@@ -165,7 +165,7 @@ def plan(job: Job) -> dict:
 
 
 def _size(job: Job) -> int | None:
-    numel = loading.floating_numel(job.base_dir)
+    numel = job.base_numel
     return numel * torch.tensor([], dtype=job.dtype).element_size() if numel else None
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from safe_merge.io.staging import check_target
 from safe_merge.merger.job import Job
 from safe_merge.merger.request import MergeRequest
-from safe_merge.merger.rules import combinable, known_bugs, paths, quantization, rule, tokenizer
+from safe_merge.merger.rules import combinable, known_bugs, quantization, rule, tokenizer
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "output-path",
         "an existing OUT without --force, or an OUT that is a file",
-        lambda job: paths.output_target(job.out, job.request.force),
+        lambda job: check_target(job.out, job.request.force),
     ),
     Rule(
         "adapters",

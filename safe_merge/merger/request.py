@@ -14,7 +14,7 @@ from safe_merge.errors import BadInput
 from safe_merge.io.loading import DTYPES
 from safe_merge.io.shards import parse_size
 from safe_merge.quant.formats import POLICIES
-from safe_merge.verifier.combination_types import Combination, parse_combination
+from safe_merge.verifier.combination_types import Combination, parse_combination, require_weight_count
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 OUTPUT_CHECKS = ("auto", "always", "never")  # the stream backend's output check: when the models fit, always, never
@@ -58,11 +58,8 @@ class MergeRequest:
             parse_size(self.max_shard_size)
         if self.combination is None and len(self.adapters) > 1:
             object.__setattr__(self, "combination", parse_combination("cat", None, len(self.adapters)))
-        if self.combination is not None and len(self.combination.weights) != len(self.adapters):
-            raise BadInput(
-                f"{len(self.combination.weights)} weights for {len(self.adapters)} adapters",
-                hint="give one --weights value per adapter",
-            )
+        if self.combination is not None:
+            require_weight_count(self.combination.weights, len(self.adapters))
 
     @property
     def torch_dtype(self):

@@ -53,8 +53,7 @@ def parse_combination(
     if type_ not in known:
         raise BadInput(f"unknown combination type {type_!r}", hint=f"use one of: {', '.join(known)}")
     weights = tuple(float(w) for w in weights) if weights else (1.0,) * n_adapters
-    if len(weights) != n_adapters:
-        raise BadInput(f"{len(weights)} weights for {n_adapters} adapters", hint="give one --weights value per adapter")
+    require_weight_count(weights, n_adapters)
     if not all(math.isfinite(w) for w in weights):
         raise BadInput(f"weights {list(weights)} are not all finite numbers", hint="give finite --weights")
     if type_ in NEEDS_DENSITY:
@@ -82,3 +81,9 @@ def configured_rank(config: dict) -> int:
 def svd_rank(combination: Combination, configs: Sequence[dict]) -> int:
     """The rank every module of an *svd combination is cut to: --svd-rank, else the largest configured rank."""
     return combination.svd_rank or max(configured_rank(c) for c in configs)
+
+
+def require_weight_count(weights: Sequence[float], n_adapters: int) -> None:
+    """One weight per adapter, whoever built the combination."""
+    if len(weights) != n_adapters:
+        raise BadInput(f"{len(weights)} weights for {n_adapters} adapters", hint="give one --weights value per adapter")

@@ -90,10 +90,10 @@ class PeftBackend:
     def estimate_peak_memory(self, free: int) -> dict:
         """Verification holds the merged model, the base as stored and the reference in the merged dtype at
         once, plus a float64 twin of the reference when it fits in half the free memory (the noise measurement)."""
-        numel = loading.floating_numel(self.job.base_dir)
+        numel = self.job.base_numel
         if not numel:
             return {"bytes": None, "float64_noise_twin": False}
-        native = loading.stored_dtype(self.job.base_dir, self.job.base_config)
+        native = self.job.stored_dtype
         twin = numel * 8 if numel * 8 <= free // 2 else 0
         peak = numel * (2 * _itemsize(self.job.dtype) + _itemsize(native)) + twin
         return {"bytes": peak, "float64_noise_twin": bool(twin)}

@@ -1,16 +1,11 @@
-"""One adapter on its own: a LoRA adapter, finite tensors, and keys the installed PEFT understands (after the
-migrations compat/ plans), in that order."""
+"""One adapter on its own: finite tensors, and keys the installed PEFT understands (after the migrations compat/
+plans). That it is a LoRA adapter at all is the verifier's require_lora, run first (merger/job.read_source)."""
 
 from __future__ import annotations
 
 from safe_merge.compat.adapter_files import AdapterFiles, nonfinite_tensors
 from safe_merge.compat.plan import Plan
 from safe_merge.errors import BadInput, SafeMergeError
-from safe_merge.verifier.verdict import require_lora
-
-
-def lora_only(files: AdapterFiles) -> None:
-    require_lora(files)
 
 
 def finite(files: AdapterFiles) -> None:
