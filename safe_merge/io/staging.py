@@ -1,15 +1,38 @@
-"""Build an output directory beside its target and move it into place only when it is complete and verified."""
+"""Build every output beside its target and move it into place only when it is complete and verified.
+
+Every temporary thing safe-merge makes is a directory named ``.NAME.safe-merge-KIND-XXXX`` with a marker file
+beside it, ``….owner`` (which process on which host made it; beside, so that the directory holds exactly what will
+be published). A run killed with SIGKILL leaves both behind; the next run into the same parent recognises them by
+name and marker and removes them (``sweep_stale``), and says so.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from safe_merge.errors import BadInput
+from safe_merge.io.signals import deferred
+
+OWNER = ".owner"  # the marker file's suffix
+TAG = ".safe-merge-"
+_published: list[str] = []  # what this process has published; the CLI says so if a signal comes afterwards
+
+
+def published() -> list[str]:
+    """Outputs published by this process since the last ``forget_published``."""
+    return list(_published)
+
+
+def forget_published() -> None:
+    _published.clear()
 
 
 def refuse_existing(out: Path, force: bool) -> None:
@@ -25,36 +48,209 @@ def check_target(out: Path, force: bool) -> None:
         raise BadInput("exists and is not a directory", path=out)
 
 
+def make_temporary(parent: Path, name: str, kind: str) -> Path:
+    """A marked temporary directory in ``parent``, private until published."""
+    parent.mkdir(parents=True, exist_ok=True)
+    owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "for": name})
+    path = None
+    try:
+        with deferred():
+            for _ in range(100):
+                candidate = parent / f".{name}{TAG}{kind}-{secrets.token_hex(4)}"
+                try:  # the marker first: even SIGKILL cannot leave the directory without it
+                    fd = os.open(_marker(candidate), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                except FileExistsError:
+                    continue
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(owner + "\n")
+                path = candidate
+                path.mkdir(mode=0o700)
+                break
+            else:
+                raise FileExistsError(f"no free temporary name in {parent}")
+    except BaseException:  # a signal held while it was made: the caller never gets it, so remove it here
+        if path is not None:
+            remove(path)
+        raise
+    return path
+
+
+def remove(path: Path) -> None:
+    """Remove a temporary directory and its marker completely, even if a signal arrives meanwhile."""
+    with deferred():
+        shutil.rmtree(path, ignore_errors=True)
+        _marker(path).unlink(missing_ok=True)
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + OWNER)
+
+
 @contextlib.contextmanager
-def staged(out: Path, force: bool) -> Iterator[Path]:
+def temporary(parent: Path, name: str, kind: str = "scratch") -> Iterator[Path]:
+    """A marked temporary directory that is gone when the block is left, however it is left."""
+    made = _missing_parents(parent / name)
+    path = make_temporary(parent, name, kind)
+    try:
+        yield path
+    finally:
+        with deferred():
+            remove(path)
+            _remove_empty(made)
+
+
+@contextlib.contextmanager
+def staged(out: Path, force: bool, side_files: Mapping[Path, str] | None = None) -> Iterator[Path]:
     """Yield a staging directory next to ``out``; on normal exit it replaces ``out``, on any exit it is gone.
 
-    Callers publish by leaving the block; raising anything (including KeyboardInterrupt) leaves ``out`` as it was.
+    ``side_files`` (path -> text, filled in by the caller before the block ends) are written completely before
+    the publish and moved into place with it: a report never describes an output that was not published, and a
+    report that cannot be written stops the publish. Raising anything leaves ``out`` as it was.
     """
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    made = _missing_parents(out)
+    stage = make_temporary(out.parent, out.name, "staging")
     try:
         yield stage
-        publish(stage, out, force)
+        publish(stage, out, force, dict(side_files or {}))
     finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+        with deferred():
+            if stage.exists():
+                remove(stage)
+            if not out.exists():
+                _remove_empty(made)
 
 
-def publish(stage: Path, out: Path, force: bool) -> None:
-    """Rename the finished staging dir to ``out``; an old ``out`` (with --force) is removed only afterwards."""
-    old = None
-    if out.exists():
-        check_target(out, force)
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
+def publish(stage: Path, out: Path, force: bool, side_files: dict[Path, str] | None = None) -> None:
+    """Rename the finished staging dir to ``out`` (with the umask's permissions); an old ``out`` (with --force)
+    is removed only afterwards. Side files are staged first and renamed right after."""
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it private; the output is the user's, as mkdir would make it
+    pending = [_stage_side_file(Path(path), text, out, stage) for path, text in (side_files or {}).items()]
     try:
-        os.replace(stage, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old / out.name, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        with deferred():
+            old = None
+            if out.exists():
+                check_target(out, force)
+                old = make_temporary(out.parent, out.name, "old")
+                os.replace(out, old / out.name)
+            try:
+                os.replace(stage, out)
+            except BaseException:
+                if old is not None:
+                    os.replace(old / out.name, out)
+                    remove(old)
+                raise
+            _marker(stage).unlink(missing_ok=True)
+            _published.append(str(out))
+            for tmp, final in pending:
+                if tmp is not None:
+                    os.replace(tmp / final.name, final)
+                    _published.append(str(final))
+            if old is not None:
+                remove(old)
+    finally:
+        for tmp, _ in pending:
+            if tmp is not None:
+                remove(tmp)
+
+
+def _stage_side_file(path: Path, text: str, out: Path, stage: Path) -> tuple[Path | None, Path]:
+    """Write a side file completely before the publish: into the stage when it belongs inside ``out``, else into
+    a temporary directory beside it."""
+    path = Path(os.path.abspath(path))
+    if out in path.parents:
+        inside = stage / path.relative_to(out)
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        inside.write_text(text, encoding="utf-8")
+        return None, path
+    tmp = make_temporary(path.parent, path.name, "side")
+    (tmp / path.name).write_text(text, encoding="utf-8")
+    os.chmod(tmp / path.name, 0o666 & ~_umask())
+    return tmp, path
+
+
+def write_file(path: Path, text: str, force: bool) -> None:
+    """Write one file atomically: the complete file appears, or nothing does (an old one is replaced only with
+    ``force``)."""
+    path = Path(os.path.abspath(path))
+    refuse_existing(path, force)
+    if path.is_dir():
+        raise BadInput("is a directory, not a file", path=path, hint="name a file to write")
+    made = _missing_parents(path)
+    tmp = make_temporary(path.parent, path.name, "file")
+    try:
+        (tmp / path.name).write_text(text, encoding="utf-8")
+        os.chmod(tmp / path.name, 0o666 & ~_umask())  # a file made by open() would have these
+        with deferred():
+            os.replace(tmp / path.name, path)
+            _published.append(str(path))
+    finally:
+        with deferred():
+            remove(tmp)
+            if not path.exists():
+                _remove_empty(made)
+
+
+def sweep_stale(parent: Path) -> list[str]:
+    """Remove the temporary directories that interrupted runs on this host left in ``parent``; one line for each
+    removed, and one for each left alone because another host may still be writing it."""
+    notes: list[str] = []
+    if not parent.is_dir():
+        return notes
+    host = socket.gethostname()
+    for marker in sorted(parent.glob(f".*{TAG}*{OWNER}")):
+        entry = marker.with_name(marker.name.removesuffix(OWNER))
+        try:
+            owner = json.loads(marker.read_text(encoding="utf-8"))
+            pid, machine = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours, or not ours to judge
+        if machine != host:
+            notes.append(f"left alone: {entry} (made by a run on host {machine}, which may still be writing it)")
+            continue
+        if _alive(pid):
+            continue  # a run in progress
+        name = str(owner.get("for", ""))
+        moved_aside, target = entry / name, parent / name
+        if f"{TAG}old-" in entry.name and name and moved_aside.exists() and not target.exists():
+            with deferred():  # killed between moving the old OUT aside and publishing the new one
+                os.replace(moved_aside, target)
+            notes.append(f"restored {target} from {entry}: a run replacing it was killed before it published")
+        size = _size(entry) if entry.is_dir() and not entry.is_symlink() else 0
+        remove(entry)
+        notes.append(f"removed {entry}: left by an interrupted run (pid {pid}), {size / 2**20:.1f} MiB")
+    return notes
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The directories above ``path`` that do not exist yet (made by the command, removed if it fails)."""
+    return [p for p in path.parents if not p.exists()]
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in directories:  # innermost first
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
