@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 PROBE_BATCH = 2
-PROBE_LENGTH = 12
+PROBE_LENGTH = 32  # positions the output check covers (up to the base config's limit)
 PROBE_SEED = 1234
 
 

@@ -16,6 +16,7 @@ from safe_merge.compat.history import History
 from safe_merge.errors import EXIT_COULD_NOT_VERIFY, EXIT_FAILED, EXIT_OK, BadInput
 from safe_merge.io import loading
 from safe_merge.verifier.combined_adapter import CombinationCheck
+from safe_merge.verifier.config_check import config_changes
 from safe_merge.verifier.delta import LayerKind
 from safe_merge.verifier.layer_kinds import layer_kinds
 from safe_merge.verifier.ledger import Ledger, Status, build_ledger
@@ -34,6 +35,7 @@ class Verification:
     warnings: list[str] = field(default_factory=list)
     combination: CombinationCheck | None = None  # several adapters: the combined adapter against its sources
     quantized: object | None = None  # a quantized base: quantized.QuantCheck (its budgets, measured parts)
+    config: list[str] = field(default_factory=list)  # config.json fields the merge should not have changed
 
     @property
     def problems(self) -> list[str]:
@@ -44,6 +46,7 @@ class Verification:
         if self.quantized is not None:
             out += [f"quantized: {f}" for f in self.quantized.failures]
         out += self.weights.failures
+        out += self.config
         if self.outputs.ran and not self.outputs.passed:
             detail = self.outputs.reason or f"max |diff| {self.outputs.max_abs:.3g} > tol {self.outputs.tol:.3g}"
             out.append(f"outputs differ from the unmerged PeftModel: {detail}")
@@ -76,6 +79,7 @@ class Verification:
             "verification": {
                 "weights": self.weights.report(),
                 "outputs": self.outputs.report(),
+                "config": {"changed_fields": len(self.config)},
                 **({"combination": self.combination.report()} if self.combination is not None else {}),
                 **({"quantized": self.quantized.report()} if self.quantized is not None else {}),
             },
@@ -152,6 +156,7 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
     )
     if loaded.missing:
         result.weights.failures.insert(0, f"missing from the merged checkpoint: {', '.join(loaded.missing[:5])}")
+    result.config = config_changes(base_dir, merged_dir)
     return result
 
 
@@ -195,7 +200,8 @@ def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> _Loaded
         base_params = base_native.state_dict()
         reference_base = loading.load_model(base_dir, merged_dtype)
     reference = loading.load_peft(reference_base, adapter_dir)
-    return _Loaded(merged, reference, base_params, kinds, probe_inputs(merged_config), missing)
+    # the base's config sets the probe's length: a merged config cannot shorten what it is checked on
+    return _Loaded(merged, reference, base_params, kinds, probe_inputs(base_native.config), missing)
 
 
 def adapter_precision(model_dtype: torch.dtype) -> torch.dtype:
