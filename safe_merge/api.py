@@ -32,9 +32,11 @@ def merge(
     svd_rank: int | None = None,
     quantized: str = "dequantize",
     check_outputs: str = "auto",
+    report: str | Path | None = None,
 ) -> dict:
     """Merge one adapter (or combine several) into ``base``, verify what was written, publish ``out`` only if
-    verification passed. A failed or unverifiable merge returns its report (exit_code 1 or 3), nothing written."""
+    verification passed. A failed or unverifiable merge returns its report (exit_code 1 or 3), nothing written.
+    ``report`` also writes the report there as JSON (with OUT when it is published)."""
     from safe_merge.merger.pipeline import merge_command
     from safe_merge.merger.request import MergeRequest, combination_options
 
@@ -51,6 +53,7 @@ def merge(
         combination=combination_options(len(adapters), combination, weights, density, majority_sign, svd_rank),
         quantized=quantized,
         check_outputs=check_outputs,
+        report=None if report is None else Path(report),
     )
     return merge_command(request)
 
@@ -89,13 +92,12 @@ def migrate(
     and the first release that understands it (nothing written)."""
     from safe_merge.compat.adapter_files import load_adapter
     from safe_merge.compat.plan import make_plan, write_state
-    from safe_merge.io import loading
-    from safe_merge.io.staging import check_target, staged
+    from safe_merge.io import loading, staging
+    from safe_merge.io.output_path import check_output
 
     target = _release(target or loading.installed_peft())
-    out = Path(out)
     source = loading.resolve_dir(adapter, "adapter")
-    check_target(out, force)
+    out = check_output(Path(out), {"adapter": source}, force=force)
     migration, state = make_plan(load_adapter(source), target)
     report = {**migration.report(), "output": None, "exit_code": 0}
     if migration.refused:
@@ -105,7 +107,8 @@ def migrate(
             "the adapter on a release at least as new as the first one named",
         )
     if not plan:
-        with staged(out, force) as stage:
+        report["warnings"] = staging.sweep_stale(out.parent)
+        with staging.staged(out, force) as stage:
             files = write_state(state, source, stage)
         report["output"] = {"path": str(out), "files": files}
         report["status"] = "migrated"
@@ -116,11 +119,13 @@ def fingerprint(base: str | Path, adapter: str | Path, out: str | Path, *, force
     """Record what the adapter does on its base here (versions, file hashes, tensor manifest, weight changes,
     outputs) into ``out``, to check after an upgrade."""
     from safe_merge import fingerprints
-    from safe_merge.io.staging import refuse_existing
+    from safe_merge.io import loading, staging
+    from safe_merge.io.output_path import check_output
 
     started = time.monotonic()
-    out = Path(out)
-    refuse_existing(out, force)  # before the work, not only after it
+    inputs = {"base model": loading.resolve_dir(base, "base model"), "adapter": loading.resolve_dir(adapter, "adapter")}
+    out = check_output(Path(out), inputs, force=force, kind="file")  # before the work, not only after it
+    stale = staging.sweep_stale(out.parent)
     recorded = fingerprints.record(str(base), str(adapter), out)
     fingerprints.write_fingerprint(recorded, out, force)
     return {
@@ -131,6 +136,7 @@ def fingerprint(base: str | Path, adapter: str | Path, out: str | Path, *, force
         "tensors": len(recorded["adapter"]["tensors"]),
         "deltas": len(recorded["deltas"]),
         "outputs": recorded["outputs"]["shape"],
+        "warnings": stale,
         "seconds": round(time.monotonic() - started, 3),
         "exit_code": 0,
     }

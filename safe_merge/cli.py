@@ -1,6 +1,7 @@
 """The safe-merge command: argparse and thin handlers over the Python API (safe_merge/api.py).
 
-Exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify.
+Exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify · 128 + the signal's
+number when interrupted (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
 """
 
 from __future__ import annotations
@@ -8,14 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 
 from safe_merge import api
 from safe_merge.errors import EXIT_BAD_INPUT, SafeMergeError
+from safe_merge.io import staging
+from safe_merge.io.signals import HANDLED, Interrupted, handle_signals
 
-EXIT_CODES = "exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify"
+EXIT_CODES = (
+    "exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify · "
+    "130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP"
+)
 EXAMPLES = {
     "merge": [
         "safe-merge merge ./base ./adapter -o ./merged",
@@ -100,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     joint.add_argument("--density", type=float, help="share of entries kept by the pruning types (0, 1]")
     joint.add_argument("--majority-sign", choices=("total", "frequency"), default="total", help="ties sign election")
     joint.add_argument("--svd-rank", type=int, help="rank of the *svd types' result (default: the largest rank)")
-    merge.add_argument("--report", type=Path, help="also write the JSON report here")
+    merge.add_argument(
+        "--report",
+        type=Path,
+        help="also write the JSON report here (with OUT when it is published; outside every input; an existing "
+        "file only with --force)",
+    )
     merge.add_argument("--json", action="store_true", help="print the JSON report on stdout")
 
     verify = _command(sub, "verify", "check a merged checkpoint against its base and adapter")
@@ -138,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = _command(sub, "demo", "build a tiny model and adapter offline and run the whole pipeline")
     demo.add_argument("-o", "--out", type=Path, help="keep the demo's files here (default: a temp dir)")
+    demo.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
     demo.add_argument("--json", action="store_true")
     return parser
 
@@ -159,6 +172,7 @@ def cmd_merge(args) -> dict:
         svd_rank=args.svd_rank,
         quantized=args.quantized,
         check_outputs=args.check_outputs,
+        report=args.report,
     )
 
 
@@ -173,7 +187,7 @@ def cmd_verify(args) -> dict:
 def cmd_demo(args) -> dict:
     from safe_merge.demo import run_demo
 
-    return run_demo(args.out)
+    return run_demo(args.out, force=args.force)
 
 
 HANDLERS = {
@@ -202,39 +216,47 @@ def _quiet_libraries() -> None:
             pass
 
 
-def _emit(command: str, report: dict, as_json: bool, report_path: Path | None = None) -> int:
+def _emit(command: str, report: dict, as_json: bool) -> int:
     from safe_merge.report import summarize
 
-    text = json.dumps(report, indent=2, default=str)
-    if report_path is not None:
-        report_path.write_text(text + "\n", encoding="utf-8")
     print(summarize(command, report), file=sys.stderr)
     if as_json:
-        print(text)
+        print(json.dumps(report, indent=2, default=str))
     return int(report.get("exit_code", 0))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    try:
-        report = HANDLERS[args.command](args)
-        return _emit(args.command, report, args.json, getattr(args, "report", None))
-    except SafeMergeError as exc:
-        return _fail(args, str(exc), exc.exit_code, exc.rule)
-    except KeyboardInterrupt:
-        return _fail(args, "interrupted; nothing was written", EXIT_BAD_INPUT)
-    except OSError as exc:  # a full disk, a read-only target, a vanished file: nothing was published
-        return _fail(
-            args,
-            f"cannot read or write {exc.filename or 'a file'}: {exc.strerror or exc}; nothing was written",
-            EXIT_BAD_INPUT,
-        )
-    except Exception as exc:  # an input we did not foresee: say so plainly, traceback only on request
-        if os.environ.get("SAFE_MERGE_DEBUG"):
-            traceback.print_exc()
-        message = f"unexpected error: {type(exc).__name__}: {exc} (set SAFE_MERGE_DEBUG=1 for a traceback)"
-        return _fail(args, message, EXIT_BAD_INPUT)
+    with handle_signals():
+        staging.forget_published()
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
+        try:
+            report = HANDLERS[args.command](args)
+            return _emit(args.command, report, args.json)
+        except SafeMergeError as exc:
+            return _fail(args, str(exc), exc.exit_code, exc.rule)
+        except Interrupted as exc:
+            return _fail(args, _interrupted(exc.name), exc.exit_code)
+        except KeyboardInterrupt:
+            return _fail(args, _interrupted("SIGINT"), 130)
+        except OSError as exc:  # a read-only target, a vanished file: nothing was published
+            where = exc.filename or "a file"
+            return _fail(args, f"cannot read or write {where}: {exc.strerror or exc}; {_written()}", EXIT_BAD_INPUT)
+        except Exception as exc:  # an input we did not foresee: say so plainly, traceback only on request
+            if os.environ.get("SAFE_MERGE_DEBUG"):
+                traceback.print_exc()
+            message = f"unexpected error: {type(exc).__name__}: {exc} (set SAFE_MERGE_DEBUG=1 for a traceback)"
+            return _fail(args, message, EXIT_BAD_INPUT)
+
+
+def _interrupted(signal_name: str) -> str:
+    return f"interrupted by {signal_name}; {_written()}, temporary files removed"
+
+
+def _written() -> str:
+    """Whether anything was published before the command stopped; said truthfully either way."""
+    done = [p for p in staging.published() if os.path.exists(p)]  # the demo publishes inside its own staging
+    return f"{', '.join(done)} had been written completely before it stopped" if done else "nothing was written"
 
 
 def _fail(args, message: str, code: int, rule: str | None = None) -> int:
@@ -244,5 +266,14 @@ def _fail(args, message: str, code: int, rule: str | None = None) -> int:
     return code
 
 
+def entry() -> None:
+    """The console script: main, then an exit no signal can turn into a traceback (the outcome is decided, and
+    was said; a late Ctrl-C would otherwise interrupt the libraries' exit handlers)."""
+    code = main()
+    for handled in HANDLED:
+        signal.signal(handled, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from safe_merge.io import staging
+from safe_merge.io.output_path import check_output
 from safe_merge.merger.pipeline import MergeRequest, merge_command
 
 CORPUS = (
@@ -81,15 +83,48 @@ def write_as_peft_0_6(adapter_dir: Path, directory: Path) -> dict:
     return plan.report()
 
 
-def run_demo(out: Path | None = None) -> dict:
-    """Build, merge, verify; the report of the merge, with the demo's paths."""
-    workdir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="safe-merge-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+def run_demo(out: Path | None = None, force: bool = False) -> dict:
+    """Build, merge, verify; the report of the merge, with the demo's paths. ``out`` (kept afterwards) appears
+    only when the demo passed, and replaces an existing directory only with ``force``."""
+    if out is None:
+        return _demo(Path(tempfile.mkdtemp(prefix="safe-merge-demo-")))
+    out = check_output(Path(out), {}, force=force)
+    stale = staging.sweep_stale(out.parent)
+    try:
+        with staging.staged(out, force) as stage:
+            report = _renamed(_demo(stage), str(stage), str(out))
+            report["warnings"] = stale + report.get("warnings", [])
+            if report["exit_code"] != 0:
+                raise _Failed(report)
+    except _Failed as failed:
+        failed.report["demo"] = {"workdir": None, "not_kept": f"the demo's merge {failed.report['status']}"}
+        return failed.report
+    return report
+
+
+def _demo(workdir: Path) -> dict:
     base_dir, adapter_dir, merged_dir = workdir / "base", workdir / "adapter", workdir / "merged"
     tokenizer = build_tokenizer(base_dir)
     build_base(base_dir, len(tokenizer))
     build_adapter(base_dir, workdir / "adapter-trained")
     write_as_peft_0_6(workdir / "adapter-trained", adapter_dir)
-    report = merge_command(MergeRequest(str(base_dir), [str(adapter_dir)], merged_dir, force=True))
+    report = merge_command(MergeRequest(str(base_dir), [str(adapter_dir)], merged_dir))
     report["demo"] = {"workdir": str(workdir), "base": str(base_dir), "adapter (PEFT 0.6 format)": str(adapter_dir)}
     return report
+
+
+class _Failed(Exception):
+    def __init__(self, report: dict):
+        super().__init__(report["status"])
+        self.report = report
+
+
+def _renamed(value, old: str, new: str):
+    """The report with the staging dir's paths replaced by where the demo is published."""
+    if isinstance(value, dict):
+        return {k: _renamed(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v, old, new) for v in value]
+    if isinstance(value, str) and value.startswith(old):
+        return new + value[len(old) :]
+    return value

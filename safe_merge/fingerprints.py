@@ -28,8 +28,7 @@ import torch
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.compat.plan import write_state
 from safe_merge.errors import EXIT_FAILED, EXIT_OK, BadInput, Unsupported
-from safe_merge.io import loading
-from safe_merge.io.staging import refuse_existing
+from safe_merge.io import loading, staging
 from safe_merge.merger.backends import peft as backend_peft
 from safe_merge.merger.job import read_source
 from safe_merge.merger.rules.known_bugs import refuse_known_bugs
@@ -157,21 +156,7 @@ def record(base: str, adapter: str, out: Path) -> dict:
 
 def write_fingerprint(fingerprint: dict, out: Path, force: bool) -> None:
     """Write atomically: a complete file appears, or nothing does."""
-    out = Path(out)
-    refuse_existing(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(fingerprint, f, indent=1)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a fingerprint is meant to be shared
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    staging.write_file(Path(out), json.dumps(fingerprint, indent=1) + "\n", force)
 
 
 def read_fingerprint(path: Path) -> dict:

@@ -93,9 +93,28 @@ class Job:
         return loading.resolve_dir(self.request.base, "base model")
 
     @functools.cached_property
-    def sources(self) -> list[AdapterSource]:
+    def adapter_dirs(self) -> list[Path]:
         self.base_dir  # noqa: B018 - the base is named first when both are missing
-        return [read_source(loading.resolve_dir(a, "adapter"), self.peft_release) for a in self.request.adapters]
+        return [loading.resolve_dir(a, "adapter") for a in self.request.adapters]
+
+    @property
+    def inputs(self) -> dict[str, Path]:
+        """Every input that exists, by what it is, for the output-path rule (a missing one is refused by the next
+        rules, which name it)."""
+        named = {}
+        refs = [("base model", self.request.base, "base model")]
+        many = len(self.request.adapters) > 1
+        refs += [(f"adapter {i + 1}" if many else "adapter", a, "adapter") for i, a in enumerate(self.request.adapters)]
+        for label, ref, what in refs:
+            try:
+                named[label] = loading.resolve_dir(ref, what)
+            except BadInput:
+                continue
+        return named
+
+    @functools.cached_property
+    def sources(self) -> list[AdapterSource]:
+        return [read_source(path, self.peft_release) for path in self.adapter_dirs]
 
     @property
     def adapter_files(self) -> list[AdapterFiles]:

@@ -3,7 +3,11 @@ publish, report. The backend is whichever ``backends.choose`` returns; nothing h
 
 from __future__ import annotations
 
-import tempfile
+import contextlib
+import errno
+import json
+import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -13,8 +17,8 @@ from tqdm.auto import tqdm
 
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.compat.plan import write_state
-from safe_merge.io import loading
-from safe_merge.io.staging import staged
+from safe_merge.errors import BadInput
+from safe_merge.io import loading, staging
 from safe_merge.merger import backends
 from safe_merge.merger.job import Job
 from safe_merge.merger.preflight import preflight
@@ -31,11 +35,19 @@ def merge_command(request: MergeRequest) -> dict:
     before any work raise (a SafeMergeError with its exit code)."""
     started = time.monotonic()
     try:
-        return run_merge(request)
+        report = run_merge(request)
     except _Abandon as stop:
         stop.report["seconds"] = round(time.monotonic() - started, 3)
         stop.report["exit_code"] = stop.exit_code
-        return stop.report
+        report = stop.report
+    if request.report is not None and report["status"] != PASSED:  # a published merge wrote it with OUT
+        staging.write_file(request.report, report_text(report), request.force)
+    return report
+
+
+def report_text(report: dict) -> str:
+    """The report as --report and --json write it."""
+    return json.dumps(report, indent=2, default=str) + "\n"
 
 
 def run_merge(request: MergeRequest) -> dict:
@@ -43,18 +55,17 @@ def run_merge(request: MergeRequest) -> dict:
     job = preflight(request)
     if request.plan:
         return plan(job)
-    out = job.out
-    with tempfile.TemporaryDirectory(
-        prefix=".safe-merge-adapter-", dir=out.parent if out.parent.exists() else None
-    ) as scratch:
+    out = Path(os.path.abspath(job.out))
+    stale = staging.sweep_stale(out.parent)
+    with staging.temporary(out.parent, out.name, "adapter") as scratch:
         adapter_dirs = [_migrated(source, Path(scratch) / f"migrated-{i}") for i, source in enumerate(job.sources)]
         if job.combination is None:
             for source in job.sources:  # from here the adapter is read from adapter_dirs: hold it once, not twice
                 source.drop_tensors()
-            return _merge_and_publish(job, adapter_dirs[0])
+            return _merge_and_publish(job, adapter_dirs[0], stale)
         combined_dir = Path(scratch) / "combined"
         notes, check = build_and_check(job, adapter_dirs, combined_dir)
-        return _merge_and_publish(job, combined_dir, notes, check)
+        return _merge_and_publish(job, combined_dir, stale + notes, check)
 
 
 def _migrated(source, directory: Path) -> Path:
@@ -66,9 +77,7 @@ def _migrated(source, directory: Path) -> Path:
     return directory
 
 
-def _merge_and_publish(
-    job: Job, adapter_dir: Path, combine_notes: list[str] | None = None, check: CombinationCheck | None = None
-) -> dict:
+def _merge_and_publish(job: Job, adapter_dir: Path, notes: list[str], check: CombinationCheck | None = None) -> dict:
     adapter = load_adapter(adapter_dir, mapped=job.request.backend != "peft" and job.combination is None)
     backend, reason = backends.choose(job, adapter)
     progress = tqdm(total=3, desc="safe-merge", unit="stage", disable=None, leave=False)
@@ -93,7 +102,8 @@ def _merge_and_publish(
         for r in records
         if not issubclass(r.category, (DeprecationWarning, FutureWarning))  # library housekeeping, not about this merge
     )
-    with staged(job.out, job.request.force) as stage:
+    side_files: dict[Path, str] = {}
+    with _disk_full_says_how_much(job), staging.staged(job.out, job.request.force, side_files) as stage:
         progress.set_postfix_str("writing")
         files = backend.write(stage)
         progress.update()
@@ -108,14 +118,46 @@ def _merge_and_publish(
             report[key] = body[key]
         if job.combination is not None:
             report["combination"] = {**job.combination.report(), "combined_rank": _rank(adapter)}
-        report["warnings"] = (combine_notes or []) + backend.notes + body["warnings"] + caught
+        report["warnings"] = notes + backend.notes + body["warnings"] + caught
         report["output"]["files"] = files
         if verification.status != PASSED:
             report["output"] = {"path": None, "files": [], "not_written": f"verification {verification.status}"}
             raise _Abandon(report, verification.exit_code)
-    report["seconds"] = round(time.monotonic() - job.started, 3)
-    report["exit_code"] = 0
+        report["seconds"] = round(time.monotonic() - job.started, 3)
+        report["exit_code"] = 0
+        if job.request.report is not None:  # written before the publish, moved into place with it
+            side_files[job.request.report] = report_text(report)
     return report
+
+
+@contextlib.contextmanager
+def _disk_full_says_how_much(job: Job):
+    """A full disk (or quota) while writing OUT: say how much room the merge needs there."""
+    try:
+        yield
+    except Exception as exc:
+        if not _no_space(exc):
+            raise
+        size, parent = _size(job), Path(os.path.abspath(job.out)).parent
+        need = f"about {size / 1e9:.2f} GB" if size else "the size of the base in the output dtype"
+        free = shutil.disk_usage(parent).free if parent.exists() else 0
+        raise BadInput(
+            f"no space left on the device while writing the merged model: it needs {need} (see --plan), "
+            f"{free / 1e9:.2f} GB are free there",
+            path=parent,
+            hint="free space there, or choose an -o on a filesystem with room; nothing was written",
+        ) from exc
+
+
+def _no_space(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT, from the OS or wrapped by a library (safetensors reports it as a string)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def plan(job: Job) -> dict:

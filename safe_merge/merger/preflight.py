@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from safe_merge.io.staging import check_target
+from safe_merge.io.output_path import check_output, check_report
 from safe_merge.merger.job import Job
 from safe_merge.merger.request import MergeRequest
 from safe_merge.merger.rules import combinable, known_bugs, quantization, rule, tokenizer
@@ -22,6 +22,12 @@ class Rule:
     name: str
     refuses: str  # what it refuses, in a few words (CONTRIBUTING.md lists them)
     check: Callable[[Job], None]
+
+
+def _output_path(job: Job) -> None:
+    out = check_output(job.out, job.inputs, force=job.request.force)
+    if job.request.report is not None:
+        check_report(job.request.report, out, job.inputs, job.request.force)
 
 
 def _combination(job: Job) -> None:
@@ -43,13 +49,18 @@ def _release_bugs(job: Job) -> None:
 RULES: tuple[Rule, ...] = (
     Rule(
         "output-path",
-        "an existing OUT without --force, or an OUT that is a file",
-        lambda job: check_target(job.out, job.request.force),
+        "an OUT or --report that is, holds or lies inside an input, or exists without --force",
+        _output_path,
     ),
     Rule(
         "adapters",
         "non-LoRA adapters, NaN/Inf tensors, keys the installed PEFT lacks (lora-only, finite-adapter, migratable)",
         lambda job: job.sources,
+    ),
+    Rule(
+        "base-readable",
+        "a base without a readable config.json, or with a damaged safetensors header",
+        lambda job: (job.base_config, job.base_numel),
     ),
     Rule("combinable", "adapters a weighted combination cannot join", _combination),
     Rule("known-combination-bugs", "combinations the installed PEFT computes wrongly", _combination_bugs),

@@ -40,12 +40,15 @@ class MergeRequest:
     combination: Combination | None = None  # how to join several adapters (or weight one); cat for several
     quantized: str = "dequantize"  # a quantized base: dequantize | requantize | refuse (quant/formats.py)
     check_outputs: str = "auto"  # stream backend: auto (when the models fit in free memory) | always | never
+    report: Path | None = None  # also write the JSON report here (published with OUT, never without it)
 
     def __post_init__(self) -> None:
         adapters = (self.adapters,) if isinstance(self.adapters, (str, Path)) else self.adapters
         object.__setattr__(self, "base", str(self.base))
         object.__setattr__(self, "adapters", tuple(str(a) for a in adapters))
         object.__setattr__(self, "out", Path(self.out))
+        if self.report is not None:
+            object.__setattr__(self, "report", Path(self.report))
         if not self.adapters:
             raise BadInput("no adapter given", hint="name at least one adapter directory after the base")
         _one_of("--dtype", self.dtype, DTYPE_CHOICES)

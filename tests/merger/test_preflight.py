@@ -36,14 +36,23 @@ def test_the_rules_have_unique_names_and_the_output_path_comes_first():
     assert all(rule.refuses for rule in RULES)
 
 
+def test_both_rule_tables_in_the_docs_list_every_rule_in_order():
+    root = Path(__file__).parents[2]
+    for doc in (root / "docs" / "merging.md", root / "CONTRIBUTING.md"):
+        listed = [line.split("`")[1] for line in doc.read_text().splitlines() if line.startswith("| `")]
+        names = [rule.name for rule in RULES]
+        assert [n for n in listed if n in names] == names, doc
+
+
 def test_a_refusal_names_its_rule_and_earlier_rules_win(tmp_path):
     out = tmp_path / "out"
     out.mkdir()  # output-path refuses before the missing base and adapter are even looked at
     with pytest.raises(BadInput) as raised:
         preflight(MergeRequest(str(tmp_path / "no-base"), [str(tmp_path / "no-adapter")], out))
     assert raised.value.rule == "output-path"
+    (tmp_path / "base").mkdir()
     with pytest.raises(BadInput) as raised:
-        preflight(MergeRequest(str(tmp_path), [str(tmp_path / "no-adapter")], tmp_path / "new"))
+        preflight(MergeRequest(str(tmp_path / "base"), [str(tmp_path / "no-adapter")], tmp_path / "new"))
     assert raised.value.rule == "adapters" and "no-adapter" in str(raised.value)
 
 

@@ -20,6 +20,7 @@ import torch
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.merger.backends.stream.layout import BaseView
 from safe_merge.merger.backends.stream.write import StreamMerge
+from safe_merge.verifier.config_check import config_changes
 from safe_merge.verifier.delta import LayerKind, ModuleLora
 from safe_merge.verifier.outputs import OutputCheck, available_memory
 from safe_merge.verifier.tolerance import DORA_WEIGHT_ULPS, WEIGHT_ULPS, eps, smallest_step
@@ -81,7 +82,7 @@ def verify(
     base = BaseView(prep.checkpoint, prep.layout)
     weights = check_weights(prep, base, written, checks)
     outputs = _outputs(prep, stage, base_dir, adapter_dir, output_check, written.total_bytes())
-    return Verification(prep.ledger, weights, outputs)
+    return Verification(prep.ledger, weights, outputs, config=config_changes(base_dir, stage))
 
 
 def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks: TensorChecks | None = None):
