@@ -61,12 +61,15 @@ def merge(
 def verify(base: str | Path, adapter: str | Path, merged: str | Path) -> dict:
     """Check a merged checkpoint, whoever wrote it, against its base and adapter (ledger, weights, outputs)."""
     from safe_merge.io import loading
+    from safe_merge.io.checkpoint import shard_files
     from safe_merge.verifier.verdict import verify_dirs
 
     started = time.monotonic()
     base_dir = loading.resolve_dir(base, "base model")
     adapter_dir = loading.resolve_dir(adapter, "adapter")
     merged_dir = loading.resolve_dir(merged, "merged model")
+    for model_dir in (base_dir, merged_dir):
+        shard_files(model_dir)  # a directory without weights is named before anything is loaded
     result = verify_dirs(base_dir, adapter_dir, merged_dir)
     report = {**result.report(), "versions": loading.versions(), "merged": str(merged_dir)}
     report["seconds"] = round(time.monotonic() - started, 3)

@@ -41,7 +41,7 @@ def shard_files(model_dir: Path, *, required: bool = True) -> list[Path]:
     raise BadInput(
         "no model weights (model.safetensors, pytorch_model.bin or their sharded index)",
         path=model_dir,
-        hint="point BASE at the directory save_pretrained wrote",
+        hint="name the directory save_pretrained wrote",
     )
 
 
@@ -106,11 +106,17 @@ class Checkpoint:
         if self._loaded is None or self._loaded[0] != shard:
             self._loaded = None
             try:
-                state = torch.load(str(shard), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (pre-zip) format cannot be mapped
-                state = torch.load(str(shard), map_location="cpu", weights_only=True)
+                try:
+                    state = torch.load(str(shard), map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # the legacy (pre-zip) format cannot be mapped
+                    state = torch.load(str(shard), map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise BadInput(f"cannot be read with torch's weights-only loader: {exc}", path=shard) from exc
+                first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                raise BadInput(
+                    f"cannot be read with torch's weights-only loader ({type(exc).__name__}: {first})",
+                    path=shard,
+                    hint="the file is damaged, or pickles more than tensors; save the model again as safetensors",
+                ) from exc
             self._loaded = (shard, state)
         return self._loaded[1]
 

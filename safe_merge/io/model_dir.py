@@ -9,6 +9,8 @@ from pathlib import Path
 
 from torch import nn
 
+from safe_merge.errors import BadInput
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -40,8 +42,15 @@ def tokenizer_size(directory: Path) -> int | None:
     path = directory / "tokenizer.json"
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    vocab = (data.get("model") or {}).get("vocab") or {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        vocab = (data.get("model") or {}).get("vocab") or {}
+    except (ValueError, AttributeError) as exc:
+        raise BadInput(
+            f"tokenizer.json is not a tokenizer ({type(exc).__name__}: {exc})",
+            path=path,
+            hint="save the tokenizer again with save_pretrained, or remove the broken file",
+        ) from exc
     ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
     ids += [t["id"] for t in data.get("added_tokens") or [] if "id" in t]
     return max(ids) + 1 if ids else None

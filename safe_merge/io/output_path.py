@@ -57,6 +57,11 @@ def check_output(
                 path=out,
                 hint=f"choose a {option} path outside every input",
             )
+    for above in out.parents:
+        if above.exists():
+            if not above.is_dir():
+                raise BadInput(f"{option} lies under {above}, which is a file", path=out, hint="name a directory path")
+            break
     refuse_existing(out, force)
     if out.exists():
         if kind == "directory" and not out.is_dir():

@@ -133,6 +133,6 @@ def parse_size(text: str) -> int:
     """'5GB' (powers of ten), '500MiB' (powers of two) or a number of bytes."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
     unit = match.group(2).upper() if match else None
-    if not match or unit not in _UNITS:
+    if not match or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
         raise BadInput(f"--max-shard-size {text!r} is not a size", hint="write it like 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * _UNITS[unit])

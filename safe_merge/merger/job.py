@@ -57,6 +57,8 @@ def read_source(path: Path, peft_release: str, refusal: type[SafeMergeError] = B
     files = load_adapter(path, mapped=True)
     with rule("lora-only"):
         require_lora(files)
+    with rule("well-formed-config"):
+        adapter_rules.well_formed(files)
     with rule("finite-adapter"):
         adapter_rules.finite(files)
     plan, state = make_plan(files, peft_release)

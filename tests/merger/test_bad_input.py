@@ -178,3 +178,49 @@ def test_hub_ids_resolve_from_the_local_cache_and_say_so_when_absent(pair, tmp_p
     missing = merge("acme/not-cached", str(tmp_path / "out2"))
     assert missing.returncode == 2 and "not a hub id in the local cache" in missing.stderr
     assert "hf download acme/not-cached" in missing.stderr
+
+
+def _config_edit(name: str, **changes):
+    def edit(base: Path, adapter: Path) -> None:
+        path = (adapter if name == "adapter" else base) / (
+            "adapter_config.json" if name == "adapter" else "config.json"
+        )
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+def _replace_base_weights_with_a_broken_bin(base: Path, adapter: Path) -> None:
+    (base / "model.safetensors").unlink()
+    (base / "pytorch_model.bin").write_bytes(b"not a pickle of tensors")
+
+
+FAULTS = {
+    "lora_alpha null": (_config_edit("adapter", lora_alpha=None), ["adapter_config.json", "'lora_alpha'", "positive"]),
+    "rank as a string": (_config_edit("adapter", r="4"), ["adapter_config.json", "'r'", "well-formed-config"]),
+    "alpha_pattern of strings": (_config_edit("adapter", alpha_pattern={"q_proj": "8"}), ["'alpha_pattern'"]),
+    "broken tokenizer.json": (
+        lambda base, adapter: (adapter / "tokenizer.json").write_text("{not json"),
+        ["adapter/tokenizer.json", "is not a tokenizer", "save the tokenizer again"],
+    ),
+    "unknown model_type": (_config_edit("base", model_type="nosuch"), ["base/config.json", "base-readable"]),
+    "vocab_size of the wrong type": (_config_edit("base", vocab_size="32"), ["base/config.json", "vocab_size"]),
+    "a .bin that is not tensors": (_replace_base_weights_with_a_broken_bin, ["pytorch_model.bin", "weights-only"]),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=list(FAULTS))
+def test_a_fault_is_refused_before_any_work_naming_its_file(pair, tmp_path, capsys, fault):
+    edit, needles = FAULTS[fault]
+    base, adapter = pair
+    edit(base, adapter)
+    err = _merge_fails(base, adapter, tmp_path, capsys, *needles)
+    assert "unexpected error" not in err and "staging" not in err
+
+
+def test_an_output_under_a_file_and_a_zero_shard_size_are_refused(pair, tmp_path, capsys):
+    base, adapter = pair
+    (tmp_path / "file").write_text("x")
+    assert main(["merge", str(base), str(adapter), "-o", str(tmp_path / "file" / "out")]) == 2
+    assert "which is a file" in capsys.readouterr().err
+    merge_refused(tmp_path, capsys, [base, adapter], ["--max-shard-size", "0"], "is not a size")
