@@ -4,6 +4,7 @@ and a full disk says how much room the merge needs. Inputs are hashed before and
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from safe_merge.io import staging
 from tests.helpers import digest, materialize
 from tests.strategies import TINY, Case
 
@@ -105,16 +107,29 @@ def test_demo_never_writes_into_an_existing_directory_without_force(cli, tmp_pat
     assert [p.name for p in keep.iterdir()] == ["notes.txt"]
 
 
-def test_a_report_that_cannot_be_written_stops_the_publish_and_a_retry_succeeds(cli, inputs, tmp_path):
-    (tmp_path / "blocker").write_text("a file, not a directory")
-    out = tmp_path / "out"
-    code, _, err = cli("merge", *inputs, "-o", out, "--report", tmp_path / "blocker" / "report.json")
-    assert code == 2 and "nothing was written" in err and TRACEBACK not in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "models"]
-    code, _, err = cli("merge", *inputs, "-o", out, "--report", tmp_path / "report.json")
+def test_a_report_that_cannot_be_written_stops_the_publish_and_a_retry_succeeds(cli, inputs, tmp_path, monkeypatch):
+    out, report_path = tmp_path / "out", tmp_path / "reports" / "report.json"
+
+    def read_only(path, *args):
+        path.parent.mkdir(parents=True, exist_ok=True)  # as far as a read-only mount would let it get
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(staging, "_stage_side_file", read_only)  # the report's filesystem refuses the write
+        code, _, err = cli("merge", *inputs, "-o", out, "--report", report_path)
+    assert code == 2 and "nothing was written" in err and "report.json" in err and TRACEBACK not in err, err
+    assert _leftovers(tmp_path) == [], "OUT or a temporary was left although the report was not written"
+    code, _, err = cli("merge", *inputs, "-o", out, "--report", report_path)
     assert code == 0, err
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads(report_path.read_text())
     assert report["status"] == "passed" and report["exit_code"] == 0 and report["output"]["path"] == str(out)
+
+
+def test_a_report_under_a_file_is_refused_before_any_work(cli, inputs, tmp_path):
+    (tmp_path / "blocker").write_text("a file, not a directory")
+    code, _, err = cli("merge", *inputs, "-o", tmp_path / "out", "--report", tmp_path / "blocker" / "report.json")
+    assert code == 2 and "which is a file" in err and "refused by rule: output-path" in err, err
+    assert _leftovers(tmp_path) == ["blocker"]
 
 
 def test_a_report_inside_out_is_published_with_it(cli, inputs, tmp_path):

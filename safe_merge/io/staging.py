@@ -125,9 +125,13 @@ def staged(out: Path, force: bool, side_files: Mapping[Path, str] | None = None)
 def publish(stage: Path, out: Path, force: bool, side_files: dict[Path, str] | None = None) -> None:
     """Rename the finished staging dir to ``out`` (with the umask's permissions); an old ``out`` (with --force)
     is removed only afterwards. Side files are staged first and renamed right after."""
-    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it private; the output is the user's, as mkdir would make it
-    pending = [_stage_side_file(Path(path), text, out, stage) for path, text in (side_files or {}).items()]
+    os.chmod(stage, 0o777 & ~_umask())  # private while staged; published as mkdir would have made it
+    side_files = {Path(os.path.abspath(path)): text for path, text in (side_files or {}).items()}
+    made = {path: _missing_parents(path) for path in side_files if out not in path.parents}
+    pending: list[tuple[Path | None, Path]] = []
     try:
+        for path, text in side_files.items():
+            pending.append(_stage_side_file(path, text, out, stage))
         with deferred():
             old = None
             if out.exists():
@@ -150,15 +154,18 @@ def publish(stage: Path, out: Path, force: bool, side_files: dict[Path, str] | N
             if old is not None:
                 remove(old)
     finally:
-        for tmp, _ in pending:
-            if tmp is not None:
-                remove(tmp)
+        with deferred():
+            for tmp, _ in pending:
+                if tmp is not None:
+                    remove(tmp)
+            for path, parents in made.items():
+                if not path.exists():
+                    _remove_empty(parents)
 
 
 def _stage_side_file(path: Path, text: str, out: Path, stage: Path) -> tuple[Path | None, Path]:
     """Write a side file completely before the publish: into the stage when it belongs inside ``out``, else into
     a temporary directory beside it."""
-    path = Path(os.path.abspath(path))
     if out in path.parents:
         inside = stage / path.relative_to(out)
         inside.parent.mkdir(parents=True, exist_ok=True)
