@@ -30,6 +30,18 @@ def cli(capsys):
     return functools.partial(run_cli, capsys)
 
 
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the figures to the controller
+        session.config.workeroutput["safe_merge_stats"] = stats.dump()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    data = getattr(node, "workeroutput", {}).get("safe_merge_stats")
+    if data:
+        stats.absorb(data)
+
+
 def pytest_terminal_summary(terminalreporter):
     lines = stats.table()
     if lines:

@@ -1,4 +1,5 @@
-"""Collects the verifier's figures across a test run, so the suite can print what it measured."""
+"""Collects the verifier's figures across a test run, so the suite can print what it measured. Under pytest-xdist
+each worker hands its figures to the controller (``dump`` / ``absorb``, wired in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,30 @@ def record_quantized(backend: str, policy: str, quant: dict) -> None:
     _quantized[(backend, policy)].append(
         {"bits": quant["bits"], "out": o["max_abs"], "budget": o["budget"], "effect": o["adapter_effect"]}
     )
+
+
+def dump() -> dict:
+    """This process's figures as plain data (what an xdist worker sends to the controller)."""
+    return {
+        "rows": dict(_rows),
+        "overflows": _overflows[0],
+        "identical": list(_identical),
+        "combinations": dict(_combinations),
+        "quantized": [[backend, policy, rows] for (backend, policy), rows in _quantized.items()],
+    }
+
+
+def absorb(data: dict) -> None:
+    """Add a worker's figures to this process's."""
+    for dtype, rows in data["rows"].items():
+        _rows[dtype].extend(rows)
+    _overflows[0] += data["overflows"]
+    _identical[0] += data["identical"][0]
+    _identical[1] += data["identical"][1]
+    for kind, rows in data["combinations"].items():
+        _combinations[kind].extend(rows)
+    for backend, policy, rows in data["quantized"]:
+        _quantized[(backend, policy)].extend(rows)
 
 
 def table() -> list[str]:

@@ -178,6 +178,8 @@ def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name != "models")
 
 
+@pytest.mark.process
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("signals", "code", "name"),
     [
@@ -204,6 +206,8 @@ def test_a_signal_during_the_write_removes_staging_and_says_so_in_one_line(input
     assert digest(*inputs) == before
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_sigterm_while_the_adapter_is_staged_for_migration_leaves_nothing(inputs, tmp_path):
     process = _start_merge(inputs, tmp_path / "out")
     _stop_when_staging(process, tmp_path, kind="adapter")
@@ -214,6 +218,8 @@ def test_sigterm_while_the_adapter_is_staged_for_migration_leaves_nothing(inputs
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_a_run_killed_outright_is_cleaned_up_by_the_next_run_into_the_same_place(inputs, tmp_path):
     process = _start_merge(inputs, tmp_path / "out")
     _stop_when_staging(process, tmp_path)
