@@ -303,7 +303,7 @@ def small_disk(tmp_path, models):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-@pytest.mark.parametrize("backend", ["stream", "peft"])
+@pytest.mark.parametrize("backend", ["auto", "peft"])  # auto: the stream backend where the installed PEFT allows
 def test_a_full_disk_says_how_much_room_the_merge_needs_and_leaves_nothing(cli, inputs, small_disk, backend):
     before = digest(*inputs)
     code, _, err = cli("merge", *inputs, "-o", small_disk / "out", "--backend", backend)

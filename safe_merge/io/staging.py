@@ -125,7 +125,7 @@ def staged(out: Path, force: bool, side_files: Mapping[Path, str] | None = None)
 def publish(stage: Path, out: Path, force: bool, side_files: dict[Path, str] | None = None) -> None:
     """Rename the finished staging dir to ``out`` (with the umask's permissions); an old ``out`` (with --force)
     is removed only afterwards. Side files are staged first and renamed right after."""
-    os.chmod(stage, 0o777 & ~_umask())  # private while staged; published as mkdir would have made it
+    _as_the_umask_gives(stage)
     side_files = {Path(os.path.abspath(path)): text for path, text in (side_files or {}).items()}
     made = {path: _missing_parents(path) for path in side_files if out not in path.parents}
     pending: list[tuple[Path | None, Path]] = []
@@ -255,6 +255,16 @@ def _alive(pid: int) -> bool:
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _as_the_umask_gives(stage: Path) -> None:
+    """The staging dir is private while it is built, and some writers make their files private too (safetensors
+    under save_pretrained writes 0600): publish everything as mkdir and open would have made it."""
+    mask = _umask()
+    for path in stage.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    os.chmod(stage, 0o777 & ~mask)
 
 
 def _umask() -> int:

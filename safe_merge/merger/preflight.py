@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from safe_merge.io import loading
 from safe_merge.io.output_path import check_output, check_report
 from safe_merge.merger.job import Job
 from safe_merge.merger.request import MergeRequest
-from safe_merge.merger.rules import combinable, known_bugs, quantization, rule, tokenizer
+from safe_merge.merger.rules import base_config, combinable, known_bugs, quantization, rule, tokenizer
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "base-readable",
         "a base whose config.json this transformers cannot read, or with a damaged safetensors header",
-        lambda job: (job.base_config, loading.read_model_config(job.base_dir), job.base_numel),
+        lambda job: (base_config.readable(job.base_dir, job.base_config), job.base_numel),
     ),
     Rule("combinable", "adapters a weighted combination cannot join", _combination),
     Rule("known-combination-bugs", "combinations the installed PEFT computes wrongly", _combination_bugs),

@@ -205,7 +205,7 @@ FAULTS = {
     ),
     "unknown model_type": (_config_edit("base", model_type="nosuch"), ["base/config.json", "base-readable"]),
     "vocab_size of the wrong type": (_config_edit("base", vocab_size="32"), ["base/config.json", "vocab_size"]),
-    "a .bin that is not tensors": (_replace_base_weights_with_a_broken_bin, ["pytorch_model.bin", "weights-only"]),
+    "a .bin that is not tensors": (_replace_base_weights_with_a_broken_bin, ["pytorch_model.bin", "not a PyTorch"]),
 }
 
 
