@@ -16,7 +16,7 @@ from safe_merge.errors import BadInput
 
 
 def merge(
-    base: str | Path,
+    base: str | Path | None,
     adapters: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
@@ -36,13 +36,14 @@ def merge(
 ) -> dict:
     """Merge one adapter (or combine several) into ``base``, verify what was written, publish ``out`` only if
     verification passed. A failed or unverifiable merge returns its report (exit_code 1 or 3), nothing written.
-    ``report`` also writes the report there as JSON (with OUT when it is published)."""
+    ``report`` also writes the report there as JSON (with OUT when it is published). ``base`` None: the base the
+    adapters name in adapter_config.json (base_model_name_or_path), as AutoPeftModel finds it."""
     from safe_merge.merger.pipeline import merge_command
     from safe_merge.merger.request import MergeRequest, combination_options
 
     adapters = [adapters] if isinstance(adapters, (str, Path)) else list(adapters)
     request = MergeRequest(
-        base=str(base),
+        base=None if base is None else str(base),
         adapters=tuple(str(a) for a in adapters),
         out=Path(out),
         dtype=dtype,

@@ -27,6 +27,7 @@ EXAMPLES = {
     "merge": [
         "safe-merge merge ./base ./adapter -o ./merged",
         "safe-merge merge ./base ./adapter -o ./merged --plan           # say what would happen, write nothing",
+        "safe-merge merge ./adapter -o ./merged     # the base the adapter names (base_model_name_or_path)",
         "safe-merge merge ./base ./a1 ./a2 --weights 0.7 0.3 --combination linear -o ./merged",
     ],
     "verify": ["safe-merge verify ./base ./adapter ./merged --json"],
@@ -63,8 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     merge = _command(sub, "merge", "merge a LoRA adapter into its base, verify, write a standalone model")
-    merge.add_argument("base", help="base model: a local directory or a cached hub id")
-    merge.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directory or cached hub id")
+    merge.add_argument(
+        "models",
+        nargs="+",
+        metavar="[BASE] ADAPTER",
+        help="the base model, then one or more adapters (local directories or cached hub ids); with a single "
+        "path, the adapter alone, and the base it names (adapter_config.json's base_model_name_or_path)",
+    )
     merge.add_argument("-o", "--out", required=True, type=Path, help="output directory (written only when verified)")
     merge.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="auto keeps the base's"
@@ -156,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_merge(args) -> dict:
+    base, adapters = (None, args.models) if len(args.models) == 1 else (args.models[0], args.models[1:])
     return api.merge(
-        args.base,
-        args.adapters,
+        base,
+        adapters,
         args.out,
         dtype=args.dtype,
         backend=args.backend,

@@ -19,7 +19,7 @@ from safe_merge.demo import build_tokenizer
 from safe_merge.io import loading
 from safe_merge.merger.backends import peft as backend_peft
 from safe_merge.merger.backends.stream import arith
-from tests.helpers import FIXTURES, materialize, save_model
+from tests.helpers import FIXTURES, digest, materialize, save_model
 from tests.release import HISTORY, INSTALLED, requires_release
 from tests.strategies import FEATURES, TINY, Case
 
@@ -335,3 +335,30 @@ def test_merge_plan_says_what_would_happen_and_writes_nothing(inputs, tmp_path, 
     # the estimate counts the base's parameters; the merge adds the untied head's own copy and a header
     assert estimated <= written <= estimated * 1.5, (estimated, written)
     assert report["peak_memory_estimate"]["bytes"] >= 3 * estimated
+
+
+def _naming_base(adapter: Path, directory: Path, base: object) -> Path:
+    """A copy of the adapter whose adapter_config.json names ``base`` (None: names none)."""
+    shutil.copytree(adapter, directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None if base is None else str(base)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_merge_of_an_adapter_alone_uses_the_base_it_names_like_auto_peft_model(inputs, tmp_path, cli):
+    base, adapter = inputs[0], inputs[1]
+    named = _naming_base(adapter, tmp_path / "adapter", base)
+    code, report, err = cli("merge", named, "-o", tmp_path / "alone", "--json")
+    assert code == 0, err
+    assert report["base"]["path"] == str(base)
+    code, _, err = cli("merge", base, named, "-o", tmp_path / "explicit")
+    assert code == 0, err
+    assert digest(tmp_path / "alone") == digest(tmp_path / "explicit")
+
+
+def test_merge_of_an_adapter_that_names_no_base_says_to_pass_one(inputs, tmp_path, cli):
+    named = _naming_base(inputs[1], tmp_path / "adapter", None)
+    code, _, err = cli("merge", named, "-o", tmp_path / "out")
+    assert code == 2 and "base_model_name_or_path" in err and "pass BASE" in err, err
+    assert not (tmp_path / "out").exists()

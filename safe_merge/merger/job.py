@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
+from safe_merge.compat.adapter_files import AdapterFiles, load_adapter, read_config
 from safe_merge.compat.migrations.base import State
 from safe_merge.compat.plan import Plan, make_plan
 from safe_merge.errors import BadInput, SafeMergeError
@@ -67,6 +67,27 @@ def read_source(path: Path, peft_release: str, refusal: type[SafeMergeError] = B
     return AdapterSource(path, files, plan, state)
 
 
+def named_base(adapter_dirs: list[Path]) -> str:
+    """The base the adapters name in adapter_config.json (base_model_name_or_path): one, or a refusal."""
+    names = {}
+    for directory in adapter_dirs:
+        path = directory / "adapter_config.json"
+        config = read_config(directory)
+        name = config.get("base_model_name_or_path")
+        if not isinstance(name, str) or not name:
+            raise BadInput(
+                "names no base model",
+                path=path,
+                key="base_model_name_or_path",
+                hint="pass BASE before the adapter: safe-merge merge BASE ADAPTER -o OUT",
+            )
+        names[name] = path
+    if len(names) > 1:
+        listed = ", ".join(f"{n!r} ({p})" for n, p in names.items())
+        raise BadInput(f"the adapters name different bases: {listed}", hint="pass BASE before the adapters")
+    return next(iter(names))
+
+
 @dataclass
 class Job:
     """What the preflight read and checked; backends and the pipeline take it from here."""
@@ -92,7 +113,14 @@ class Job:
 
     @functools.cached_property
     def base_dir(self) -> Path:
-        return loading.resolve_dir(self.request.base, "base model")
+        return loading.resolve_dir(self.base_name, "base model")
+
+    @functools.cached_property
+    def base_name(self) -> str:
+        """BASE as given, or, without it, the base every adapter names (as AutoPeftModel finds it)."""
+        if self.request.base is not None:
+            return self.request.base
+        return named_base([loading.resolve_dir(a, "adapter") for a in self.request.adapters])
 
     @functools.cached_property
     def adapter_dirs(self) -> list[Path]:
@@ -104,7 +132,7 @@ class Job:
         """Every input that exists, by what it is, for the output-path rule (a missing one is refused by the next
         rules, which name it)."""
         named = {}
-        refs = [("base model", self.request.base, "base model")]
+        refs = [("base model", self.request.base, "base model")] if self.request.base is not None else []
         many = len(self.request.adapters) > 1
         refs += [(f"adapter {i + 1}" if many else "adapter", a, "adapter") for i, a in enumerate(self.request.adapters)]
         for label, ref, what in refs:
@@ -112,6 +140,11 @@ class Job:
                 named[label] = loading.resolve_dir(ref, what)
             except BadInput:
                 continue
+        if self.request.base is None:
+            try:
+                named["base model"] = self.base_dir
+            except BadInput:
+                pass
         return named
 
     @functools.cached_property

@@ -29,7 +29,7 @@ def _one_of(option: str, value: str, choices: Sequence[str]) -> None:
 class MergeRequest:
     """One `merge`: the base, the adapters in order, OUT, and every option, validated in ``__post_init__``."""
 
-    base: str
+    base: str | None  # None: the base the first adapter names (adapter_config.json's base_model_name_or_path)
     adapters: tuple[str, ...]
     out: Path
     dtype: str = "auto"  # auto keeps the base's stored dtype
@@ -44,7 +44,7 @@ class MergeRequest:
 
     def __post_init__(self) -> None:
         adapters = (self.adapters,) if isinstance(self.adapters, (str, Path)) else self.adapters
-        object.__setattr__(self, "base", str(self.base))
+        object.__setattr__(self, "base", None if self.base is None else str(self.base))
         object.__setattr__(self, "adapters", tuple(str(a) for a in adapters))
         object.__setattr__(self, "out", Path(self.out))
         if self.report is not None:
