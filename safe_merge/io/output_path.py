@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from safe_merge.errors import BadInput
-from safe_merge.io.staging import refuse_existing
+from safe_merge.io.staging import check_target, refuse_existing
 
 
 def input_places(inputs: Mapping[str, Path]) -> list[tuple[str, Path, bool]]:
@@ -62,11 +62,11 @@ def check_output(
             if not above.is_dir():
                 raise BadInput(f"{option} lies under {above}, which is a file", path=out, hint="name a directory path")
             break
-    refuse_existing(out, force)
-    if out.exists():
-        if kind == "directory" and not out.is_dir():
-            raise BadInput("exists and is not a directory", path=out, hint="name a directory, or remove the file")
-        if kind == "file" and out.is_dir():
+    if kind == "directory":
+        check_target(out, force)
+    else:
+        refuse_existing(out, force)
+        if out.is_dir():
             raise BadInput("is a directory, not a file", path=out, hint="name a file to write")
     return out
 

@@ -45,7 +45,7 @@ def check_target(out: Path, force: bool) -> None:
     """Refuse to overwrite an existing output unless forced; refuse a target that is not a directory."""
     refuse_existing(out, force)
     if out.exists() and not out.is_dir():
-        raise BadInput("exists and is not a directory", path=out)
+        raise BadInput("exists and is not a directory", path=out, hint="name a directory, or remove the file")
 
 
 def make_temporary(parent: Path, name: str, kind: str) -> Path:

@@ -49,6 +49,11 @@ def test_the_previous_handlers_come_back_afterwards():
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_outside_a_command_deferred_raises_nothing():
-    with deferred():
-        pass
+def test_a_finished_command_leaves_no_pending_signal_behind():
+    with handle_signals(), pytest.raises(Interrupted):
+        with deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+    steps = []
+    with deferred():  # outside a command (the Python API): nothing left over to raise
+        steps.append("published")
+    assert steps == ["published"]
