@@ -81,6 +81,7 @@ class History:
         init_values: dict | None = None,
         boundaries: dict | None = None,
         combination_types: dict | None = None,
+        base_rewriting_keys: dict | None = None,
     ):
         self.entries = entries
         self.oldest = oldest  # the releases the table was derived from
@@ -88,6 +89,7 @@ class History:
         self.init_values = init_values or {}  # init_lora_weights string → {first, kind}
         self.boundaries = boundaries or {}  # format changes without a key: name → {first, note}
         self.combination_types = combination_types or {}  # add_weighted_adapter type → first release
+        self.base_rewriting_keys = base_rewriting_keys or {}  # config key → how its value rewrites the base at load
 
     def boundary(self, name: str) -> Version:
         return Version(self.boundaries[name]["first"])
@@ -105,7 +107,9 @@ class History:
         boundaries = {k: v for k, v in data.get("boundaries", {}).items() if k != "about"}
         init_values = data.get("init_lora_weights_values", {}).get("values", {})
         combinations = {k: v for k, v in data.get("combination_types", {}).items() if k != "about"}
-        return cls(entries, data["covers"]["oldest"], data["covers"]["newest"], init_values, boundaries, combinations)
+        rewriting = data.get("base_rewriting_keys", {}).get("keys", {})
+        covers = data["covers"]
+        return cls(entries, covers["oldest"], covers["newest"], init_values, boundaries, combinations, rewriting)
 
     def combination_first(self, combination: str) -> Version | None:
         """The first release whose add_weighted_adapter accepts this combination type (None: no release does)."""

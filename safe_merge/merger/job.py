@@ -22,7 +22,7 @@ from safe_merge.merger.rules import rule
 from safe_merge.quant import formats
 from safe_merge.quant.formats import Quantization
 from safe_merge.verifier.combination_types import Combination
-from safe_merge.verifier.verdict import require_lora
+from safe_merge.verifier.verdict import require_lora, require_unchanged_base
 
 
 @dataclass
@@ -61,6 +61,8 @@ def read_source(path: Path, peft_release: str, refusal: type[SafeMergeError] = B
         adapter_rules.well_formed(files)
     with rule("finite-adapter"):
         adapter_rules.finite(files)
+    with rule("base-rewriting-init"):
+        require_unchanged_base(files)
     plan, state = make_plan(files, peft_release)
     with rule("migratable"):
         adapter_rules.migratable(plan, refusal)

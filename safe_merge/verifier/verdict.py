@@ -12,6 +12,7 @@ from packaging.version import Version
 from torch import nn
 
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
+from safe_merge.compat.base_rewrites import base_rewrites
 from safe_merge.compat.history import History
 from safe_merge.errors import EXIT_COULD_NOT_VERIFY, EXIT_FAILED, EXIT_OK, BadInput
 from safe_merge.io import loading
@@ -144,6 +145,7 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
     """Verify a merged checkpoint on disk, whoever wrote it, against its base and adapter."""
     adapter = load_adapter(adapter_dir)
     require_lora(adapter)
+    require_unchanged_base(adapter)
     loaded = _load_models(base_dir, adapter_dir, merged_dir)
     result = verify_models(
         adapter,
@@ -221,4 +223,19 @@ def require_lora(adapter: AdapterFiles) -> None:
             path=adapter.path / "adapter_config.json",
             key="peft_type",
             hint="use PEFT's own tools for other adapter types",
+        )
+
+
+def require_unchanged_base(adapter: AdapterFiles) -> None:
+    """Refuse an adapter that PEFT applies to a base it rewrites at load: its merge into the base as stored is
+    another model, and the exact merge this verifier computes would be the wrong reference."""
+    found = base_rewrites(adapter.config)
+    if found:
+        first = found[0]
+        raise BadInput(
+            f"{first.value!r}: {first.why} while PEFT loads the adapter, so A and B fit only that rewritten "
+            "base; merged into the base as stored they make another model",
+            path=adapter.path / "adapter_config.json",
+            key=first.key,
+            hint=first.hint(),
         )

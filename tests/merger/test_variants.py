@@ -1,0 +1,85 @@
+"""LoRA inits and variants that change what a merge means: each merges right or is refused before any work."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+
+from tests.helpers import materialize, merge_refused, run_cli, save_model
+from tests.strategies import FEATURES, TINY, Case, build_base
+
+LLAMA = Case("llama", TINY["two_layers"], False, {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "float32", seed=3)
+
+
+def _trained(config: peft.LoraConfig, base: torch.nn.Module) -> torch.nn.Module:
+    """get_peft_model with ``config``, then lora_B moved off its init as training would."""
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+@pytest.mark.skipif(not FEATURES["olora_init"], reason="the installed PEFT has no OLoRA init")
+@pytest.mark.parametrize("backend", ["stream", "peft"])
+def test_an_olora_adapter_saved_unconverted_is_refused_before_work(tmp_path, capsys, backend):
+    base_dir, _ = materialize(LLAMA, tmp_path / "inputs")
+    base = build_base(LLAMA)
+    adapter = tmp_path / "inputs" / "olora"
+    save_model(_trained(peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora"), base), adapter)
+    extra = ["--backend", backend, "--check-outputs", "never"]
+    err = merge_refused(
+        tmp_path, capsys, [base_dir, adapter], extra, "'olora'", "path_initial_model_for_weight_conversion"
+    )
+    assert "refused by rule: base-rewriting-init" in err
+
+
+@pytest.mark.skipif(not FEATURES["olora_init"], reason="the installed PEFT has no OLoRA init")
+def test_an_adapter_saved_converted_merges(tmp_path, capsys):
+    """PEFT's conversion writes a plain LoRA of rank 2r on the unchanged base: merged and verified."""
+    base_dir, _ = materialize(LLAMA, tmp_path / "inputs")
+    base = build_base(LLAMA)
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="olora")
+    )
+    initial = tmp_path / "inputs" / "initial"
+    save_model(model, initial)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1)
+    adapter = tmp_path / "inputs" / "converted"
+    model.save_pretrained(str(adapter), path_initial_model_for_weight_conversion=str(initial))
+    assert json.loads((adapter / "adapter_config.json").read_text())["init_lora_weights"] is True
+    code, report, err = run_cli(capsys, "merge", base_dir, adapter, "-o", tmp_path / "out", "--json")
+    assert code == 0, err
+    assert report["verification"]["outputs"]["max_abs"] <= report["verification"]["outputs"]["tol"]
+
+
+def test_a_kasa_adapter_is_refused_naming_its_key(tmp_path, capsys):
+    base_dir, adapter = materialize(LLAMA, tmp_path / "inputs")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["kasa_config"] = {"rank": 4}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    err = merge_refused(
+        tmp_path, capsys, [base_dir, adapter], ["--check-outputs", "never"], "'kasa_config'", "truncated SVD"
+    )
+    assert "PeftModel.from_pretrained" in err
+
+
+def test_verify_refuses_an_adapter_whose_init_rewrites_the_base(tmp_path, capsys):
+    base_dir, adapter = materialize(LLAMA, tmp_path / "inputs")
+    code, _, _ = run_cli(capsys, "merge", base_dir, adapter, "-o", tmp_path / "out")
+    assert code == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa_niter_4"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "verify", base_dir, adapter, tmp_path / "out")
+    assert code == 2, err
+    assert "'pissa_niter_4'" in err and "init_lora_weights" in err
