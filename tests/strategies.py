@@ -56,6 +56,7 @@ FEATURES = {
     "embedding_merge": not HISTORY.affected("merge_embedding_lora_crashes", INSTALLED),
     "config_free_merge": not HISTORY.affected("merge_refuses_gpt2", INSTALLED),
     "writes_safetensors": HISTORY.boundary("reads_safetensors") <= Version(INSTALLED),
+    "trainable_tokens": _has("trainable_token_indices"),
     "olora_init": Version(HISTORY.init_values["olora"]["first"]) <= Version(INSTALLED),
 }
 

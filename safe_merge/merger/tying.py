@@ -12,13 +12,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-
-def shared_groups(model: nn.Module) -> list[list[str]]:
-    """Names of parameters that share one tensor (tied weights), one list per shared tensor."""
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
+from safe_merge.verifier.ties import shared_groups
 
 
 def untie_targets(model: nn.Module, targeted_modules: Iterable[str]) -> list[str]:

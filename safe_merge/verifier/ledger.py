@@ -1,9 +1,9 @@
 """The ledger: what became of every tensor in the adapter file, and what the merged model must therefore hold.
 
 Every adapter tensor ends in exactly one row: merged (folded into a base weight), replaced (a saved copy of a
-base parameter: modules_to_save, bias="all", a saved embedding), skipped with a reason, unmatched (nothing in the
-base model to put it on: the merge cannot be right) or unverified (a feature this verifier cannot check yet,
-which makes the verdict "could not verify", never a pass).
+base parameter: modules_to_save, bias="all", a saved embedding; or saved rows of one: trainable tokens), skipped
+with a reason, unmatched (nothing in the base model to put it on: the merge cannot be right) or unverified (a
+feature this verifier cannot check yet, which makes the verdict "could not verify", never a pass).
 """
 
 from __future__ import annotations
@@ -44,6 +44,16 @@ class Ledger:
     entries: list[Entry] = field(default_factory=list)
     modules: dict[str, ModuleLora] = field(default_factory=dict)
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_rows: dict[str, TokenRows] = field(default_factory=dict)  # parameter -> rows trainable tokens replace
+
+    def tie_token_rows(self, groups: list[list[str]]) -> None:
+        """Trainable tokens on a tied embedding replace the rows of every parameter that shares it (PEFT ties the
+        token adapter of the output embedding to the input one's)."""
+        for names in groups:
+            rows = next((self.token_rows[n] for n in names if n in self.token_rows), None)
+            if rows is not None:
+                for name in names:
+                    self.token_rows.setdefault(name, rows)
 
     def by_status(self, status: Status) -> list[Entry]:
         return [e for e in self.entries if e.status is status]
@@ -56,6 +66,14 @@ class Ledger:
             if rows:
                 out[f"{status.value}_keys"] = [{"key": e.key, "reason": e.reason} for e in rows]
         return out
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Rows of an embedding that trainable tokens replace: the merged row ``indices[i]`` is ``values[i]``."""
+
+    indices: torch.Tensor  # int64
+    values: torch.Tensor
 
 
 _A = {LayerKind.EMBEDDING: Role.EMBEDDING_A}
@@ -98,14 +116,14 @@ def build_ledger(
                 )
             )
         elif parsed.role is Role.TOKEN_DELTA:
-            ledger.entries.append(
-                Entry(
-                    key,
-                    Status.UNVERIFIED,
-                    parsed.param,
-                    "trainable tokens are not checked by this verifier yet",
-                )
-            )
+            values = adapter.tensors[key]
+            indices, problem = _token_indices(adapter.config, parsed.module, values, base_params.get(parsed.param))
+            if problem:
+                ledger.entries.append(Entry(key, Status.UNMATCHED, parsed.param, problem))
+            else:
+                reason = f"rows {indices[:8]}{' …' if len(indices) > 8 else ''} of the embedding (trainable tokens)"
+                ledger.entries.append(Entry(key, Status.REPLACED, parsed.param, reason))
+                ledger.token_rows[parsed.param] = TokenRows(torch.tensor(indices, dtype=torch.int64), held(values))
         else:
             by_module[parsed.module][parsed.role] = key
 
@@ -135,6 +153,26 @@ def build_ledger(
             param = f"{module}.bias" if role is Role.LORA_B_BIAS else f"{module}.weight"
             ledger.entries.append(Entry(key, Status.MERGED, param))
     return ledger
+
+
+def _token_indices(
+    config: Mapping, module: str, values: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[list[int], str]:
+    """The embedding rows a trainable-tokens delta replaces, from ``trainable_token_indices`` (a list for the
+    input embedding, or module name → list), and why they cannot be placed ('' when they can)."""
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        found = [v for k, v in spec.items() if module == k or module.endswith(f".{k}")]
+        spec = found[0] if len(found) == 1 else None
+    if not isinstance(spec, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        return [], f"trainable_token_indices names no index list for {module!r}"
+    if weight is None or weight.dim() != 2:
+        return [], f"the base model has no embedding {module!r}"
+    if tuple(values.shape) != (len(spec), weight.shape[1]):
+        return [], f"{tuple(values.shape)} rows do not fit {len(spec)} indices of a {tuple(weight.shape)} embedding"
+    if any(not 0 <= i < weight.shape[0] for i in spec):
+        return [], f"an index of trainable_token_indices lies outside the {weight.shape[0]} rows of {module!r}"
+    return list(spec), ""
 
 
 def _module_problem(

@@ -23,6 +23,7 @@ from safe_merge.verifier.layer_kinds import layer_kinds
 from safe_merge.verifier.ledger import Ledger, Status, build_ledger
 from safe_merge.verifier.outputs import OutputCheck, check_outputs
 from safe_merge.verifier.probes import probe_inputs
+from safe_merge.verifier.ties import shared_groups
 from safe_merge.verifier.weights import WeightCheck, check_weights
 
 PASSED, FAILED, COULD_NOT_VERIFY = "passed", "failed", "could_not_verify"
@@ -123,14 +124,17 @@ def verify_models(
     inputs,
     *,
     merged_params: Mapping[str, torch.Tensor] | None = None,
+    ties: list[list[str]] | None = None,
 ) -> Verification:
     """Verify an in-memory merged model.
 
     ``base_params`` is the base model's state dict taken before any PEFT wrapping; ``reference`` is the unmerged
-    PeftModel with the adapter active, in the merged model's dtype (None skips the output check, which is a gap).
+    PeftModel with the adapter active, in the merged model's dtype (None skips the output check, which is a gap);
+    ``ties`` the base's parameters that share one tensor.
     """
     params = merged_params if merged_params is not None else merged.state_dict()
     ledger = build_ledger(adapter, base_params, kinds, adapter_precision(next(merged.parameters()).dtype))
+    ledger.tie_token_rows(ties or [])
     weights = check_weights(ledger, base_params, params)
     if reference is None or inputs is None:
         reason = "no unmerged reference model" if reference is None else "no probe inputs for this model type"
@@ -155,6 +159,7 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
         loaded.reference,
         loaded.inputs,
         merged_params=loaded.merged.state_dict(),
+        ties=loaded.ties,
     )
     if loaded.missing:
         result.weights.failures.insert(0, f"missing from the merged checkpoint: {', '.join(loaded.missing[:5])}")
@@ -179,6 +184,7 @@ class _Loaded:
     kinds: Mapping[str, LayerKind]
     inputs: dict | None
     missing: list[str]
+    ties: list[list[str]]
 
 
 def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> _Loaded:
@@ -194,6 +200,7 @@ def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> _Loaded
         merged = loading.load_model(merged_dir, merged_dtype, strict=False)
     base_native = loading.load_model(base_dir, loading.stored_dtype(base_dir))
     kinds = layer_kinds(base_native)
+    ties = shared_groups(base_native)
     if next(base_native.parameters()).dtype == merged_dtype:
         # Reuse the loaded base as the reference; clone first, since some inits rewrite base weights at load.
         base_params = {k: v.clone() for k, v in base_native.state_dict().items()}
@@ -203,7 +210,7 @@ def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> _Loaded
         reference_base = loading.load_model(base_dir, merged_dtype)
     reference = loading.load_peft(reference_base, adapter_dir)
     # the base's config sets the probe's length: a merged config cannot shorten what it is checked on
-    return _Loaded(merged, reference, base_params, kinds, probe_inputs(base_native.config), missing)
+    return _Loaded(merged, reference, base_params, kinds, probe_inputs(base_native.config), missing, ties)
 
 
 def adapter_precision(model_dtype: torch.dtype) -> torch.dtype:

@@ -84,7 +84,7 @@ class Expected:
 
 def touched_params(ledger: Ledger) -> set[str]:
     """Every parameter the adapter touches: saved copies, merged weights, merged biases."""
-    out = set(ledger.replacements)
+    out = set(ledger.replacements) | set(ledger.token_rows)
     for module, lora in ledger.modules.items():
         out.add(f"{module}.weight")
         if lora.bias is not None:
@@ -96,6 +96,10 @@ def expected_param(name: str, ledger: Ledger, base: Mapping[str, torch.Tensor]) 
     """One touched parameter with its exact float64 value after the merge."""
     saved = ledger.replacements.get(name)
     start = (saved if saved is not None else base[name]).to(torch.float64)
+    rows = ledger.token_rows.get(name)
+    if rows is not None:
+        value = start.index_copy(0, rows.indices, rows.values.to(torch.float64))
+        return Expected(start, value, merge_magnitudes(start, value))
     module, _, leaf = name.rpartition(".")
     lora = ledger.modules.get(module)
     if lora is None or leaf not in ("weight", "bias") or (leaf == "bias" and lora.bias is None):

@@ -83,3 +83,37 @@ def test_verify_refuses_an_adapter_whose_init_rewrites_the_base(tmp_path, capsys
     code, _, err = run_cli(capsys, "verify", base_dir, adapter, tmp_path / "out")
     assert code == 2, err
     assert "'pissa_niter_4'" in err and "init_lora_weights" in err
+
+
+@pytest.mark.skipif(not FEATURES["trainable_tokens"], reason="the installed PEFT has no trainable tokens")
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainable_tokens_merge_and_verify_row_by_row(tmp_path, capsys, tied):
+    """The replaced rows match the saved rows and the rest is bit-equal; a tied LM head moves with its embedding."""
+    case = Case("llama", TINY["one_layer"], tied, {"r": 4, "target_modules": ["q_proj"]}, "float32", seed=5)
+    base = build_base(case)
+    base_dir = tmp_path / "inputs" / "base"
+    save_model(base, base_dir)
+    adapter = tmp_path / "inputs" / "tokens"
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 5, 7], init_lora_weights=False)
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(0.5)
+    save_model(model, adapter)
+    code, report, err = run_cli(capsys, "merge", base_dir, adapter, "-o", tmp_path / "out", "--json")
+    assert code == 0, err
+    assert report["ledger"]["replaced"] == 1 and report["ledger"]["unverified"] == 0, report["ledger"]
+    assert report["verification"]["outputs"]["max_abs"] <= report["verification"]["outputs"]["tol"]
+
+    # the same rows planted one off: the weight check alone names the embedding
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("trainable_tokens_delta"))
+    tensors[key] = tensors[key] + 0.01
+    save_file(tensors, str(weights))
+    code, report, err = run_cli(capsys, "verify", base_dir, adapter, tmp_path / "out", "--json")
+    assert code == 1, err
+    assert any("embed_tokens.weight" in f for f in report["verification"]["weights"]["failures"])

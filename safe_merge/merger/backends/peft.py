@@ -15,7 +15,8 @@ from safe_merge.compat.keys import targeted_modules
 from safe_merge.io import loading
 from safe_merge.io.model_dir import DEFAULT_SHARD_SIZE, write_model
 from safe_merge.merger.job import Job
-from safe_merge.merger.tying import record_broken_ties, shared_groups, untie_targets
+from safe_merge.merger.tying import record_broken_ties, untie_targets
+from safe_merge.verifier.ties import shared_groups
 from safe_merge.verifier.verdict import Verification, verify_dirs
 
 

@@ -113,6 +113,8 @@ def blockers(job: Job, view: stream_write.StreamMerge | None) -> list[str]:
                 f"{tieable[0]}: the config leaves weight tying on and the adapter changes this tensor, but which "
                 "output weight shares it is only known to the built model"
             )
+    if view.ledger.token_rows:
+        out.append(f"{sorted(view.ledger.token_rows)[0]}: trainable tokens are merged by the PEFT backend")
     for entry in view.ledger.entries:
         if entry.status in (Status.UNMATCHED, Status.UNVERIFIED):
             out.append(f"{entry.key}: {entry.reason}")
