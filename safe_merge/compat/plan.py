@@ -52,12 +52,21 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(adapter: AdapterFiles, target: str, history: History | None = None) -> tuple[Plan, State]:
-    """Run every applicable step on a copy; returns the plan and the migrated state (meaningless if refused)."""
+def make_plan(
+    adapter: AdapterFiles,
+    target: str,
+    history: History | None = None,
+    base_class: str | None = None,
+    transformers: str | None = None,
+) -> tuple[Plan, State]:
+    """Run every applicable step on a copy; returns the plan and the migrated state (meaningless if refused).
+    ``base_class`` and ``transformers``: the base the adapter is about to be merged into and the installed
+    transformers, for the steps that depend on them (module renames)."""
     history = history or History.load()
     origin = infer_origin(adapter, history)
     state = State(dict(adapter.config), dict(adapter.tensors), adapter.weight_file.name)
-    ctx = Context(history, Version(target), Version(origin.lowest))
+    installed = Version(transformers) if transformers else None
+    ctx = Context(history, Version(target), Version(origin.lowest), base_class, installed)
     plan = Plan(str(adapter.path), str(target), origin.describe())
     for step in STEPS:
         if not step.applies(state, ctx):

@@ -230,9 +230,14 @@ def _adapter_errors(adapter_dir: Path):
 def installed_peft() -> str:
     """The installed PEFT release, as the history table names releases (no local or dev suffix); read from the
     package metadata, since importing PEFT takes seconds."""
+    return installed("peft")
+
+
+def installed(package: str) -> str:
+    """An installed package's release without local or dev suffix, from its metadata (nothing is imported)."""
     from importlib.metadata import version
 
-    return Version(version("peft")).base_version
+    return Version(version(package)).base_version
 
 
 def versions() -> dict:

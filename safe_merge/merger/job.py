@@ -51,9 +51,11 @@ class AdapterSource:
         return out
 
 
-def read_source(path: Path, peft_release: str, refusal: type[SafeMergeError] = BadInput) -> AdapterSource:
-    """Read one adapter and plan its migration to ``peft_release``, under the adapter rules (a migration the
-    release cannot take raises ``refusal``)."""
+def read_source(
+    path: Path, peft_release: str, refusal: type[SafeMergeError] = BadInput, base_class: str | None = None
+) -> AdapterSource:
+    """Read one adapter and plan its migration to ``peft_release`` (and the installed transformers' names for
+    ``base_class``), under the adapter rules (a migration the release cannot take raises ``refusal``)."""
     files = load_adapter(path, mapped=True)
     with rule("lora-only"):
         require_lora(files)
@@ -63,7 +65,7 @@ def read_source(path: Path, peft_release: str, refusal: type[SafeMergeError] = B
         adapter_rules.finite(files)
     with rule("base-rewriting-init"):
         require_unchanged_base(files)
-    plan, state = make_plan(files, peft_release)
+    plan, state = make_plan(files, peft_release, base_class=base_class, transformers=loading.installed("transformers"))
     with rule("migratable"):
         adapter_rules.migratable(plan, refusal)
     return AdapterSource(path, files, plan, state)
@@ -151,7 +153,11 @@ class Job:
 
     @functools.cached_property
     def sources(self) -> list[AdapterSource]:
-        return [read_source(path, self.peft_release) for path in self.adapter_dirs]
+        try:
+            base_class = loading.class_name(self.base_config)
+        except BadInput:
+            base_class = None  # the base-readable rule names what is wrong with it
+        return [read_source(path, self.peft_release, base_class=base_class) for path in self.adapter_dirs]
 
     @property
     def adapter_files(self) -> list[AdapterFiles]:

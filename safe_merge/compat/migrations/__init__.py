@@ -1,11 +1,13 @@
-"""Migration steps, each bridging one boundary between PEFT releases, run in this order: conversions first (so a
-converted key is neutral by the time keys are stripped), then stripping, then the weight file format."""
+"""Migration steps, each bridging one boundary between PEFT releases (or, for module renames, transformers
+releases), run in this order: conversions first (so a converted key is neutral by the time keys are stripped),
+then stripping, then the weight file format."""
 
 from safe_merge.compat.migrations import (
     base_layer_naming,
     bin_to_safetensors,
     explicit_targets,
     init_values,
+    module_renames,
     patterns_fold,
     rslora_fold,
     safetensors_to_bin,
@@ -20,6 +22,7 @@ STEPS = (
     patterns_fold,
     target_parameters,
     base_layer_naming,
+    module_renames,  # before explicit_targets, which names modules from the keys
     explicit_targets,
     strip_keys,
     safetensors_to_bin,

@@ -38,6 +38,8 @@ class Context:
     history: History
     target: Version
     origin_lowest: Version
+    base_class: str | None = None  # the base model's class, when the adapter is about to meet one
+    transformers: Version | None = None  # the installed transformers, with base_class
 
     @property
     def downgrade(self) -> bool:
