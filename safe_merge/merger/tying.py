@@ -8,6 +8,7 @@ when the sharing is broken first, so the untouched side keeps the base weight.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from torch import nn
@@ -33,6 +34,26 @@ def untie_targets(model: nn.Module, targeted_modules: Iterable[str]) -> list[str
     if untied:
         _record_untied(model)
     return untied
+
+
+def untie_replicated_layers(model: nn.Module) -> int:
+    """Give each layer of a stack PEFT deepened with layer_replication its own copy of the weights it shares with
+    another layer, so that each layer's delta lands on that layer alone (PEFT's own merge adds them all into the
+    shared tensor). Returns how many parameters were copied; other ties (embeddings) are left as they are."""
+    copied = 0
+    for names in shared_groups(model):
+        prefixes = {_LAYER_INDEX.sub(".#.", n) for n in names}
+        if len(prefixes) != 1 or not all(_LAYER_INDEX.search(n) for n in names):
+            continue  # not the same parameter of several layers
+        for name in names[1:]:
+            owner_path, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            setattr(owner, leaf, nn.Parameter(getattr(owner, leaf).detach().clone(), requires_grad=False))
+            copied += 1
+    return copied
+
+
+_LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
 def record_broken_ties(model: nn.Module, groups_before: list[list[str]]) -> list[str]:

@@ -15,15 +15,17 @@ from safe_merge.errors import BadInput
 BOOKKEEPING = {"torch_dtype", "dtype", "transformers_version", "_name_or_path", "_commit_hash"}
 
 
-def config_changes(base_dir: Path, merged_dir: Path) -> list[str]:
+def config_changes(base_dir: Path, merged_dir: Path, expected: dict | None = None) -> list[str]:
     """One line per field the merged config changes beyond what a merge sets; empty when they agree.
+    ``expected``: fields the adapter itself changes (a deeper stack's depth), with their value after the merge.
 
     The files are compared first; when they differ, the configs as transformers reads them (a writer such as
     save_pretrained fills in defaults and renames old keys, which changes the file but not the model)."""
-    base, merged = _read(base_dir), _read(merged_dir)
+    expected = expected or {}
+    base, merged = {**_read(base_dir), **expected}, _read(merged_dir)
     changes = _differences(base, merged)
     if changes:
-        changes = _differences(_as_loaded(base_dir), _as_loaded(merged_dir))
+        changes = _differences({**_as_loaded(base_dir), **expected}, _as_loaded(merged_dir))
     return [f"config.json {key}: base {before!r}, merged {after!r}" for key, before, after in changes]
 
 

@@ -23,6 +23,7 @@ from safe_merge.verifier.layer_kinds import layer_kinds
 from safe_merge.verifier.ledger import Ledger, Status, build_ledger
 from safe_merge.verifier.outputs import OutputCheck, check_outputs
 from safe_merge.verifier.probes import probe_inputs
+from safe_merge.verifier.replication import expand, expected_config_changes, layer_prefix, layer_sources
 from safe_merge.verifier.ties import shared_groups
 from safe_merge.verifier.weights import WeightCheck, check_weights
 
@@ -150,7 +151,8 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
     adapter = load_adapter(adapter_dir)
     require_lora(adapter)
     require_unchanged_base(adapter)
-    loaded = _load_models(base_dir, adapter_dir, merged_dir)
+    sources = layer_sources(adapter.config)
+    loaded = _load_models(base_dir, adapter_dir, merged_dir, sources)
     result = verify_models(
         adapter,
         loaded.base_params,
@@ -163,7 +165,8 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
     )
     if loaded.missing:
         result.weights.failures.insert(0, f"missing from the merged checkpoint: {', '.join(loaded.missing[:5])}")
-    result.config = config_changes(base_dir, merged_dir)
+    deeper = expected_config_changes(loading.read_config_json(base_dir).to_dict(), sources) if sources else None
+    result.config = config_changes(base_dir, merged_dir, deeper)
     return result
 
 
@@ -187,9 +190,10 @@ class _Loaded:
     ties: list[list[str]]
 
 
-def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> _Loaded:
+def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path, sources: list[int] | None = None) -> _Loaded:
     """The merged model as stored, the base as stored (its parameters and layer kinds) and the unmerged PeftModel
-    in the merged model's dtype."""
+    in the merged model's dtype. ``sources``: the base layer each layer of a deeper stack copies
+    (layer_replication); the base's parameters and kinds are then named as that stack names them."""
     merged_config = loading.read_model_config(merged_dir)
     merged_dtype = loading.stored_dtype(merged_dir, merged_config)
     missing: list[str] = []
@@ -208,6 +212,10 @@ def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> _Loaded
     else:
         base_params = base_native.state_dict()
         reference_base = loading.load_model(base_dir, merged_dtype)
+    if sources is not None:
+        prefix = layer_prefix(base_params)
+        if prefix is not None:
+            base_params, kinds = expand(base_params, sources, prefix), expand(kinds, sources, prefix)
     reference = loading.load_peft(reference_base, adapter_dir)
     # the base's config sets the probe's length: a merged config cannot shorten what it is checked on
     return _Loaded(merged, reference, base_params, kinds, probe_inputs(base_native.config), missing, ties)

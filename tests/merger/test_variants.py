@@ -117,3 +117,29 @@ def test_trainable_tokens_merge_and_verify_row_by_row(tmp_path, capsys, tied):
     code, report, err = run_cli(capsys, "verify", base_dir, adapter, tmp_path / "out", "--json")
     assert code == 1, err
     assert any("embed_tokens.weight" in f for f in report["verification"]["weights"]["failures"])
+
+
+@pytest.mark.skipif(not FEATURES["layers_to_transform"], reason="the installed PEFT has no layer_replication")
+def test_layer_replication_writes_each_copy_with_its_own_weights(tmp_path, capsys):
+    """Better than PEFT, whose merge adds both copies' deltas into the one tensor they share: the merged model
+    has the deeper stack, each layer its source layer's weights plus its own delta, and answers as the
+    unmerged PeftModel does."""
+    base_dir, _ = materialize(LLAMA, tmp_path / "inputs")
+    base = build_base(LLAMA)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [1, 2]])
+    adapter = tmp_path / "inputs" / "replicated"
+    save_model(_trained(config, base), adapter)
+    code, report, err = run_cli(capsys, "merge", base_dir, adapter, "-o", tmp_path / "out", "--json")
+    assert code == 0, err
+    assert report["backend"] == "peft"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert report["ledger"]["merged"] == 12 and report["ledger"]["unmatched"] == 0
+    outputs = report["verification"]["outputs"]
+    assert outputs["max_abs"] <= outputs["tol"] < outputs["adapter_effect"]
+
+    from safetensors.torch import load_file
+
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    one, two = (merged[f"model.layers.{i}.self_attn.q_proj.weight"] for i in (1, 2))
+    assert not torch.equal(one, two), "the two copies of layer 1 must differ by their own deltas"
+    assert torch.equal(merged["model.layers.1.mlp.up_proj.weight"], merged["model.layers.2.mlp.up_proj.weight"])

@@ -15,7 +15,8 @@ from safe_merge.compat.keys import targeted_modules
 from safe_merge.io import loading
 from safe_merge.io.model_dir import DEFAULT_SHARD_SIZE, write_model
 from safe_merge.merger.job import Job
-from safe_merge.merger.tying import record_broken_ties, untie_targets
+from safe_merge.merger.tying import record_broken_ties, untie_replicated_layers, untie_targets
+from safe_merge.verifier.replication import expected_config_changes, layer_sources
 from safe_merge.verifier.ties import shared_groups
 from safe_merge.verifier.verdict import Verification, verify_dirs
 
@@ -47,7 +48,17 @@ def merge_model(model: nn.Module, adapter: AdapterFiles) -> tuple[nn.Module, lis
             f"untied {', '.join(untied)} from a LoRA-targeted weight, so the merged model keeps the adapter's "
             "meaning (the merge would otherwise change the tied side too)"
         )
+    sources = layer_sources(adapter.config)
+    deeper = expected_config_changes(model.config.to_dict(), sources) if sources is not None else {}
     peft_model = loading.load_peft(model, adapter.path)
+    if sources is not None:
+        copied = untie_replicated_layers(peft_model)
+        for key, value in deeper.items():  # PEFT sets the depth; per-layer lists follow it here
+            setattr(peft_model.get_base_model().config, key, value)
+        notes.append(
+            f"layer_replication: {len(sources)} layers written, each with its own weights ({copied} shared tensors "
+            "copied first; PEFT's own merge adds every copy's delta into the one tensor they share)"
+        )
     merged = merge_and_unload(peft_model).eval()
     broken = record_broken_ties(merged, groups)
     if broken:

@@ -17,6 +17,7 @@ from safe_merge.merger.backends.stream.layout import might_tie, vocab_rows
 from safe_merge.merger.job import Job
 from safe_merge.verifier.delta import LayerKind
 from safe_merge.verifier.ledger import Status
+from safe_merge.verifier.replication import layer_sources
 from safe_merge.verifier.verdict import Verification, adapter_precision
 
 
@@ -101,6 +102,8 @@ def blockers(job: Job, view: stream_write.StreamMerge | None) -> list[str]:
     first = History.load().boundary("stream_backend_matches")
     if Version(release) < first:
         return [f"the installed PEFT {release} merges differently from the stream backend (it matches from {first})"]
+    if any(layer_sources(files.config) for files in job.adapter_files):
+        return ["layer_replication deepens the layer stack: the PEFT backend writes each copy with its own weights"]
     if getattr(job.base_config, "auto_map", None):
         return ["the model's code is not part of transformers (auto_map): its layer classes are unknown unbuilt"]
     if view is None:
