@@ -7,6 +7,9 @@ merge backend still shows up. Layouts follow the stored base weight:
 - LINEAR_FIFO  weight [in, out] (GPT-2 Conv1D, fan_in_fan_out); delta = s · (B @ A)ᵀ
 - EMBEDDING    weight [vocab, dim]; A is [r, vocab], B is [dim, r]; delta = s · (B @ A)ᵀ
 - CONV         weight [out, in, *kernel]; A is [r, in, *kernel], B is [out, r, 1, ...]; delta = s · B ⊗ A
+- EXPERTS      a 3-D parameter [E, out, in] (MoE experts, target_parameters); A is [E·r, in] expert-major,
+               B is [out, r·E] expert-minor (PEFT's ParamWrapper); delta[e] = s · B[:, :, e] @ A[e]
+- EXPERTS_T    the same on a parameter stored [E, in, out] (gpt-oss); delta[e] = s · (B[:, :, e] @ A[e])ᵀ
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ class LayerKind(enum.Enum):
     LINEAR_FIFO = "linear_fan_in_fan_out"
     EMBEDDING = "embedding"
     CONV = "conv"
+    EXPERTS = "experts"
+    EXPERTS_T = "experts_transposed"
+
+    @property
+    def experts(self) -> bool:
+        return self in (LayerKind.EXPERTS, LayerKind.EXPERTS_T)
 
     @property
     def out_axis(self) -> int:
@@ -42,10 +51,17 @@ class ModuleLora:
     magnitude: torch.Tensor | None = None  # DoRA
     bias: torch.Tensor | None = None  # lora_B.bias (lora_bias=True)
     compute_dtype: torch.dtype = torch.float32  # precision the adapter's tensors carry (at least float32)
+    param: str | None = None  # the parameter it merges into, when not ``{module}.weight`` (target_parameters)
+    num_experts: int = 1
+
+    @property
+    def target(self) -> str:
+        """The base parameter this LoRA merges into."""
+        return self.param or f"{self.module}.weight"
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[0])
+        return int(self.a.shape[0]) // self.num_experts
 
     def widened(self, dtype: torch.dtype = torch.float64) -> ModuleLora:
         """The same module with its tensors in ``dtype`` (a ledger built without widening holds them as stored)."""
@@ -59,6 +75,12 @@ class ModuleLora:
 def low_rank_delta(lora: ModuleLora) -> torch.Tensor:
     """scale · B·A, laid out like the stored base weight."""
     a, b, s = lora.a, lora.b, lora.scale
+    if lora.kind.experts:
+        e = lora.num_experts
+        per_a = a.reshape(e, -1, a.shape[-1])  # [E, r, in]
+        per_b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # [E, out, r]
+        product = s * torch.bmm(per_b, per_a)
+        return product if lora.kind is LayerKind.EXPERTS else product.transpose(1, 2)
     if lora.kind is LayerKind.LINEAR:
         return s * (b @ a)
     if lora.kind in (LayerKind.LINEAR_FIFO, LayerKind.EMBEDDING):
@@ -71,7 +93,9 @@ def low_rank_delta(lora: ModuleLora) -> torch.Tensor:
 def product_magnitude(lora: ModuleLora) -> torch.Tensor:
     """|scale| · |B|·|A| in the weight's layout: the size of the terms the delta sums, which bounds the rounding
     error of computing B·A (it can be far larger than |delta| where the terms cancel)."""
-    absolute = ModuleLora(lora.module, lora.kind, lora.a.abs(), lora.b.abs(), abs(lora.scale))
+    absolute = dataclasses.replace(
+        lora, a=lora.a.abs(), b=lora.b.abs(), scale=abs(lora.scale), magnitude=None, bias=None
+    )
     return low_rank_delta(absolute)
 
 

@@ -25,10 +25,16 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
 
 
 def layer_kinds(model: nn.Module) -> dict[str, LayerKind]:
-    """Map every mergeable module path (as PEFT writes it into adapter keys) to its layout."""
+    """Map every mergeable module path (as PEFT writes it into adapter keys) to its layout, and every 3-D
+    parameter (MoE experts, which LoRA reaches through target_parameters) by its own name."""
     kinds = {}
     for name, module in model.named_modules():
         kind = layer_kind(module)
         if kind is not None:
             kinds[name] = kind
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                # transformers marks expert stacks stored [E, in, out] (gpt-oss); the rest are [E, out, in]
+                transposed = bool(getattr(module, "is_transposed", False))
+                kinds[f"{name}.{param_name}"] = LayerKind.EXPERTS_T if transposed else LayerKind.EXPERTS
     return kinds

@@ -18,6 +18,7 @@ import torch
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.keys import LORA_ROLES, Role, parse_key
 from safe_merge.compat.scaling import scaling
+from safe_merge.verifier import param_targets
 from safe_merge.verifier.delta import LayerKind, ModuleLora
 
 
@@ -127,7 +128,11 @@ def build_ledger(
         else:
             by_module[parsed.module][parsed.role] = key
 
+    on_params = param_targets.resolve(by_module, adapter.tensors, adapter.config, base_params, kinds)
     for module, roles in by_module.items():
+        if module in on_params:
+            _add_param_lora(ledger, module, roles, on_params[module], adapter, base_params, kinds, held, compute_dtype)
+            continue
         kind = kinds.get(module)
         reason = _module_problem(module, roles, kind, base_params)
         if reason:
@@ -153,6 +158,32 @@ def build_ledger(
             param = f"{module}.bias" if role is Role.LORA_B_BIAS else f"{module}.weight"
             ledger.entries.append(Entry(key, Status.MERGED, param))
     return ledger
+
+
+def _add_param_lora(ledger, module, roles, resolved, adapter, base_params, kinds, held, compute_dtype) -> None:
+    """A LoRA on a parameter (target_parameters): merged into that parameter, or unmatched with the reason."""
+    param, problem = resolved
+    stray = [r.value for r in roles if r not in (Role.LORA_A, Role.LORA_B)]
+    if stray and not problem:
+        problem = f"tensors {stray} do not fit a LoRA on a parameter"
+    if param is None or problem:
+        for key in roles.values():
+            ledger.entries.append(Entry(key, Status.UNMATCHED, param, problem))
+        return
+    a, b = held(adapter.tensors[roles[Role.LORA_A]]), held(adapter.tensors[roles[Role.LORA_B]])
+    experts = int(base_params[param].shape[0])
+    ledger.modules[param] = ModuleLora(
+        module=param,
+        kind=kinds.get(param, LayerKind.EXPERTS),
+        a=a,
+        b=b,
+        scale=scaling(adapter.config, param_targets.owner(module)[0], int(a.shape[0]) // experts),
+        compute_dtype=compute_dtype,
+        param=param,
+        num_experts=experts,
+    )
+    for key in roles.values():
+        ledger.entries.append(Entry(key, Status.MERGED, param))
 
 
 def _token_indices(

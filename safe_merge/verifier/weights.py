@@ -86,7 +86,7 @@ def touched_params(ledger: Ledger) -> set[str]:
     """Every parameter the adapter touches: saved copies, merged weights, merged biases."""
     out = set(ledger.replacements) | set(ledger.token_rows)
     for module, lora in ledger.modules.items():
-        out.add(f"{module}.weight")
+        out.add(lora.target)
         if lora.bias is not None:
             out.add(f"{module}.bias")
     return out
@@ -101,8 +101,9 @@ def expected_param(name: str, ledger: Ledger, base: Mapping[str, torch.Tensor]) 
         value = start.index_copy(0, rows.indices, rows.values.to(torch.float64))
         return Expected(start, value, merge_magnitudes(start, value))
     module, _, leaf = name.rpartition(".")
-    lora = ledger.modules.get(module)
-    if lora is None or leaf not in ("weight", "bias") or (leaf == "bias" and lora.bias is None):
+    lora = ledger.modules.get(name) or ledger.modules.get(module)  # a LoRA on a parameter is keyed by its name
+    merges_here = lora is not None and (name == lora.target or (leaf == "bias" and lora.bias is not None))
+    if not merges_here:
         return Expected(start, start, merge_magnitudes(start, start))  # a saved copy
     lora = lora.widened()
     if leaf == "bias":

@@ -116,6 +116,9 @@ def blockers(job: Job, view: stream_write.StreamMerge | None) -> list[str]:
                 f"{tieable[0]}: the config leaves weight tying on and the adapter changes this tensor, but which "
                 "output weight shares it is only known to the built model"
             )
+    unmatched = view.ledger.by_status(Status.UNMATCHED)
+    if unmatched and any(files.config.get("target_parameters") for files in job.adapter_files):
+        return [f"{unmatched[0].key}: LoRA on MoE expert parameters (target_parameters) is merged by the PEFT backend"]
     if view.ledger.token_rows:
         out.append(f"{sorted(view.ledger.token_rows)[0]}: trainable tokens are merged by the PEFT backend")
     for entry in view.ledger.entries:

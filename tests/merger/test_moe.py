@@ -1,0 +1,99 @@
+"""MoE expert stacks with LoRA on them (target_parameters, PEFT 0.17+; fused experts, transformers 5): merged,
+and every expert checked against the exact merge by the weight check alone."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from tests.helpers import run_cli, save_model
+from tests.release import has_key
+
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=32,
+    head_dim=8,
+)
+# expert widths unlike the hidden size, so that no expert stack is square
+MODELS = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=8, num_experts=4)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=8, num_local_experts=4)),
+}
+
+
+def _fused(arch: str) -> bool:
+    config_cls, model_cls, extra = MODELS[arch]
+    config = getattr(transformers, config_cls)(**{**TINY, **extra, "num_experts_per_tok": 2})
+    model = getattr(transformers, model_cls)(config)
+    return any(p.dim() == 3 for p in model.parameters())
+
+
+pytestmark = pytest.mark.skipif(
+    not has_key("target_parameters"), reason="the installed PEFT has no target_parameters (0.17+)"
+)
+
+
+@pytest.fixture(params=sorted(MODELS))
+def moe(request, tmp_path):
+    """A tiny MoE base saved by save_pretrained, and an adapter on q_proj and both expert stacks."""
+    if not _fused(request.param):
+        pytest.skip("the installed transformers keeps experts as separate Linear modules")
+    config_cls, model_cls, extra = MODELS[request.param]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**{**TINY, **extra, "num_experts_per_tok": 2})
+    base = getattr(transformers, model_cls)(config).eval()
+    save_model(base, tmp_path / "base")
+    lora = peft.LoraConfig(
+        r=2,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        init_lora_weights=False,
+    )
+    model = peft.get_peft_model(copy.deepcopy(base), lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(5)
+    save_model(model, tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("check_outputs", ["always", "never"])
+def test_lora_on_expert_stacks_merges_and_every_expert_is_checked(moe, tmp_path, capsys, check_outputs):
+    base, adapter = moe
+    code, report, err = run_cli(
+        capsys, "merge", base, adapter, "-o", tmp_path / "out", "--check-outputs", check_outputs, "--json"
+    )
+    assert code == 0, err
+    assert report["ledger"]["merged"] == 12 and report["ledger"]["unmatched"] == 0, report["ledger"]
+    weights = report["verification"]["weights"]
+    assert weights["checked_tensors"] >= 2 * 3 and weights["worst_ratio"] <= 1.0
+    if check_outputs == "always":
+        outputs = report["verification"]["outputs"]
+        assert outputs["max_abs"] <= outputs["tol"] < outputs["adapter_effect"]
+
+
+def test_one_expert_off_in_the_merged_checkpoint_is_named_by_the_weight_check(moe, tmp_path, capsys):
+    base, adapter = moe
+    code, _, err = run_cli(capsys, "merge", base, adapter, "-o", tmp_path / "out")
+    assert code == 0, err
+    shard = tmp_path / "out" / "model.safetensors"
+    tensors = load_file(str(shard))
+    experts = sorted(k for k in tensors if "layers.1." in k and ".experts." in k)  # per expert, as saved
+    tensors[experts[-1]] = tensors[experts[-1]] * 1.01  # one expert's projection, a 1% error
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    code, report, err = run_cli(capsys, "verify", base, adapter, tmp_path / "out", "--json")
+    assert code == 1, err
+    assert any("layers.1." in f and "experts" in f for f in report["verification"]["weights"]["failures"]), report[
+        "verification"
+    ]["weights"]
