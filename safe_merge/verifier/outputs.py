@@ -54,8 +54,11 @@ def run(model: nn.Module, inputs) -> torch.Tensor:
     dtype = next(model.parameters()).dtype
     if isinstance(inputs, dict):
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        # a PeftModel's task wrapper passes inputs of its own (Whisper's seq2seq one passes input_ids=None):
+        # the model inside, with the adapter's layers active, takes the probe as the plain model does
+        forward = model.base_model if hasattr(model, "get_base_model") else model
         with torch.no_grad():
-            out = model(**inputs)
+            out = forward(**inputs)
     else:
         with torch.no_grad():
             out = model(inputs.to(dtype) if inputs.is_floating_point() else inputs)
