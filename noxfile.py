@@ -111,6 +111,16 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def breadth(session: nox.Session) -> None:
+    """The whole breadth table (tests/breadth/table.toml): every architecture × feature row merged with both
+    backends, verified and compared with the unmerged PeftModel; prints the table with its counts. `-- NAME...`
+    runs the named rows."""
+    install_project(session, MATRIX["current"])
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    session.run("python", "-m", "tests.breadth.run", *session.posargs, env=env)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """The stream backend against the PEFT path on a TinyLlama-shaped 1.1B model and one 4x its size (built once,
     cached in .nox/bench-models): wall seconds, peak RSS, bit-identity. `-- --skip-large` skips the 4x model."""

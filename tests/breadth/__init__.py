@@ -1,0 +1,1 @@
+"""The breadth table and its runner (run.py)."""
