@@ -172,7 +172,8 @@ def test_quantized_base_is_refused_on_request_naming_the_key(inputs, tmp_path, c
 
 
 @pytest.mark.skipif(not FEATURES["embedding_merge"], reason="peft 0.3 cannot merge LoRA on embeddings (refused)")
-def test_verify_reports_could_not_verify_for_an_unchecked_feature(inputs, tmp_path, capsys, cli):
+def test_verify_fails_trainable_tokens_whose_rows_the_config_does_not_name(inputs, tmp_path, capsys, cli):
+    """A token delta without trainable_token_indices has no rows to land on: unmatched, so the merge fails."""
     base, adapter = inputs
     merged = tmp_path / "merged"
     assert main(["merge", str(base), str(adapter), "-o", str(merged)]) == 0
@@ -186,7 +187,9 @@ def test_verify_reports_could_not_verify_for_an_unchecked_feature(inputs, tmp_pa
 
     save_file(tensors, str(extra / "adapter_model.safetensors"))
     code, report, _ = cli("verify", base, extra, merged, "--json")
-    assert code == 3 and report["status"] == "could_not_verify"
+    assert code == 1 and report["status"] == "failed"
+    unmatched = report["ledger"]["unmatched_keys"]
+    assert any("trainable_token_indices" in row["reason"] for row in unmatched), unmatched
 
 
 @pytest.mark.slow
