@@ -87,10 +87,27 @@ def class_name(config) -> str:
     return str(names[0]) if names else "AutoModel"
 
 
-def model_class(config):
-    """The class named in config.architectures (what save_pretrained recorded), else the task-less AutoModel."""
+# the transformers auto class an adapter's task_type loads its base with, as PEFT's AutoPeftModelFor* classes do
+# (tasks whose head the adapter saves in modules_to_save; the other tasks keep the recorded class)
+TASK_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def model_class(config, task: str | None = None):
+    """The class an adapter's task picks (a head task on a base saved in another class: a classifier adapter on a
+    BertForPreTraining checkpoint), else the class named in config.architectures (what save_pretrained recorded),
+    else the task-less AutoModel."""
     import transformers
 
+    auto = getattr(transformers, TASK_CLASSES.get(str(task), ""), None)
+    if auto is not None:
+        try:
+            return auto._model_mapping[type(config)]
+        except (KeyError, AttributeError):
+            pass  # transformers has no such head for this model: the recorded class stands
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
@@ -154,16 +171,30 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, *, strict: bool = True) -> nn.Module:
-    """Load a saved model with its recorded class, in ``dtype``, in eval mode.
+def load_model(
+    model_dir: Path,
+    dtype: torch.dtype,
+    *,
+    strict: bool = True,
+    task: str | None = None,
+    num_labels: int | None = None,
+    supplied: frozenset[str] = frozenset(),
+) -> nn.Module:
+    """Load a saved model in ``dtype``, in eval mode, with its recorded class or the one an adapter's ``task``
+    picks (with ``num_labels`` outputs, the size of the head the adapter saves).
 
     With ``strict`` a checkpoint missing parameters is an error: transformers would fill them with random values.
+    Parameters in ``supplied`` (the adapter saves them: a task head) may be missing.
     """
     config = read_model_config(model_dir)
-    cls = model_class(config)
+    cls = model_class(config, task)
+    kwargs = {_dtype_kwarg(): dtype}
+    if num_labels is not None and num_labels != getattr(config, "num_labels", None):
+        config.num_labels = num_labels  # a fresh id2label of that size, as from_pretrained(num_labels=...) makes
+        kwargs["config"] = config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, info = cls.from_pretrained(str(model_dir), output_loading_info=True, **{_dtype_kwarg(): dtype})
+        model, info = cls.from_pretrained(str(model_dir), output_loading_info=True, **kwargs)
     # a missing buffer is computed in __init__ (transformers 4.31's Llama saves rotary inv_freq; newer ones do not),
     # and a missing tied weight shares a loaded one (transformers 4.28 still lists a tied lm_head as missing)
     buffers = {name for name, _ in model.named_buffers()}
@@ -173,7 +204,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, *, strict: bool = True) -> n
     missing = [
         k
         for k in info.get("missing_keys", [])
-        if k and k not in buffers and not (k in params and params[k].data_ptr() in loaded)
+        if k and k not in buffers and k not in supplied and not (k in params and params[k].data_ptr() in loaded)
     ]
     if strict and missing:
         raise MissingWeights(model_dir, sorted(missing))

@@ -32,14 +32,19 @@ PLACEHOLDERS = (
 OFFSET_POSITIONS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2, "data2vec-text": 2}
 
 
-def main_input_name(config) -> str:
-    """What the model's class takes first (``input_ids`` for text models)."""
+def recorded_class(config) -> type | None:
+    """The class the config records, or None where transformers cannot import it here."""
     from safe_merge.io.loading import model_class
 
     try:
-        name = getattr(model_class(config), "main_input_name", None)
-    except Exception:  # a class transformers cannot import here: fall back to what the config says
-        name = None
+        return model_class(config)
+    except Exception:
+        return None
+
+
+def main_input_name(config, cls: type | None = None) -> str:
+    """What the model's class (``cls``, else the one its config records) takes first (``input_ids`` for text)."""
+    name = getattr(cls or recorded_class(config), "main_input_name", None)
     if isinstance(name, str):
         return name
     if getattr(config, "num_mel_bins", None):
@@ -49,10 +54,12 @@ def main_input_name(config) -> str:
     return "input_ids"
 
 
-def probe_inputs(config) -> dict[str, torch.Tensor] | None:
-    """Inputs the model can run on, the same on every call; None when the config says too little to build them."""
+def probe_inputs(config, cls: type | None = None) -> dict[str, torch.Tensor] | None:
+    """Inputs the model (of class ``cls``, else the one its config records) can run on, the same on every call;
+    None when the config says too little to build them."""
     gen = torch.Generator().manual_seed(PROBE_SEED)
-    main = main_input_name(config)
+    cls = cls or recorded_class(config)
+    main = main_input_name(config, cls)
     if main == "input_features" and getattr(config, "max_source_positions", None):
         return _log_mel(config, gen)
     if main == "input_values" and getattr(config, "conv_kernel", None):
@@ -60,7 +67,10 @@ def probe_inputs(config) -> dict[str, torch.Tensor] | None:
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
     if vocab:
-        return _text(config, text, int(vocab), gen)
+        # a decoder classifier reads the last non-pad position; without a pad id it takes one sequence at a time
+        one = cls is not None and cls.__name__.endswith("ForSequenceClassification")
+        one = one and getattr(config, "pad_token_id", None) is None and not getattr(config, "is_encoder_decoder", False)
+        return _text(config, text, int(vocab), gen, 1 if one else PROBE_BATCH)
     vision = getattr(config, "vision_config", None)
     vision = vision if vision is not None and not isinstance(vision, dict) else config
     image_size = getattr(vision, "image_size", None)
@@ -71,7 +81,7 @@ def probe_inputs(config) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _text(config, text, vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _text(config, text, vocab: int, gen: torch.Generator, batch: int) -> dict[str, torch.Tensor]:
     limit = (
         getattr(text, "max_position_embeddings", None)
         or getattr(text, "n_positions", None)
@@ -80,7 +90,7 @@ def _text(config, text, vocab: int, gen: torch.Generator) -> dict[str, torch.Ten
     if limit:
         limit -= OFFSET_POSITIONS.get(getattr(config, "model_type", ""), 0)
     length = min(PROBE_LENGTH, limit) if limit else PROBE_LENGTH
-    ids = _ids(gen, vocab, (PROBE_BATCH, length), _placeholders(config))
+    ids = _ids(gen, vocab, (batch, length), _placeholders(config))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids[:, : max(1, length // 2)]

@@ -11,6 +11,7 @@ import torch
 from packaging.version import Version
 from torch import nn
 
+from safe_merge.compat import heads
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.compat.base_rewrites import base_rewrites
 from safe_merge.compat.history import History
@@ -152,7 +153,8 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
     require_lora(adapter)
     require_unchanged_base(adapter)
     sources = layer_sources(adapter.config)
-    loaded = _load_models(base_dir, adapter_dir, merged_dir, sources)
+    head = heads.load_kwargs(adapter)
+    loaded = _load_models(base_dir, adapter_dir, merged_dir, sources, head)
     result = verify_models(
         adapter,
         loaded.base_params,
@@ -165,8 +167,11 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
     )
     if loaded.missing:
         result.weights.failures.insert(0, f"missing from the merged checkpoint: {', '.join(loaded.missing[:5])}")
-    deeper = expected_config_changes(loading.read_config_json(base_dir).to_dict(), sources) if sources else None
-    result.config = config_changes(base_dir, merged_dir, deeper)
+    base_config = loading.read_config_json(base_dir).to_dict()
+    expected = expected_config_changes(base_config, sources) if sources else {}
+    if head:
+        expected.update(heads.expected_config(base_config, loaded.base_class, head["num_labels"]))
+    result.config = config_changes(base_dir, merged_dir, expected)
     return result
 
 
@@ -188,12 +193,21 @@ class _Loaded:
     inputs: dict | None
     missing: list[str]
     ties: list[list[str]]
+    base_class: str
 
 
-def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path, sources: list[int] | None = None) -> _Loaded:
+def _load_models(
+    base_dir: Path,
+    adapter_dir: Path,
+    merged_dir: Path,
+    sources: list[int] | None = None,
+    head: dict | None = None,
+) -> _Loaded:
     """The merged model as stored, the base as stored (its parameters and layer kinds) and the unmerged PeftModel
     in the merged model's dtype. ``sources``: the base layer each layer of a deeper stack copies
-    (layer_replication); the base's parameters and kinds are then named as that stack names them."""
+    (layer_replication); the base's parameters and kinds are then named as that stack names them. ``head``: how
+    the adapter's task loads the base (compat.heads.load_kwargs)."""
+    head = head or {}
     merged_config = loading.read_model_config(merged_dir)
     merged_dtype = loading.stored_dtype(merged_dir, merged_config)
     missing: list[str] = []
@@ -202,7 +216,7 @@ def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path, sources: l
     except loading.MissingWeights as exc:
         missing = exc.keys
         merged = loading.load_model(merged_dir, merged_dtype, strict=False)
-    base_native = loading.load_model(base_dir, loading.stored_dtype(base_dir))
+    base_native = loading.load_model(base_dir, loading.stored_dtype(base_dir), **head)
     kinds = layer_kinds(base_native)
     ties = shared_groups(base_native)
     if next(base_native.parameters()).dtype == merged_dtype:
@@ -211,14 +225,23 @@ def _load_models(base_dir: Path, adapter_dir: Path, merged_dir: Path, sources: l
         reference_base = base_native
     else:
         base_params = base_native.state_dict()
-        reference_base = loading.load_model(base_dir, merged_dtype)
+        reference_base = loading.load_model(base_dir, merged_dtype, **head)
     if sources is not None:
         prefix = layer_prefix(base_params)
         if prefix is not None:
             base_params, kinds = expand(base_params, sources, prefix), expand(kinds, sources, prefix)
     reference = loading.load_peft(reference_base, adapter_dir)
     # the base's config sets the probe's length: a merged config cannot shorten what it is checked on
-    return _Loaded(merged, reference, base_params, kinds, probe_inputs(base_native.config), missing, ties)
+    return _Loaded(
+        merged,
+        reference,
+        base_params,
+        kinds,
+        probe_inputs(base_native.config, type(base_native)),
+        missing,
+        ties,
+        type(base_native).__name__,
+    )
 
 
 def adapter_precision(model_dtype: torch.dtype) -> torch.dtype:

@@ -61,6 +61,8 @@ def build(row: dict, root: Path) -> tuple[Path, Path]:
     base = getattr(transformers, row["model"])(config).eval()
     base.save_pretrained(str(root / "base"))
     lora = {"init_lora_weights": False, **row["lora"]}
+    if "adapter_model" in row:  # trained in a task class loaded from the base (its head newly made)
+        base = _task_class(row).from_pretrained(str(root / "base"), **row.get("adapter_model_kwargs", {}))
     model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -74,18 +76,25 @@ def build(row: dict, root: Path) -> tuple[Path, Path]:
 def agreement(row: dict, base: Path, adapter: Path, merged: Path) -> float:
     """max |merged − unmerged PeftModel| on the probe inputs, both loaded afresh in float32."""
     import peft
-    import transformers
 
     from safe_merge.verifier.probes import main_output, probe_inputs
 
-    cls = getattr(transformers, row["model"])
-    reference = peft.PeftModel.from_pretrained(cls.from_pretrained(str(base)).eval(), str(adapter)).eval()
+    cls = _task_class(row)
+    kwargs = row.get("adapter_model_kwargs", {})
+    reference = peft.PeftModel.from_pretrained(cls.from_pretrained(str(base), **kwargs).eval(), str(adapter)).eval()
     plain = cls.from_pretrained(str(merged)).eval()
     inputs = probe_inputs(plain.config)
     with torch.no_grad():
         want = main_output(reference.base_model(**inputs))
         got = main_output(plain(**inputs))
     return float((want.double() - got.double()).abs().max())
+
+
+def _task_class(row: dict):
+    """The class the adapter was trained in: the row's adapter_model, else the base's own."""
+    import transformers
+
+    return getattr(transformers, row.get("adapter_model", row["model"]))
 
 
 def run_row(row: dict) -> list[Outcome]:

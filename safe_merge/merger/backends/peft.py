@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safe_merge.compat import heads
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.history import History
 from safe_merge.compat.keys import targeted_modules
@@ -35,7 +36,7 @@ def merge_and_unload(peft_model: nn.Module) -> nn.Module:
 
 def merge(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
     """Merge one adapter into the base saved in ``base_dir``, loaded in ``dtype``."""
-    return merge_model(loading.load_model(base_dir, dtype), adapter)
+    return merge_model(loading.load_model(base_dir, dtype, **heads.load_kwargs(adapter)), adapter)
 
 
 def merge_model(model: nn.Module, adapter: AdapterFiles) -> tuple[nn.Module, list[str]]:
