@@ -171,7 +171,7 @@ def _add_param_lora(ledger, module, roles, resolved, adapter, base_params, kinds
             ledger.entries.append(Entry(key, Status.UNMATCHED, param, problem))
         return
     a, b = held(adapter.tensors[roles[Role.LORA_A]]), held(adapter.tensors[roles[Role.LORA_B]])
-    experts = int(base_params[param].shape[0])
+    experts = int(param_targets.shape_of(base_params, param)[0])
     ledger.modules[param] = ModuleLora(
         module=param,
         kind=kinds.get(param, LayerKind.EXPERTS),

@@ -29,6 +29,13 @@ def owner(module: str) -> tuple[str, int]:
     return module, depth
 
 
+def shape_of(params: Mapping, name: str) -> tuple[int, ...]:
+    """A parameter's shape, without reading it where the mapping can tell (the stream backend's view of a
+    checkpoint)."""
+    shape = getattr(params, "shape_of", None)
+    return tuple(shape(name)) if shape is not None else tuple(params[name].shape)
+
+
 def fits(shape: tuple[int, ...], kind: LayerKind | None, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether A and B make a delta of this parameter's shape in this layout."""
     if len(shape) != 3 or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] % shape[0]:
@@ -65,7 +72,7 @@ def resolve(
         for depth, module in by_depth.items():
             roles = by_module[module]
             a, b = tensors[roles[Role.LORA_A]], tensors[roles[Role.LORA_B]]
-            fitting = [p for p in params if fits(tuple(base_params[p].shape), kinds.get(p), a, b)]
+            fitting = [p for p in params if fits(shape_of(base_params, p), kinds.get(p), a, b)]
             if len(fitting) > 1 and len(by_depth) == len(params):
                 fitting = [params[len(params) - 1 - depth]]  # the nesting: the first registered innermost
             if len(fitting) == 1:

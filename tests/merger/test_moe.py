@@ -68,11 +68,13 @@ def moe(request, tmp_path):
     return tmp_path / "base", tmp_path / "adapter"
 
 
+@pytest.mark.parametrize("backend", ["peft", "stream"])
 @pytest.mark.parametrize("check_outputs", ["always", "never"])
-def test_lora_on_expert_stacks_merges_and_every_expert_is_checked(moe, tmp_path, capsys, check_outputs):
+def test_lora_on_expert_stacks_merges_and_every_expert_is_checked(moe, tmp_path, capsys, check_outputs, backend):
     base, adapter = moe
+    out = tmp_path / "out"
     code, report, err = run_cli(
-        capsys, "merge", base, adapter, "-o", tmp_path / "out", "--check-outputs", check_outputs, "--json"
+        capsys, "merge", base, adapter, "-o", out, "--backend", backend, "--check-outputs", check_outputs, "--json"
     )
     assert code == 0, err
     assert report["ledger"]["merged"] == 12 and report["ledger"]["unmatched"] == 0, report["ledger"]
@@ -81,6 +83,21 @@ def test_lora_on_expert_stacks_merges_and_every_expert_is_checked(moe, tmp_path,
     if check_outputs == "always":
         outputs = report["verification"]["outputs"]
         assert outputs["max_abs"] <= outputs["tol"] < outputs["adapter_effect"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_stream_backend_writes_the_experts_bit_for_bit_as_peft_merges_them(moe, tmp_path, capsys, dtype):
+    """The stream merges a stack stored per expert piece by piece, never reading it whole; the bytes are PEFT's."""
+    base, adapter = moe
+    for backend in ("peft", "stream"):
+        code, _, err = run_cli(
+            capsys, "merge", base, adapter, "-o", tmp_path / backend, "--backend", backend, "--dtype", dtype
+        )
+        assert code == 0, err
+    peft_out, stream_out = (load_file(str(tmp_path / b / "model.safetensors")) for b in ("peft", "stream"))
+    assert sorted(peft_out) == sorted(stream_out)
+    differ = [k for k in peft_out if not torch.equal(peft_out[k], stream_out[k])]
+    assert not differ, differ
 
 
 def test_one_expert_off_in_the_merged_checkpoint_is_named_by_the_weight_check(moe, tmp_path, capsys):

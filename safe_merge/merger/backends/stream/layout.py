@@ -140,3 +140,33 @@ class BaseView(Mapping):
 
     def __len__(self) -> int:
         return len(self.checkpoint.tensors) + len(self.aliases)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self.checkpoint.tensors[self.source(name)].shape)
+
+
+class LedgerView(BaseView):
+    """The base as the ledger sees it: also the fused expert stacks a target_parameters adapter names, which the
+    checkpoint stores per expert (their shapes only: a stack is never read whole)."""
+
+    def __init__(self, checkpoint: Checkpoint, layout: Layout, stacks: Mapping):
+        super().__init__(checkpoint, layout)
+        self.stacks = stacks
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.stacks:
+            raise KeyError(f"{name} is stored per expert; the stream backend reads its pieces")
+        return super().__getitem__(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.stacks or super().__contains__(name)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from super().__iter__()
+        yield from self.stacks
+
+    def __len__(self) -> int:
+        return super().__len__() + len(self.stacks)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self.stacks[name].shape) if name in self.stacks else super().shape_of(name)

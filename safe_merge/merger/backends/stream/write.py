@@ -22,9 +22,10 @@ from safe_merge.compat.adapter_files import AdapterFiles, return_pages
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.io.model_dir import carry_files
 from safe_merge.io.shards import ShardWriter, Slot, parse_size
-from safe_merge.merger.backends.stream import arith
+from safe_merge.merger.backends.stream import arith, experts
 from safe_merge.merger.backends.stream.buffers import Buffers
-from safe_merge.merger.backends.stream.layout import BaseView, Layout, infer_layout
+from safe_merge.merger.backends.stream.layout import BaseView, Layout, LedgerView, infer_layout
+from safe_merge.verifier.delta import LayerKind
 from safe_merge.verifier.ledger import Ledger, build_ledger
 from safe_merge.verifier.weights import touched_params
 
@@ -97,8 +98,15 @@ def prepare(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dt
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     checkpoint = Checkpoint(base_dir)
     layout = infer_layout(adapter, checkpoint, config)
-    ledger = build_ledger(adapter, BaseView(checkpoint, layout), layout.kinds, factor_dtype, precision=None)
+    stacks = experts.find_stacks(checkpoint, str(config.get("model_type") or "")) if _on_params(adapter) else {}
+    kinds = {**layout.kinds, **dict.fromkeys(stacks, LayerKind.EXPERTS)}
+    ledger = build_ledger(adapter, LedgerView(checkpoint, layout, stacks), kinds, factor_dtype, precision=None)
+    experts.split(ledger, stacks)  # a LoRA on a stack stored per expert: a plain Linear LoRA on each piece
     return StreamMerge(checkpoint, layout, ledger, config, dtype, factor_dtype, adapter.tensors)
+
+
+def _on_params(adapter: AdapterFiles) -> bool:
+    return bool(adapter.config.get("target_parameters"))
 
 
 Check = Callable[[str, torch.Tensor, torch.Tensor], None]  # (name, value before the merge, as written)
