@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from safe_merge.verifier import routing
 from safe_merge.verifier.probes import main_output
 from safe_merge.verifier.tolerance import NOISE_FACTOR, OUTPUT_ULPS, output_tolerance
 
@@ -23,6 +24,7 @@ class OutputCheck:
     noise: float | None = None  # reference's + merged model's distance from their float64 twins (None: not measured)
     reason: str = ""
     optional: bool = False  # not run by choice (the stream backend's memory rule, or asked): not a gap
+    fixed_routers: int = 0  # MoE routers whose choice the merged model took from the unmerged one (routing.py)
 
     @property
     def passed(self) -> bool:
@@ -46,6 +48,7 @@ class OutputCheck:
             "rounding_noise": self.noise,
             "adapter_effect": self.effect,
             "discriminating": self.discriminating,
+            "routing_held_fixed": self.fixed_routers,
         }
 
 
@@ -75,7 +78,7 @@ def model_depth(model: nn.Module) -> int:
     return 1
 
 
-def rounding_noise(model: nn.Module, inputs, out: torch.Tensor) -> float | None:
+def rounding_noise(model: nn.Module, inputs, out: torch.Tensor, routes: dict | None = None) -> float | None:
     """max |model in its dtype − the same model in float64|: the rounding it does itself on these inputs.
 
     Needs a float64 copy; skipped (None) when that would not fit in half the free memory, or when the model's code
@@ -86,7 +89,8 @@ def rounding_noise(model: nn.Module, inputs, out: torch.Tensor) -> float | None:
         return None
     twin = copy.deepcopy(model).to(torch.float64)
     try:
-        return float((run(twin, inputs) - out).abs().max())
+        with routing.replaying(twin, routes or {}):  # the twin routes as the check's models do
+            return float((run(twin, inputs) - out).abs().max())
     except RuntimeError:
         return None
     finally:
@@ -105,9 +109,13 @@ def available_memory() -> int:
 
 
 def check_outputs(reference: nn.Module, merged: nn.Module, inputs, dtype: torch.dtype) -> OutputCheck:
-    """Compare merged outputs with the reference (an unmerged PeftModel, adapter active) in ``dtype``."""
-    ref = run(reference, inputs)
-    got = run(merged, inputs)
+    """Compare merged outputs with the reference (an unmerged PeftModel, adapter active) in ``dtype``; an MoE
+    model's routing is the reference's in every run that is compared with it (routing.py)."""
+    routes: dict = {}
+    with routing.recording(reference, routes):
+        ref = run(reference, inputs)
+    with routing.replaying(merged, routes):
+        got = run(merged, inputs)
     if ref.shape != got.shape:
         return OutputCheck(
             True, float("inf"), 0.0, reason=f"output shapes differ: {tuple(ref.shape)} vs {tuple(got.shape)}"
@@ -124,9 +132,10 @@ def check_outputs(reference: nn.Module, merged: nn.Module, inputs, dtype: torch.
         with warnings.catch_warnings(), disable():  # PEFT warns that trained biases stay on; known, measured anyway
             warnings.simplefilter("ignore")
             effect = float((run(reference, inputs) - ref).abs().max())
-    noise = _sum_or_none(rounding_noise(reference, inputs, ref), rounding_noise(merged, inputs, got))
+    noise = _sum_or_none(rounding_noise(reference, inputs, ref, routes), rounding_noise(merged, inputs, got, routes))
     diff = (ref - got).abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     if not torch.isfinite(got).all():
         max_abs = float("inf")
-    return OutputCheck(True, max_abs, output_tolerance(ref, dtype, model_depth(merged), noise), effect, noise)
+    tol = output_tolerance(ref, dtype, model_depth(merged), noise)
+    return OutputCheck(True, max_abs, tol, effect, noise, fixed_routers=len(routes))
