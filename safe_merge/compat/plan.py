@@ -58,15 +58,16 @@ def make_plan(
     history: History | None = None,
     base_class: str | None = None,
     transformers: str | None = None,
+    base_config: dict | None = None,
 ) -> tuple[Plan, State]:
     """Run every applicable step on a copy; returns the plan and the migrated state (meaningless if refused).
-    ``base_class`` and ``transformers``: the base the adapter is about to be merged into and the installed
-    transformers, for the steps that depend on them (module renames)."""
+    ``base_class``, ``transformers`` and ``base_config``: the base the adapter is about to be merged into and the
+    installed transformers, for the steps that depend on them (module renames, expert stacks)."""
     history = history or History.load()
     origin = infer_origin(adapter, history)
     state = State(dict(adapter.config), dict(adapter.tensors), adapter.weight_file.name)
     installed = Version(transformers) if transformers else None
-    ctx = Context(history, Version(target), Version(origin.lowest), base_class, installed)
+    ctx = Context(history, Version(target), Version(origin.lowest), base_class, installed, base_config)
     plan = Plan(str(adapter.path), str(target), origin.describe())
     for step in STEPS:
         if not step.applies(state, ctx):

@@ -52,7 +52,11 @@ class AdapterSource:
 
 
 def read_source(
-    path: Path, peft_release: str, refusal: type[SafeMergeError] = BadInput, base_class: str | None = None
+    path: Path,
+    peft_release: str,
+    refusal: type[SafeMergeError] = BadInput,
+    base_class: str | None = None,
+    base_config: dict | None = None,
 ) -> AdapterSource:
     """Read one adapter and plan its migration to ``peft_release`` (and the installed transformers' names for
     ``base_class``), under the adapter rules (a migration the release cannot take raises ``refusal``)."""
@@ -65,7 +69,8 @@ def read_source(
         adapter_rules.finite(files)
     with rule("base-rewriting-init"):
         require_unchanged_base(files)
-    plan, state = make_plan(files, peft_release, base_class=base_class, transformers=loading.installed("transformers"))
+    installed = loading.installed("transformers")
+    plan, state = make_plan(files, peft_release, base_class=base_class, transformers=installed, base_config=base_config)
     with rule("migratable"):
         adapter_rules.migratable(plan, refusal)
     return AdapterSource(path, files, plan, state)
@@ -154,10 +159,13 @@ class Job:
     @functools.cached_property
     def sources(self) -> list[AdapterSource]:
         try:
-            base_class = loading.class_name(self.base_config)
+            base_class, base_config = loading.class_name(self.base_config), self.base_config.to_dict()
         except BadInput:
-            base_class = None  # the base-readable rule names what is wrong with it
-        return [read_source(path, self.peft_release, base_class=base_class) for path in self.adapter_dirs]
+            base_class, base_config = None, None  # the base-readable rule names what is wrong with it
+        return [
+            read_source(path, self.peft_release, base_class=base_class, base_config=base_config)
+            for path in self.adapter_dirs
+        ]
 
     @property
     def adapter_files(self) -> list[AdapterFiles]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from safe_merge.compat.expert_stacks import taken_as_in_out
+from safe_merge.io.loading import installed_peft
 from safe_merge.verifier.delta import LayerKind
 
 
@@ -35,6 +37,10 @@ def layer_kinds(model: nn.Module) -> dict[str, LayerKind]:
         for param_name, param in module.named_parameters(recurse=False):
             if param.dim() == 3:
                 # transformers marks expert stacks stored [E, in, out] (gpt-oss); the rest are [E, out, in]
-                transposed = bool(getattr(module, "is_transposed", False))
-                kinds[f"{name}.{param_name}"] = LayerKind.EXPERTS_T if transposed else LayerKind.EXPERTS
+                kinds[f"{name}.{param_name}"] = expert_kind(bool(getattr(module, "is_transposed", False)))
     return kinds
+
+
+def expert_kind(transposed: bool) -> LayerKind:
+    """How the installed PEFT lays a LoRA on an expert stack out (``transposed``: the model stores it [E, in, out])."""
+    return LayerKind.EXPERTS_T if taken_as_in_out(installed_peft(), transposed) else LayerKind.EXPERTS

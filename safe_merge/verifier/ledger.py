@@ -177,7 +177,7 @@ def _add_param_lora(ledger, module, roles, resolved, adapter, base_params, kinds
         kind=kinds.get(param, LayerKind.EXPERTS),
         a=a,
         b=b,
-        scale=scaling(adapter.config, param_targets.owner(module)[0], int(a.shape[0]) // experts),
+        scale=scaling(adapter.config, param, int(a.shape[0]) // experts),  # PEFT looks patterns up by the parameter
         compute_dtype=compute_dtype,
         param=param,
         num_experts=experts,

@@ -88,6 +88,7 @@ def rounding_noise(model: nn.Module, inputs, out: torch.Tensor, routes: dict | N
     if size > available_memory() // 2:
         return None
     twin = copy.deepcopy(model).to(torch.float64)
+    _eager_experts(twin)
     try:
         with routing.replaying(twin, routes or {}):  # the twin routes as the check's models do
             return float((run(twin, inputs) - out).abs().max())
@@ -95,6 +96,18 @@ def rounding_noise(model: nn.Module, inputs, out: torch.Tensor, routes: dict | N
         return None
     finally:
         del twin
+
+
+def _eager_experts(model: nn.Module) -> None:
+    """transformers 5 runs MoE experts with grouped matmul kernels that take no float64; its eager loop computes
+    the same and takes any dtype, so the float64 twin uses that."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    setter = getattr(inner, "set_experts_implementation", None)
+    if setter is not None and getattr(getattr(inner, "config", None), "_experts_implementation", None):
+        try:
+            setter("eager")
+        except (ValueError, ImportError):
+            pass
 
 
 def _sum_or_none(a: float | None, b: float | None) -> float | None:

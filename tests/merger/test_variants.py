@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import materialize, merge_refused, run_cli, save_model
+from tests.release import has_key
 from tests.strategies import FEATURES, TINY, Case, build_base
 
 LLAMA = Case("llama", TINY["two_layers"], False, {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "float32", seed=3)
@@ -119,7 +120,7 @@ def test_trainable_tokens_merge_and_verify_row_by_row(tmp_path, capsys, tied):
     assert any("embed_tokens.weight" in f for f in report["verification"]["weights"]["failures"])
 
 
-@pytest.mark.skipif(not FEATURES["layers_to_transform"], reason="the installed PEFT has no layer_replication")
+@pytest.mark.skipif(not has_key("layer_replication"), reason="the installed PEFT has no layer_replication (0.10+)")
 def test_layer_replication_writes_each_copy_with_its_own_weights(tmp_path, capsys):
     """Better than PEFT, whose merge adds both copies' deltas into the one tensor they share: the merged model
     has the deeper stack, each layer its source layer's weights plus its own delta, and answers as the

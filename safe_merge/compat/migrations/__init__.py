@@ -5,6 +5,7 @@ then stripping, then the weight file format."""
 from safe_merge.compat.migrations import (
     base_layer_naming,
     bin_to_safetensors,
+    expert_stacks,
     explicit_targets,
     init_values,
     module_renames,
@@ -23,6 +24,7 @@ STEPS = (
     target_parameters,
     base_layer_naming,
     module_renames,  # before explicit_targets, which names modules from the keys
+    expert_stacks,
     explicit_targets,
     strip_keys,
     safetensors_to_bin,

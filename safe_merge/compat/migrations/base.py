@@ -40,6 +40,7 @@ class Context:
     origin_lowest: Version
     base_class: str | None = None  # the base model's class, when the adapter is about to meet one
     transformers: Version | None = None  # the installed transformers, with base_class
+    base_config: dict | None = None  # the base's config.json, with base_class
 
     @property
     def downgrade(self) -> bool:

@@ -1,6 +1,6 @@
 """MoE expert stacks the checkpoint stores per expert while the model (and a target_parameters adapter) sees
 them fused: ``mlp.experts.gate_up_proj`` [E, 2I, H] is, per expert e, ``mlp.experts.e.gate_proj.weight`` [I, H]
-over ``mlp.experts.e.up_proj.weight`` [I, H]. Which pieces make which stack is data (expert_stacks.json).
+over ``mlp.experts.e.up_proj.weight`` [I, H]. Which pieces make which stack is data (compat/expert_stacks.json).
 
 A LoRA on a stack is, for each piece, a plain Linear LoRA: expert e's A rows (A is [E·r, in], expert-major) and
 the piece's rows of expert e's B columns (B is [out, r·E], expert-minor). So the stream backend merges and checks
@@ -10,28 +10,13 @@ PEFT's einsum over all experts has (measured).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 
+from safe_merge.compat.expert_stacks import layout_for
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.verifier.delta import LayerKind, ModuleLora
 from safe_merge.verifier.ledger import Ledger
-
-TABLE = Path(__file__).with_name("expert_stacks.json")
-
-
-@cache
-def _table() -> dict:
-    return json.loads(TABLE.read_text(encoding="utf-8"))
-
-
-def layout_for(model_type: str) -> dict[str, list[str]]:
-    """Fused parameter suffix → its pieces' name templates, for a model type (empty when the table has none)."""
-    table = _table()
-    return table["layouts"].get(table["same_as"].get(model_type, model_type), {})
 
 
 @dataclass(frozen=True)
@@ -73,22 +58,27 @@ def split(ledger: Ledger, stacks: dict[str, Stack]) -> None:
     """Replace each LoRA on a stored-per-expert stack by plain Linear LoRAs on its pieces."""
     for name, stack in stacks.items():
         lora = ledger.modules.get(name)
-        if lora is None or lora.kind is not LayerKind.EXPERTS:
+        if lora is None or not lora.kind.experts:
             continue
         del ledger.modules[name]
-        experts = stack.shape[0]
-        a = lora.a.reshape(experts, -1, lora.a.shape[-1])  # [E, r, in]
-        b = lora.b.reshape(lora.b.shape[0], -1, experts)  # [out, r, E]
         for e, pieces in enumerate(stack.pieces):
             start = 0
             for piece, rows in zip(pieces, stack.rows, strict=True):
                 module = piece.removesuffix(".weight")
+                a, b = _piece_factors(lora, stack.shape[0], e, start, rows)
                 ledger.modules[module] = ModuleLora(
-                    module=module,
-                    kind=LayerKind.LINEAR,
-                    a=a[e].contiguous(),
-                    b=b[start : start + rows, :, e].contiguous(),
-                    scale=lora.scale,
-                    compute_dtype=lora.compute_dtype,
+                    module, LayerKind.LINEAR, a, b, lora.scale, compute_dtype=lora.compute_dtype
                 )
                 start += rows
+
+
+def _piece_factors(lora: ModuleLora, experts: int, e: int, start: int, rows: int):
+    """(A, B) of the plain LoRA whose delta is rows [start, start + rows) of expert e's slice of the stack's.
+
+    A is [E·r, a] expert-major and B [b, r·E] expert-minor; expert e's delta is B_e A_e [b, a] (EXPERTS), or its
+    transpose (EXPERTS_T: the stack taken as [E, in, out]), whose rows are then A_e's columns."""
+    per_a = lora.a.reshape(experts, -1, lora.a.shape[-1])[e]  # [r, a]
+    per_b = lora.b.reshape(lora.b.shape[0], -1, experts)[:, :, e]  # [b, r]
+    if lora.kind is LayerKind.EXPERTS:
+        return per_a.contiguous(), per_b[start : start + rows].contiguous()
+    return per_b.T.contiguous(), per_a[:, start : start + rows].T.contiguous()

@@ -25,7 +25,7 @@ from safe_merge.io.shards import ShardWriter, Slot, parse_size
 from safe_merge.merger.backends.stream import arith, experts
 from safe_merge.merger.backends.stream.buffers import Buffers
 from safe_merge.merger.backends.stream.layout import BaseView, Layout, LedgerView, infer_layout
-from safe_merge.verifier.delta import LayerKind
+from safe_merge.verifier.layer_kinds import expert_kind
 from safe_merge.verifier.ledger import Ledger, build_ledger
 from safe_merge.verifier.weights import touched_params
 
@@ -99,7 +99,7 @@ def prepare(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dt
     checkpoint = Checkpoint(base_dir)
     layout = infer_layout(adapter, checkpoint, config)
     stacks = experts.find_stacks(checkpoint, str(config.get("model_type") or "")) if _on_params(adapter) else {}
-    kinds = {**layout.kinds, **dict.fromkeys(stacks, LayerKind.EXPERTS)}
+    kinds = {**layout.kinds, **dict.fromkeys(stacks, expert_kind(transposed=False))}  # pieces are [out, in]
     ledger = build_ledger(adapter, LedgerView(checkpoint, layout, stacks), kinds, factor_dtype, precision=None)
     experts.split(ledger, stacks)  # a LoRA on a stack stored per expert: a plain Linear LoRA on each piece
     return StreamMerge(checkpoint, layout, ledger, config, dtype, factor_dtype, adapter.tensors)
