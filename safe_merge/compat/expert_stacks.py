@@ -27,6 +27,16 @@ def layout_for(model_type: str) -> dict[str, list[str]]:
     return table["layouts"].get(table["same_as"].get(model_type, model_type), {})
 
 
+def stored_in_out(model_type: str) -> bool:
+    """Whether transformers stores this model type's expert stacks [E, in, out] (gpt-oss)."""
+    return model_type in _table()["stored_in_out"]
+
+
+def has_stacks(model_type: str) -> bool:
+    """Whether the table knows this model type's expert stacks."""
+    return bool(layout_for(model_type)) or stored_in_out(model_type)
+
+
 def fused_in(transformers: Version | None) -> bool:
     """Whether that transformers release builds expert stacks (the first release is in the table)."""
     return transformers is not None and transformers >= Version(_table()["fused_from"])

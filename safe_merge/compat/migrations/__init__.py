@@ -12,6 +12,7 @@ from safe_merge.compat.migrations import (
     patterns_fold,
     rslora_fold,
     safetensors_to_bin,
+    stack_layout,
     strip_keys,
     target_parameters,
 )
@@ -24,6 +25,7 @@ STEPS = (
     target_parameters,
     base_layer_naming,
     module_renames,  # before explicit_targets, which names modules from the keys
+    stack_layout,  # before expert_stacks, which writes the target's layout itself
     expert_stacks,
     explicit_targets,
     strip_keys,

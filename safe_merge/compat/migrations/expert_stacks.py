@@ -63,7 +63,7 @@ def apply(state: State, ctx: Context) -> str:
         experts = expert_count(ctx.base_config or {}) or 1 + max(e for e, _ in pieces)
         a, b, rank = _stacked(state, by_module, pieces, len(layout[suffix]), experts, stack)
         if taken_as_in_out(ctx.target, stored_in_out=False):  # that release reads the stack as [E, in, out]
-            a, b = _as_in_out(a, b, experts, rank)
+            a, b = as_in_out(a, b, experts, rank)
         present = [s for s in layout if (stack[: -len(suffix)] + s) in stacks]
         depth = len(present) - 1 - present.index(suffix)  # PEFT nests a module's stacks, the first innermost
         key = f"{PREFIX}{owner}{'.base_layer' * depth}"
@@ -112,9 +112,10 @@ def _stacked(state, by_module, pieces, templates, experts, stack) -> tuple[torch
     return a.reshape(experts * rank, in_features), b.reshape(out_features, rank * experts), rank
 
 
-def _as_in_out(a: torch.Tensor, b: torch.Tensor, experts: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same deltas for a release that reads the stack as [E, in, out]: there delta[e] = (B'_e A'_e)ᵀ, so
-    A'_e = B_eᵀ and B'_e = A_eᵀ, packed expert-major and expert-minor again."""
+def as_in_out(a: torch.Tensor, b: torch.Tensor, experts: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same deltas in the other layout (stack read as [E, in, out], or back): delta[e] = B_e A_e there is
+    (B'_e A'_e)ᵀ here with A'_e = B_eᵀ and B'_e = A_eᵀ, packed expert-major and expert-minor again; the map is its
+    own inverse."""
     out_features, in_features = b.shape[0], a.shape[1]
     new_a = b.reshape(out_features, rank, experts).permute(2, 1, 0).reshape(experts * rank, out_features)
     new_b = a.reshape(experts, rank, in_features).permute(2, 1, 0).reshape(in_features, rank * experts)
