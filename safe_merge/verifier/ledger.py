@@ -133,7 +133,7 @@ def build_ledger(
         if module in on_params:
             _add_param_lora(ledger, module, roles, on_params[module], adapter, base_params, kinds, held, compute_dtype)
             continue
-        kind = kinds.get(module)
+        kind = kinds.get(module) or _parameter_as_linear(adapter.config, f"{module}.weight", base_params)
         reason = _module_problem(module, roles, kind, base_params)
         if reason:
             for key in roles.values():
@@ -184,6 +184,15 @@ def _add_param_lora(ledger, module, roles, resolved, adapter, base_params, kinds
     )
     for key in roles.values():
         ledger.entries.append(Entry(key, Status.MERGED, param))
+
+
+def _parameter_as_linear(config: Mapping, name: str, base_params: Mapping) -> LayerKind | None:
+    """A 2-D weight targeted as a parameter (target_parameters) of a module that is no Linear (transformers 5's MoE
+    routers): PEFT merges it as a Linear weight [out, in]."""
+    targets = [t for t in config.get("target_parameters") or [] if isinstance(t, str)]
+    if name not in base_params or not any(name == t or name.endswith(f".{t}") for t in targets):
+        return None
+    return LayerKind.LINEAR if len(param_targets.shape_of(base_params, name)) == 2 else None
 
 
 def _token_indices(

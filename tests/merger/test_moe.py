@@ -114,3 +114,28 @@ def test_one_expert_off_in_the_merged_checkpoint_is_named_by_the_weight_check(mo
     assert any("layers.1." in f and "experts" in f for f in report["verification"]["weights"]["failures"]), report[
         "verification"
     ]["weights"]
+
+
+@pytest.mark.parametrize("backend", ["peft", "stream"])
+def test_a_lora_on_the_router_weight_merges_as_a_linear_weight(tmp_path, capsys, backend):
+    """transformers 5's routers are no Linear; target_parameters (or all-linear, which PEFT 0.21 rewrites so)
+    reaches their 2-D weight, which PEFT merges as a Linear weight."""
+    if not _fused("qwen3_moe"):
+        pytest.skip("the installed transformers keeps experts as separate Linear modules")
+    config_cls, model_cls, extra = MODELS["qwen3_moe"]
+    torch.manual_seed(0)
+    base = getattr(transformers, model_cls)(
+        getattr(transformers, config_cls)(**{**TINY, **extra, "num_experts_per_tok": 2})
+    )
+    save_model(base.eval(), tmp_path / "base")
+    targets = ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=[], target_parameters=targets, init_lora_weights=False)
+    )
+    save_model(model, tmp_path / "adapter")
+    out = tmp_path / "out"
+    code, report, err = run_cli(
+        capsys, "merge", tmp_path / "base", tmp_path / "adapter", "-o", out, "--backend", backend, "--json"
+    )
+    assert code == 0, err
+    assert report["ledger"]["merged"] == 12 and report["ledger"]["unmatched"] == 0, report["ledger"]
