@@ -64,3 +64,24 @@ def taken_as_in_out(release: str | Version, stored_in_out: bool) -> bool:
     if history.affected("param_wrapper_layout_flag_reversed", release):
         return not stored_in_out
     return stored_in_out
+
+
+STACK_OWNER = ".experts"  # the module that owns the stacks, in every model type the table knows
+
+
+def stack_pairs(tensors) -> dict:
+    """An adapter's LoRA pairs on expert stacks (keys on an ``…experts`` module or a wrapper of it), by module
+    path: {module: {Role.LORA_A: key, Role.LORA_B: key}}."""
+    from safe_merge.compat.keys import Role, parse_key
+
+    out: dict = {}
+    for key in tensors:
+        parsed = parse_key(key)
+        if parsed is None or parsed.role not in (Role.LORA_A, Role.LORA_B):
+            continue
+        owner = parsed.module
+        while owner.endswith(".base_layer"):
+            owner = owner.removesuffix(".base_layer")
+        if owner.endswith(STACK_OWNER):
+            out.setdefault(parsed.module, {})[parsed.role] = key
+    return out

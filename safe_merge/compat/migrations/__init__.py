@@ -8,6 +8,7 @@ from safe_merge.compat.migrations import (
     expert_stacks,
     explicit_targets,
     init_values,
+    lora_b_layout,
     module_renames,
     patterns_fold,
     rslora_fold,
@@ -25,6 +26,7 @@ STEPS = (
     target_parameters,
     base_layer_naming,
     module_renames,  # before explicit_targets, which names modules from the keys
+    lora_b_layout,  # before stack_layout, which reads B in PEFT's packing
     stack_layout,  # before expert_stacks, which writes the target's layout itself
     expert_stacks,
     explicit_targets,

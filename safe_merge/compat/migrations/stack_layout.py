@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from packaging.version import Version
 
-from safe_merge.compat.expert_stacks import expert_count, has_stacks, stored_in_out, taken_as_in_out
-from safe_merge.compat.keys import Role, parse_key
+from safe_merge.compat.expert_stacks import expert_count, has_stacks, stack_pairs, stored_in_out, taken_as_in_out
+from safe_merge.compat.keys import Role
 from safe_merge.compat.migrations.base import Context, Refusal, Refused, State
 from safe_merge.compat.migrations.expert_stacks import as_in_out
 
 ID = "expert-stack-layout"
-STACKS = ".experts"  # the module that owns the stacks, in every model type the table knows
 
 
 def _writer(state: State, ctx: Context) -> Version:
@@ -35,18 +34,7 @@ def _disagree(state: State, ctx: Context) -> bool:
 
 
 def _stack_keys(state: State) -> dict[str, dict[Role, str]]:
-    """LoRA pairs on an experts module (a wrapper of a stack), by module path."""
-    out: dict[str, dict[Role, str]] = {}
-    for key in state.tensors:
-        parsed = parse_key(key)
-        if parsed is None or parsed.role not in (Role.LORA_A, Role.LORA_B):
-            continue
-        owner = parsed.module
-        while owner.endswith(".base_layer"):
-            owner = owner.removesuffix(".base_layer")
-        if owner.endswith(STACKS):
-            out.setdefault(parsed.module, {})[parsed.role] = key
-    return out
+    return stack_pairs(state.tensors)
 
 
 def applies(state: State, ctx: Context) -> bool:
