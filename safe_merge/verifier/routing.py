@@ -34,31 +34,33 @@ def routers(model: nn.Module) -> dict[str, nn.Module]:
 def recording(model: nn.Module, store: dict) -> Iterator[None]:
     """Record each router's output into ``store`` while the block runs."""
 
-    def hook_for(name: str):
-        def hook(module, args, output):
-            store[name] = _detached(output)
+    def record(name: str, output):
+        store[name] = _detached(output)
 
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in routers(model).items()]
-    try:
+    with _hooked(model, record):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
 def replaying(model: nn.Module, store: dict) -> Iterator[None]:
     """Replace each router's output with the recorded one (floating values in the dtype the router produced)."""
 
+    def replay(name: str, output):
+        return _like(store[name], output) if name in store else output
+
+    with _hooked(model, replay):
+        yield
+
+
+@contextlib.contextmanager
+def _hooked(model: nn.Module, act) -> Iterator[None]:
+    """``act(router name, output)`` on every router's output while the block runs (what it returns, if anything,
+    replaces the output)."""
+
     def hook_for(name: str):
-        def hook(module, args, output):
-            return _like(store[name], output) if name in store else output
+        return lambda module, args, output: act(name, output)
 
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in routers(model).items()]
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in routers(model).items()]
     try:
         yield
     finally:

@@ -16,32 +16,19 @@ from safe_merge.compat.expert_stacks import fused_in
 from safe_merge.compat.migrations import expert_stacks
 from safe_merge.verifier.probes import main_output, probe_inputs
 from tests.helpers import run_cli, save_model
+from tests.moe import EXPERTS, MODELS, TINY, tiny_moe
 from tests.release import HISTORY, INSTALLED, has_key
 
 pytestmark = pytest.mark.skipif(
     not has_key("target_parameters") or not fused_in(Version(transformers.__version__)),
     reason="needs target_parameters (PEFT 0.17+) and fused expert stacks (transformers 5)",
 )
-EXPERTS, HIDDEN, INTERMEDIATE, RANK = 4, 32, 8, 2
+HIDDEN, INTERMEDIATE, RANK = TINY["hidden_size"], MODELS["qwen3_moe"][2]["moe_intermediate_size"], 2
 
 
 def _per_expert(tmp_path, alpha_pattern: dict):
     """A tiny Qwen3-MoE and an adapter keyed per expert (gate_proj, up_proj, down_proj of each) plus q_proj."""
-    torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        moe_intermediate_size=INTERMEDIATE,
-        num_experts=EXPERTS,
-        num_experts_per_tok=2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=64,
-        max_position_embeddings=32,
-    )
-    save_model(transformers.Qwen3MoeForCausalLM(config).eval(), tmp_path / "base")
+    save_model(tiny_moe("qwen3_moe"), tmp_path / "base")
     gen = torch.Generator().manual_seed(1)
     tensors = {}
     shapes = {

@@ -8,35 +8,11 @@ import copy
 import peft
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import run_cli, save_model
+from tests.moe import MODELS, fused, tiny_moe
 from tests.release import has_key
-
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=32,
-    head_dim=8,
-)
-# expert widths unlike the hidden size, so that no expert stack is square
-MODELS = {
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=8, num_experts=4)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=8, num_local_experts=4)),
-}
-
-
-def _fused(arch: str) -> bool:
-    config_cls, model_cls, extra = MODELS[arch]
-    config = getattr(transformers, config_cls)(**{**TINY, **extra, "num_experts_per_tok": 2})
-    model = getattr(transformers, model_cls)(config)
-    return any(p.dim() == 3 for p in model.parameters())
-
 
 pytestmark = pytest.mark.skipif(
     not has_key("target_parameters"), reason="the installed PEFT has no target_parameters (0.17+)"
@@ -46,12 +22,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(params=sorted(MODELS))
 def moe(request, tmp_path):
     """A tiny MoE base saved by save_pretrained, and an adapter on q_proj and both expert stacks."""
-    if not _fused(request.param):
+    if not fused(request.param):
         pytest.skip("the installed transformers keeps experts as separate Linear modules")
-    config_cls, model_cls, extra = MODELS[request.param]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**{**TINY, **extra, "num_experts_per_tok": 2})
-    base = getattr(transformers, model_cls)(config).eval()
+    base = tiny_moe(request.param)
     save_model(base, tmp_path / "base")
     lora = peft.LoraConfig(
         r=2,
@@ -120,14 +93,10 @@ def test_one_expert_off_in_the_merged_checkpoint_is_named_by_the_weight_check(mo
 def test_a_lora_on_the_router_weight_merges_as_a_linear_weight(tmp_path, capsys, backend):
     """transformers 5's routers are no Linear; target_parameters (or all-linear, which PEFT 0.21 rewrites so)
     reaches their 2-D weight, which PEFT merges as a Linear weight."""
-    if not _fused("qwen3_moe"):
+    if not fused("qwen3_moe"):
         pytest.skip("the installed transformers keeps experts as separate Linear modules")
-    config_cls, model_cls, extra = MODELS["qwen3_moe"]
-    torch.manual_seed(0)
-    base = getattr(transformers, model_cls)(
-        getattr(transformers, config_cls)(**{**TINY, **extra, "num_experts_per_tok": 2})
-    )
-    save_model(base.eval(), tmp_path / "base")
+    base = tiny_moe("qwen3_moe")
+    save_model(base, tmp_path / "base")
     targets = ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     model = peft.get_peft_model(
         copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=[], target_parameters=targets, init_lora_weights=False)
