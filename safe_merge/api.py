@@ -60,9 +60,13 @@ def merge(
 
 
 def verify(base: str | Path, adapter: str | Path, merged: str | Path) -> dict:
-    """Check a merged checkpoint, whoever wrote it, against its base and adapter (ledger, weights, outputs)."""
+    """Check a merged checkpoint, whoever wrote it, against its base and adapter (ledger, weights, outputs). The
+    adapter is read as `merge` reads it: migrated first where the installed PEFT or transformers needs it."""
+    import tempfile
+
     from safe_merge.io import loading
     from safe_merge.io.checkpoint import shard_files
+    from safe_merge.merger.job import read_source
     from safe_merge.verifier.verdict import verify_dirs
 
     started = time.monotonic()
@@ -71,8 +75,14 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path) -> dict:
     merged_dir = loading.resolve_dir(merged, "merged model")
     for model_dir in (base_dir, merged_dir):
         shard_files(model_dir)  # a directory without weights is named before anything is loaded
-    result = verify_dirs(base_dir, adapter_dir, merged_dir)
+    config = loading.read_config_json(base_dir)
+    source = read_source(
+        adapter_dir, loading.installed_peft(), base_class=loading.class_name(config), base_config=config.to_dict()
+    )
+    with tempfile.TemporaryDirectory(prefix="safe-merge-verify-") as scratch:
+        result = verify_dirs(base_dir, source.materialize(Path(scratch) / "adapter"), merged_dir)
     report = {**result.report(), "versions": loading.versions(), "merged": str(merged_dir)}
+    report["adapter_migrations"] = source.plan.steps
     report["seconds"] = round(time.monotonic() - started, 3)
     report["exit_code"] = result.exit_code
     return report

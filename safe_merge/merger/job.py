@@ -13,7 +13,7 @@ import torch
 
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter, read_config
 from safe_merge.compat.migrations.base import State
-from safe_merge.compat.plan import Plan, make_plan
+from safe_merge.compat.plan import Plan, make_plan, write_state
 from safe_merge.errors import BadInput, SafeMergeError
 from safe_merge.io import loading
 from safe_merge.merger.request import MergeRequest
@@ -38,6 +38,15 @@ class AdapterSource:
         """Drop the tensors (config, plan and paths stay for the report)."""
         self.files.tensors = {}
         self.state.tensors = {}
+
+    def materialize(self, directory: Path) -> Path:
+        """The directory to read the adapter from: the user's own, or, when the plan migrates it, a copy written into
+        ``directory`` (created here; the input is never touched)."""
+        if not self.plan.steps:
+            return self.path
+        directory.mkdir()
+        write_state(self.state, self.path, directory)
+        return directory
 
     def report(self, weight: float | None = None) -> dict:
         out = {

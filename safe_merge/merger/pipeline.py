@@ -16,7 +16,6 @@ import torch
 from tqdm.auto import tqdm
 
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
-from safe_merge.compat.plan import write_state
 from safe_merge.errors import BadInput
 from safe_merge.io import loading, staging
 from safe_merge.merger import backends
@@ -58,7 +57,7 @@ def run_merge(request: MergeRequest) -> dict:
     out = Path(os.path.abspath(job.out))
     stale = staging.sweep_stale(out.parent)
     with staging.temporary(out.parent, out.name, "adapter") as scratch:
-        adapter_dirs = [_migrated(source, Path(scratch) / f"migrated-{i}") for i, source in enumerate(job.sources)]
+        adapter_dirs = [source.materialize(Path(scratch) / f"migrated-{i}") for i, source in enumerate(job.sources)]
         if job.combination is None:
             for source in job.sources:  # from here the adapter is read from adapter_dirs: hold it once, not twice
                 source.drop_tensors()
@@ -66,15 +65,6 @@ def run_merge(request: MergeRequest) -> dict:
         combined_dir = Path(scratch) / "combined"
         notes, check = build_and_check(job, adapter_dirs, combined_dir)
         return _merge_and_publish(job, combined_dir, stale + notes, check)
-
-
-def _migrated(source, directory: Path) -> Path:
-    """The directory to merge from: the user's adapter itself, or a migrated copy (the input is never touched)."""
-    if not source.plan.steps:
-        return source.path
-    directory.mkdir()
-    write_state(source.state, source.path, directory)
-    return directory
 
 
 def _merge_and_publish(job: Job, adapter_dir: Path, notes: list[str], check: CombinationCheck | None = None) -> dict:

@@ -90,6 +90,14 @@ def test_per_expert_lora_merges_as_peft_itself_reads_it_with_both_backends(per_e
     assert float((want - got).abs().max()) <= 1e-5 < float((want - plain).abs().max())
 
 
+def test_verify_reads_the_per_expert_adapter_as_merge_does(per_expert, tmp_path, capsys):
+    base, adapter = per_expert
+    assert run_cli(capsys, "merge", base, adapter, "-o", tmp_path / "out")[0] == 0
+    code, report, err = run_cli(capsys, "verify", base, adapter, tmp_path / "out", "--json")
+    assert code == 0, err
+    assert [s["id"] for s in report["adapter_migrations"]] == [expert_stacks.ID]
+
+
 def test_the_input_adapter_is_left_as_it_was(per_expert, tmp_path, capsys):
     base, adapter = per_expert
     before = {p.name: p.read_bytes() for p in adapter.iterdir()}

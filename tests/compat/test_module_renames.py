@@ -63,6 +63,14 @@ def test_a_saved_embed_out_lands_on_the_lm_head_the_installed_transformers_build
     assert outputs["max_abs"] <= outputs["tol"] < outputs["adapter_effect"]
 
 
+def test_verify_reads_the_old_names_as_merge_does(neox_with_old_head, tmp_path, capsys):
+    base, adapter = neox_with_old_head
+    assert run_cli(capsys, "merge", base, adapter, "-o", tmp_path / "out")[0] == 0
+    code, report, err = run_cli(capsys, "verify", base, adapter, tmp_path / "out", "--json")
+    assert code == 0, err
+    assert (module_renames.ID in [s["id"] for s in report["adapter_migrations"]]) == RENAMES
+
+
 def test_the_input_adapter_keeps_its_old_names(neox_with_old_head, tmp_path, capsys):
     base, adapter = neox_with_old_head
     before = (adapter / "adapter_config.json").read_bytes(), (adapter / "adapter_model.safetensors").read_bytes()
