@@ -73,8 +73,9 @@ def build(row: dict, root: Path) -> tuple[Path, Path]:
     return root / "base", root / "adapter"
 
 
-def agreement(row: dict, base: Path, adapter: Path, merged: Path) -> float:
-    """max |merged − unmerged PeftModel| on the probe inputs, both loaded afresh in float32."""
+def agreement(row: dict, base: Path, adapter: Path, merged: Path) -> tuple[float, float]:
+    """max |merged − unmerged PeftModel| on the probe inputs, both loaded afresh in float32, and how far the
+    adapter moves those outputs (a merge that did nothing is off by that much)."""
     import peft
 
     from safe_merge.verifier.probes import main_output, probe_inputs
@@ -85,9 +86,11 @@ def agreement(row: dict, base: Path, adapter: Path, merged: Path) -> float:
     plain = cls.from_pretrained(str(merged)).eval()
     inputs = probe_inputs(plain.config)
     with torch.no_grad():
-        want = main_output(reference.base_model(**inputs))
-        got = main_output(plain(**inputs))
-    return float((want.double() - got.double()).abs().max())
+        want = main_output(reference.base_model(**inputs)).double()
+        got = main_output(plain(**inputs)).double()
+        with reference.disable_adapter():
+            without = main_output(reference.base_model(**inputs)).double()
+    return float((want - got).abs().max()), float((want - without).abs().max())
 
 
 def _task_class(row: dict):
@@ -125,9 +128,11 @@ def run_row(row: dict) -> list[Outcome]:
             elif row.get("expect") == "refused":
                 out.append(Outcome(row["name"], backend, "defect", "merged although it must be refused"))
             else:
-                diff = agreement(row, base, adapter, target)
-                status = "merged" if diff <= AGREEMENT else "defect"
-                out.append(Outcome(row["name"], backend, status, f"vs PeftModel {diff:.2g}", diff))
+                diff, effect = agreement(row, base, adapter, target)
+                # an adapter that barely moves the outputs would let a merge that did nothing pass
+                status = "merged" if diff <= AGREEMENT < effect / 100 else "defect"
+                detail = f"vs PeftModel {diff:.2g} (the adapter moves outputs by {effect:.2g})"
+                out.append(Outcome(row["name"], backend, status, detail, diff))
     return out
 
 

@@ -26,15 +26,11 @@ def _writer(state: State, ctx: Context) -> Version:
 
 
 def _disagree(state: State, ctx: Context) -> bool:
-    if not state.config.get("target_parameters") or not _stack_keys(state):
+    if not state.config.get("target_parameters") or not stack_pairs(state.tensors):
         return False
     model_type = str((ctx.base_config or {}).get("model_type") or "")
     in_out = stored_in_out(model_type)
     return taken_as_in_out(_writer(state, ctx), in_out) != taken_as_in_out(ctx.target, in_out)
-
-
-def _stack_keys(state: State) -> dict[str, dict[Role, str]]:
-    return stack_pairs(state.tensors)
 
 
 def applies(state: State, ctx: Context) -> bool:
@@ -52,7 +48,7 @@ def apply(state: State, ctx: Context) -> str:
             f"how {model_type or 'this model'} stores its stacks is not in compat/expert_stacks.json"
         )
         raise Refusal(Refused("peft_version", state.config.get("peft_version"), None, why))
-    pairs = _stack_keys(state)
+    pairs = stack_pairs(state.tensors)
     for roles in pairs.values():
         a, b = state.tensors[roles[Role.LORA_A]], state.tensors[roles[Role.LORA_B]]
         rank = a.shape[0] // experts
