@@ -44,7 +44,7 @@ import sys, torch, transformers
 from peft import PeftModel
 base, adapter, out = sys.argv[1:4]
 model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-merged = PeftModel.from_pretrained(model, adapter).merge_and_unload(safe_merge=True)
+merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 merged.save_pretrained(out, max_shard_size="1GB")
 """
 

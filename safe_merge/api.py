@@ -32,6 +32,7 @@ def merge(
     svd_rank: int | None = None,
     quantized: str = "dequantize",
     check_outputs: str = "auto",
+    rounding: str = "default",
     report: str | Path | None = None,
 ) -> dict:
     """Merge one adapter (or combine several) into ``base``, verify what was written, publish ``out`` only if
@@ -54,6 +55,7 @@ def merge(
         combination=combination_options(len(adapters), combination, weights, density, majority_sign, svd_rank),
         quantized=quantized,
         check_outputs=check_outputs,
+        rounding=rounding,
         report=None if report is None else Path(report),
     )
     return merge_command(request)

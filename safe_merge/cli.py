@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         "free memory (auto), always, or never; the PEFT backend always does",
     )
     merge.add_argument(
+        "--rounding",
+        choices=("default", "peft-safe"),
+        default="default",
+        help="whose bits to write in bfloat16/float16: merge_and_unload()'s (default: the delta added in float32, "
+        "rounded once) or merge_and_unload(safe_merge=True)'s (the delta rounded first, then the sum)",
+    )
+    merge.add_argument(
         "--max-shard-size",
         default=None,
         help="largest safetensors shard (default: the base's shards with --backend stream, else 5GB)",
@@ -179,6 +186,7 @@ def cmd_merge(args) -> dict:
         svd_rank=args.svd_rank,
         quantized=args.quantized,
         check_outputs=args.check_outputs,
+        rounding=args.rounding,
         report=args.report,
     )
 

@@ -130,7 +130,7 @@ def test_existing_output_is_refused_without_force(inputs, tmp_path, cli):
 @pytest.mark.parametrize("backend", ["peft", pytest.param("stream", marks=requires_release("stream_backend_matches"))])
 def test_a_merge_that_changed_nothing_is_caught_and_nothing_is_written(inputs, tmp_path, cli, monkeypatch, backend):
     base, adapter = inputs
-    monkeypatch.setattr(backend_peft, "merge_and_unload", lambda peft_model: peft_model.unload())
+    monkeypatch.setattr(backend_peft, "merge_and_unload", lambda peft_model, *_: peft_model.unload())
     monkeypatch.setattr(arith, "merge_weight", lambda weight, *args, **kwargs: weight.clone())
     out = tmp_path / "out"
     code, report, _ = cli("merge", base, adapter, "-o", out, "--json", "--backend", backend)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from safe_merge.compat.rounding import ROUNDINGS
 from safe_merge.errors import BadInput
 from safe_merge.io.loading import DTYPES
 from safe_merge.io.shards import parse_size
@@ -40,6 +41,7 @@ class MergeRequest:
     combination: Combination | None = None  # how to join several adapters (or weight one); cat for several
     quantized: str = "dequantize"  # a quantized base: dequantize | requantize | refuse (quant/formats.py)
     check_outputs: str = "auto"  # stream backend: auto (when the models fit in free memory) | always | never
+    rounding: str = "default"  # whose bits: merge_and_unload()'s (default) or safe_merge=True's (compat/rounding.py)
     report: Path | None = None  # also write the JSON report here (published with OUT, never without it)
 
     def __post_init__(self) -> None:
@@ -57,6 +59,7 @@ class MergeRequest:
         _one_of("--backend", self.backend, names())
         _one_of("--check-outputs", self.check_outputs, OUTPUT_CHECKS)
         _one_of("--quantized", self.quantized, POLICIES)
+        _one_of("--rounding", self.rounding, tuple(ROUNDINGS))
         if self.max_shard_size is not None:
             parse_size(self.max_shard_size)
         if self.combination is None and len(self.adapters) > 1:

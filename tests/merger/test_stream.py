@@ -11,12 +11,13 @@ import torch
 from safetensors import safe_open
 
 from safe_merge.cli import main
+from safe_merge.compat.rounding import rounds_delta_first
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.io.shards import ShardWriter, Slot
 from safe_merge.merger.backends.stream import arith
 from safe_merge.verifier.delta import LayerKind, ModuleLora
 from tests.helpers import materialize
-from tests.release import requires_release
+from tests.release import INSTALLED, requires_release
 from tests.strategies import TINY, Case, build_base
 
 pytestmark = requires_release("stream_backend_matches")
@@ -59,16 +60,19 @@ def test_a_shard_refuses_tensors_out_of_order_and_an_incomplete_close(tmp_path):
         writer.close()
 
 
+@pytest.mark.parametrize("rounding", ["default", "peft-safe"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_block_arithmetic_equals_the_whole_tensor_form_bit_for_bit(dtype):
+def test_block_arithmetic_equals_the_whole_tensor_form_bit_for_bit(dtype, rounding):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(37, 29, generator=gen).to(dtype)
     lora = ModuleLora("m", LayerKind.LINEAR, torch.randn(3, 29, generator=gen), torch.randn(37, 3, generator=gen), 0.7)
     whole = weight.clone()
-    delta = lora.b @ lora.a * lora.scale  # PEFT's form with float32 factors; from 0.16 rounded before the add
-    whole += delta.to(dtype) if arith.rounds_delta_first() else delta
+    delta = lora.b @ lora.a * lora.scale  # PEFT's form with float32 factors
+    first = rounds_delta_first(INSTALLED, LayerKind.LINEAR, rounding)
+    whole += delta.to(dtype) if first else delta
     for block_bytes in (4, 29 * 4 * 5, 2**21):
-        assert torch.equal(arith.merge_weight(weight, lora, torch.float32, block_bytes), whole)
+        merged = arith.merge_weight(weight, lora, torch.float32, block_bytes, rounding=rounding)
+        assert torch.equal(merged, whole)
 
 
 def test_a_bin_base_is_read_with_the_weights_only_loader_and_written_as_safetensors(inputs, tmp_path, cli):
@@ -167,3 +171,36 @@ def test_a_tensor_that_may_be_tied_to_an_unknown_output_goes_to_the_peft_backend
     base, adapter = materialize(Case("bert_cls", sizes, False, lora, "float32", seed=3), tmp_path / "in")
     code, report, _ = cli("merge", base, adapter, "-o", tmp_path / "a", "--json")
     assert code == 0 and report["backend"] == "peft" and "tying" in report["backend_reason"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("rounding", ["default", "peft-safe"])
+def test_stream_output_is_the_bits_of_the_peft_call_its_rounding_names(tmp_path, dtype, rounding):
+    """--rounding default writes what merge_and_unload() writes (the delta added in float32, one rounding);
+    peft-safe what merge_and_unload(safe_merge=True) writes. In half precision the two differ, so each is checked
+    against its own call and shown to differ from the other's."""
+    from safe_merge.io import loading
+    from safe_merge.merger.pipeline import MergeRequest, merge_command
+
+    case = Case(
+        "llama",
+        SIZES,
+        False,
+        {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"]},
+        "float32",
+        seed=3,
+    )
+    base, adapter = materialize(case, tmp_path)
+    out = tmp_path / "out"
+    request = MergeRequest(str(base), [str(adapter)], out, dtype=dtype, backend="stream", rounding=rounding)
+    assert merge_command(request)["status"] == "passed"
+    written = _tensors(out)
+    torch_dtype = getattr(torch, dtype)
+    for safe in (False, True):
+        peft_model = loading.load_peft(loading.load_model(base, torch_dtype), adapter)
+        merged = peft_model.merge_and_unload(safe_merge=safe).state_dict()
+        differ = sorted(name for name in written if not torch.equal(written[name], merged[name]))
+        if safe == (rounding == "peft-safe"):
+            assert not differ, differ
+        else:
+            assert differ, "the two PEFT paths should round differently in half precision"

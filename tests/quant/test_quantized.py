@@ -123,7 +123,7 @@ def test_requantizing_a_delta_below_the_quantization_step_fails_and_dequantize_k
 @_needs("bnb4")
 def test_a_merge_that_changed_nothing_fails_naming_the_layer(tmp_path, cli, monkeypatch):
     base, adapter = _quantized_inputs(tmp_path, "bnb4")
-    monkeypatch.setattr(backend_peft, "merge_and_unload", lambda peft_model: peft_model.unload())
+    monkeypatch.setattr(backend_peft, "merge_and_unload", lambda peft_model, *_: peft_model.unload())
     code, report, err = cli("merge", base, adapter, "-o", tmp_path / "out", "--quantized", "requantize", "--json")
     assert code == 1, err
     assert any(
@@ -136,11 +136,11 @@ def test_a_merge_that_moved_weights_far_more_than_the_delta_fails(tmp_path, cli,
     base, adapter = _quantized_inputs(tmp_path, "bnb4")
     real = backend_peft.merge_and_unload
 
-    def twice(peft_model):  # the adapter applied twice: weights move by 2ΔW
+    def twice(peft_model, *args):  # the adapter applied twice: weights move by 2ΔW
         for module in peft_model.modules():
             if hasattr(module, "scaling") and isinstance(module.scaling, dict):
                 module.scaling = {k: 2 * v for k, v in module.scaling.items()}
-        return real(peft_model)
+        return real(peft_model, *args)
 
     monkeypatch.setattr(backend_peft, "merge_and_unload", twice)
     code, report, err = cli("merge", base, adapter, "-o", tmp_path / "out", "--quantized", "requantize", "--json")

@@ -22,24 +22,29 @@ from safe_merge.verifier.ties import shared_groups
 from safe_merge.verifier.verdict import Verification, verify_dirs
 
 
-def merge_and_unload(peft_model: nn.Module) -> nn.Module:
-    """merge_and_unload with safe_merge (a NaN check) where the installed PEFT has it (0.6+) and it works.
+def merge_and_unload(peft_model: nn.Module, rounding: str = "default") -> nn.Module:
+    """merge_and_unload() as tutorials call it (rounding "default": the delta added in its own dtype, one
+    rounding), or with safe_merge=True ("peft-safe") where the installed PEFT has it (0.6+) and it works.
 
-    0.6.0-0.8.1 crash in it on Embedding and Conv2d layers; there the verifier's own finiteness check stands alone.
+    0.6.0-0.8.1 crash in safe_merge on Embedding and Conv2d layers; there the default path runs. NaN and Inf are
+    the verifier's to find either way (its finiteness check names the tensor).
     """
     kwargs = {}
     has_it = "safe_merge" in inspect.signature(peft_model.merge_and_unload).parameters
-    if has_it and not History.load().affected("safe_merge_copy_crashes", loading.installed_peft()):
+    crashes = History.load().affected("safe_merge_copy_crashes", loading.installed_peft())
+    if rounding == "peft-safe" and has_it and not crashes:
         kwargs["safe_merge"] = True
     return peft_model.merge_and_unload(**kwargs)
 
 
-def merge(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
+def merge(
+    base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, rounding: str = "default"
+) -> tuple[nn.Module, list[str]]:
     """Merge one adapter into the base saved in ``base_dir``, loaded in ``dtype``."""
-    return merge_model(loading.load_model(base_dir, dtype, **heads.load_kwargs(adapter)), adapter)
+    return merge_model(loading.load_model(base_dir, dtype, **heads.load_kwargs(adapter)), adapter, rounding)
 
 
-def merge_model(model: nn.Module, adapter: AdapterFiles) -> tuple[nn.Module, list[str]]:
+def merge_model(model: nn.Module, adapter: AdapterFiles, rounding: str = "default") -> tuple[nn.Module, list[str]]:
     """Merge one adapter into a loaded base model (consumed); returns the plain model and notes for the report."""
     notes = []
     groups = shared_groups(model)
@@ -60,7 +65,7 @@ def merge_model(model: nn.Module, adapter: AdapterFiles) -> tuple[nn.Module, lis
             f"layer_replication: {len(sources)} layers written, each with its own weights ({copied} shared tensors "
             "copied first; PEFT's own merge adds every copy's delta into the one tensor they share)"
         )
-    merged = merge_and_unload(peft_model).eval()
+    merged = merge_and_unload(peft_model, rounding).eval()
     broken = record_broken_ties(merged, groups)
     if broken:
         notes.append(f"{', '.join(broken)} now hold their own weights (a saved module replaced a tied side)")
@@ -85,7 +90,7 @@ class PeftBackend:
         return cls(job, adapter)
 
     def merge(self) -> None:
-        self.model, self.notes = merge(self.job.base_dir, self.adapter, self.job.dtype)
+        self.model, self.notes = merge(self.job.base_dir, self.adapter, self.job.dtype, self.job.request.rounding)
 
     def write(self, stage: Path) -> list[str]:
         assert self.model is not None, "merge() first"

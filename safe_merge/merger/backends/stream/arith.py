@@ -1,12 +1,12 @@
 """PEFT's merge arithmetic, operation for operation, so that the stream backend's result is bit-identical to
-merge_and_unload(safe_merge=True) on CPU.
+merge_and_unload() on CPU (by default; to merge_and_unload(safe_merge=True) with rounding "peft-safe").
 
 Read from PEFT's lora layers: the factors are held in ``factor_dtype`` (float32 from 0.12 on; before, the model's
 dtype); a half-precision delta is computed in float32 (bfloat16 only from 0.13) and rounded back to it; the delta
-is laid out like the weight (transposed for fan_in_fan_out and embeddings), scaled, rounded to the weight's dtype
-and added to a copy of the weight (before 0.16 it is added in its own dtype, rounding once). DoRA rescales
-W + ΔW by m / ‖W + ΔW‖ per output feature, computed in the delta's precision. A lora_B bias enters as b + s·b_B,
-rounded to the weight's dtype.
+is laid out like the weight (transposed for fan_in_fan_out and embeddings), scaled, and added to the weight:
+in its own dtype, rounding once, or rounded to the weight's dtype first, as compat/rounding.py says for the
+release, the path and the layer kind. DoRA rescales W + ΔW by m / ‖W + ΔW‖ per output feature, computed in the
+delta's precision. A lora_B bias enters as b + s·b_B, rounded to the weight's dtype.
 
 The element-wise steps are done a block of rows at a time (the same values, with cache-sized temporaries); the
 verifier has its own reference and shares none of this.
@@ -14,12 +14,9 @@ verifier has its own reference and shares none of this.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from packaging.version import Version
 
-from safe_merge.compat.history import History
+from safe_merge.compat import rounding as facts
 from safe_merge.io.loading import installed_peft
 from safe_merge.merger.backends.stream.buffers import Buffers
 from safe_merge.verifier.delta import LayerKind, ModuleLora
@@ -27,28 +24,10 @@ from safe_merge.verifier.delta import LayerKind, ModuleLora
 BLOCK_BYTES = 2**21  # rows per block of the plain merge: about 2 MiB of the product, inside a core's cache
 
 
-@functools.cache
-def widened(factor_dtype: torch.dtype) -> bool:
-    """Whether the installed PEFT widens half-precision factors to float32 for B @ A on CPU (float16 always;
-    bfloat16 from the release history.json names)."""
-    if factor_dtype is torch.float16:
-        return True
-    if factor_dtype is torch.bfloat16:
-        return History.load().boundary("bfloat16_delta_widened") <= Version(installed_peft())
-    return False
-
-
-@functools.cache
-def rounds_delta_first() -> bool:
-    """Whether the installed PEFT rounds the delta to the weight's dtype before adding it (0.16 on); before, it
-    adds the delta in its own dtype."""
-    return History.load().boundary("delta_rounded_before_add") <= Version(installed_peft())
-
-
 def factors(lora: ModuleLora, factor_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A and B as the merging PEFT holds them, then as it multiplies them."""
     a, b = lora.a.to(factor_dtype), lora.b.to(factor_dtype)
-    if widened(factor_dtype):
+    if facts.widened(installed_peft(), factor_dtype):
         a, b = a.float(), b.float()
     return a, b
 
@@ -69,15 +48,23 @@ def merge_weight(
     factor_dtype: torch.dtype,
     block_bytes: int = BLOCK_BYTES,
     buffers: Buffers | None = None,
+    rounding: str = "default",
 ) -> torch.Tensor:
-    """The merged weight, in ``weight``'s dtype (in ``buffers`` when given, except DoRA's)."""
+    """The merged weight, in ``weight``'s dtype (in ``buffers`` when given, except DoRA's), rounded as
+    ``rounding``'s path rounds (compat/rounding.py)."""
     if lora.magnitude is not None:
         return _dora(weight, delta(lora, factor_dtype), lora, factor_dtype)
-    return _plain(weight, lora, factor_dtype, block_bytes, buffers or Buffers())
+    first = facts.rounds_delta_first(installed_peft(), lora.kind, rounding)
+    return _plain(weight, lora, factor_dtype, block_bytes, buffers or Buffers(), first)
 
 
 def _plain(
-    weight: torch.Tensor, lora: ModuleLora, factor_dtype: torch.dtype, block_bytes: int, buffers: Buffers
+    weight: torch.Tensor,
+    lora: ModuleLora,
+    factor_dtype: torch.dtype,
+    block_bytes: int,
+    buffers: Buffers,
+    first: bool,
 ) -> torch.Tensor:
     """W + get_delta_weight, with the element-wise steps (scale, rounding, add) a block of rows at a time. The
     product itself is one call over the whole weight, as PEFT makes it: the matmul kernel a library picks depends
@@ -88,7 +75,6 @@ def _plain(
     if lora.kind in (LayerKind.LINEAR_FIFO, LayerKind.EMBEDDING):
         product = product.T
     rows = max(1, block_bytes // max(1, weight.shape[1] * product.element_size()))
-    first = rounds_delta_first()
     merged = buffers.take("merged", tuple(weight.shape), weight.dtype)
     if not first:
         merged.copy_(weight)

@@ -38,7 +38,9 @@ class StreamBackend:
         early = blockers(job, None)
         if early:
             return early
-        view = stream_write.prepare(job.base_dir, adapter, job.dtype, adapter_precision(job.dtype))
+        view = stream_write.prepare(
+            job.base_dir, adapter, job.dtype, adapter_precision(job.dtype), job.request.rounding
+        )
         return blockers(job, view) or cls(job, adapter, view)
 
     def merge(self) -> None:

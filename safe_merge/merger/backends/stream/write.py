@@ -42,6 +42,7 @@ class StreamMerge:
     config: dict
     dtype: torch.dtype  # output dtype of every floating tensor
     factor_dtype: torch.dtype  # the precision the merging PEFT holds LoRA factors in
+    rounding: str = "default"  # whose rounding the merge reproduces (compat/rounding.py)
     adapter_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # released as each tensor is done
     buffers: Buffers = field(default_factory=Buffers)  # the large temporaries, reused tensor after tensor
 
@@ -94,7 +95,9 @@ class Written:
             self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 3)
 
 
-def prepare(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dtype: torch.dtype) -> StreamMerge:
+def prepare(
+    base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dtype: torch.dtype, rounding: str = "default"
+) -> StreamMerge:
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     checkpoint = Checkpoint(base_dir)
     layout = infer_layout(adapter, checkpoint, config)
@@ -102,7 +105,7 @@ def prepare(base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dt
     kinds = {**layout.kinds, **dict.fromkeys(stacks, expert_kind(transposed=False))}  # pieces are [out, in]
     ledger = build_ledger(adapter, LedgerView(checkpoint, layout, stacks), kinds, factor_dtype, precision=None)
     experts.split(ledger, stacks)  # a LoRA on a stack stored per expert: a plain Linear LoRA on each piece
-    return StreamMerge(checkpoint, layout, ledger, config, dtype, factor_dtype, adapter.tensors)
+    return StreamMerge(checkpoint, layout, ledger, config, dtype, factor_dtype, rounding, adapter.tensors)
 
 
 def _on_params(adapter: AdapterFiles) -> bool:
@@ -236,7 +239,7 @@ def merged_tensor(prep: StreamMerge, name: str, start: torch.Tensor) -> torch.Te
     if leaf == "bias":
         return arith.merge_bias(start, lora, prep.factor_dtype, start.dtype)
     # NaN or Inf fail the verifier, naming the tensor
-    return arith.merge_weight(start, lora, prep.factor_dtype, buffers=prep.buffers)
+    return arith.merge_weight(start, lora, prep.factor_dtype, buffers=prep.buffers, rounding=prep.rounding)
 
 
 def _config(prep: StreamMerge) -> dict:
