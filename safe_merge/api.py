@@ -82,7 +82,7 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path) -> dict:
         adapter_dir, loading.installed_peft(), base_class=loading.class_name(config), base_config=config.to_dict()
     )
     with tempfile.TemporaryDirectory(prefix="safe-merge-verify-") as scratch:
-        result = verify_dirs(base_dir, source.materialize(Path(scratch) / "adapter"), merged_dir)
+        result = verify_dirs(base_dir, source.materialize(Path(scratch) / "adapter"), merged_dir, adapter_dir)
     report = {**result.report(), "versions": loading.versions(), "merged": str(merged_dir)}
     report["adapter_migrations"] = source.plan.steps
     report["seconds"] = round(time.monotonic() - started, 3)

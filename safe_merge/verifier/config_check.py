@@ -23,13 +23,13 @@ def config_changes(base_dir: Path, merged_dir: Path, expected: dict | None = Non
     save_pretrained fills in defaults and renames old keys, which changes the file but not the model)."""
     expected = expected or {}
     base, merged = {**_read(base_dir), **expected}, _read(merged_dir)
-    changes = _differences(base, merged)
+    changes = differences(base, merged)
     if changes:
-        changes = _differences({**_as_loaded(base_dir), **expected}, _as_loaded(merged_dir))
+        changes = differences({**_as_loaded(base_dir), **expected}, _as_loaded(merged_dir))
     return [f"config.json {key}: base {before!r}, merged {after!r}" for key, before, after in changes]
 
 
-def _differences(base: dict, merged: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+def differences(base: dict, merged: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     out = []
     for key in sorted(set(base) | set(merged)):
         before, after = base.get(key, _ABSENT), merged.get(key, _ABSENT)
@@ -37,7 +37,7 @@ def _differences(base: dict, merged: dict, prefix: str = "") -> list[tuple[str, 
         if key in BOOKKEEPING or before == after or _set_by_merge(key, before, after):
             continue
         if isinstance(before, dict) and isinstance(after, dict):
-            out += _differences(before, after, f"{name}.")
+            out += differences(before, after, f"{name}.")
         else:
             out.append((name, before, after))
     return out

@@ -19,7 +19,7 @@ from safe_merge.errors import Unsupported
 from safe_merge.io import loading
 from safe_merge.quant.formats import Quantization, float_twin, quantized_modules
 from safe_merge.quant.grids import grid, rounding_budget
-from safe_merge.verifier.config_check import config_changes
+from safe_merge.verifier.checkpoint_files import file_problems
 from safe_merge.verifier.layer_kinds import layer_kinds
 from safe_merge.verifier.ledger import build_ledger
 from safe_merge.verifier.outputs import OutputCheck, model_depth, run
@@ -163,7 +163,7 @@ def verify(
         merged = loading.load_model(merged_dir, dtype)
     inputs = probe_inputs(loading.read_model_config(base_dir))
     result = verify_loaded(base_q, merged, adapter_dir, quant, policy, dtype, inputs)
-    result.config = config_changes(base_dir, merged_dir)
+    result.config = file_problems(base_dir, adapter_dir, merged_dir)
     return result
 
 

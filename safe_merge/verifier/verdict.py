@@ -17,8 +17,8 @@ from safe_merge.compat.base_rewrites import base_rewrites
 from safe_merge.compat.history import History
 from safe_merge.errors import EXIT_COULD_NOT_VERIFY, EXIT_FAILED, EXIT_OK, BadInput
 from safe_merge.io import loading
+from safe_merge.verifier.checkpoint_files import file_problems
 from safe_merge.verifier.combined_adapter import CombinationCheck
-from safe_merge.verifier.config_check import config_changes
 from safe_merge.verifier.delta import LayerKind
 from safe_merge.verifier.layer_kinds import layer_kinds
 from safe_merge.verifier.ledger import Ledger, Status, build_ledger
@@ -147,8 +147,11 @@ def verify_models(
     return Verification(ledger, weights, outputs)
 
 
-def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verification:
-    """Verify a merged checkpoint on disk, whoever wrote it, against its base and adapter."""
+def verify_dirs(
+    base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer_from: Path | None = None
+) -> Verification:
+    """Verify a merged checkpoint on disk, whoever wrote it, against its base and adapter. ``tokenizer_from``: the
+    adapter directory whose tokenizer the merged one should carry, when ``adapter_dir`` is a migrated copy."""
     adapter = load_adapter(adapter_dir)
     require_lora(adapter)
     require_unchanged_base(adapter)
@@ -171,7 +174,7 @@ def verify_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> Verifica
     expected = expected_config_changes(base_config, sources) if sources else {}
     if head:
         expected.update(heads.expected_config(base_config, loaded.base_class, head["num_labels"]))
-    result.config = config_changes(base_dir, merged_dir, expected)
+    result.config = file_problems(base_dir, tokenizer_from or adapter_dir, merged_dir, expected)
     return result
 
 

@@ -1,20 +1,36 @@
 """Weight-space verification: every parameter of the merged model against what the adapter says it must be.
 
-Touched parameters (merged or replaced) are compared with the float64 expectation within a per-element,
-dtype-derived tolerance; every other parameter must equal the base bit for bit (after the cast to the merged
-dtype), so a delta landed on the wrong layer, or a head the merge left behind, is named.
+Each touched parameter (merged or replaced) is first replayed bit for bit by the correct arithmetics the verifier
+knows (replay.py: PEFT's default path, its safe_merge path, float64 rounded once): a match is exact, named with
+the arithmetic. Any other is compared with the float64 expectation within a per-element, dtype-derived tolerance
+("within tolerance, not exact") and its rounding steps are summed for a systematic lean (systematic.py), per
+tensor and over all such tensors. Every other parameter must equal the base bit for bit (after the cast to the
+merged dtype), so a delta landed on the wrong layer, or a head the merge left behind, is named. A failed tensor
+carries its likely cause (diagnosis.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from safe_merge.verifier.delta import dora_factor, low_rank_delta, merged_bias, merged_weight, product_magnitude
+from safe_merge.verifier.delta import (
+    ModuleLora,
+    dora_factor,
+    low_rank_delta,
+    merged_bias,
+    merged_weight,
+    product_magnitude,
+)
+from safe_merge.verifier.diagnosis import diagnose
 from safe_merge.verifier.ledger import Ledger
+from safe_merge.verifier.replay import exact_match
+from safe_merge.verifier.systematic import Drift, drift
 from safe_merge.verifier.tolerance import (
     DORA_WEIGHT_ULPS,
     WEIGHT_ULPS,
@@ -35,10 +51,13 @@ class TensorResult:
     delta: float  # largest |expected − start|: how much this tensor had to move
     resolvable: bool = True  # a merge that left this tensor as it started would fail the check
     problem: str = ""
+    exact: str = ""  # the arithmetic whose bits it matches, when one does
+    drift: Drift | None = None  # its rounding steps' lean (tolerance-only tensors)
+    cause: str = ""  # the likely cause of a failure
 
     @property
     def passed(self) -> bool:
-        return not self.problem and self.ratio <= 1.0
+        return not self.problem and self.ratio <= 1.0 and not (self.drift is not None and self.drift.systematic)
 
 
 @dataclass
@@ -47,14 +66,25 @@ class WeightCheck:
     failures: list[str] = field(default_factory=list)
     unresolvable: list[str] = field(default_factory=list)  # deltas below the dtype's resolution
     rule: str | None = None  # the tolerance rule, when it is not the float one (quantized bases)
+    drift: Drift = field(default_factory=Drift)  # the lean of every tolerance-only tensor together
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
+    def finish(self) -> None:
+        """The check over all tolerance-only tensors together, once every tensor is in."""
+        if self.drift.systematic and self.drift.tensors > 1:
+            together = f"the {self.drift.tensors} tensors not matched exactly, together"
+            self.failures.append(f"{together}: {self.drift.describe()}")
+
     def report(self) -> dict:
         worst = max(self.tensors, key=lambda t: t.ratio, default=None)
+        exact = Counter(t.exact for t in self.tensors if t.exact)
         return {
+            "exact": dict(exact),
+            "tolerance_only": sum(1 for t in self.tensors if not t.exact),
+            "systematic": self.drift.report(),
             "passed": self.passed,
             "max_abs": max((t.max_abs for t in self.tensors), default=0.0),
             "max_rel": max((t.max_rel for t in self.tensors), default=0.0),
@@ -72,14 +102,51 @@ class WeightCheck:
 
 @dataclass
 class Expected:
-    """A touched parameter: its value before the merge, its exact value after, the size of what was rounded on
-    the way (for the tolerance), and the bound on computing the low-rank product."""
+    """A touched parameter: its value before the merge (float64) and what it must become: the LoRA merged into it
+    (float64), or the value a saved copy or trainable-token rows put there. Its exact value, the size of what was
+    rounded on the way (for the tolerance) and the bound on computing the low-rank product are computed only
+    when the exact tier did not match."""
 
     start: torch.Tensor
-    value: torch.Tensor
-    magnitudes: torch.Tensor
-    product_error: torch.Tensor | None = None
-    ulps: float = WEIGHT_ULPS
+    lora: ModuleLora | None = None
+    leaf: str = "weight"
+    copy: torch.Tensor | None = None
+    stored_dtype: torch.dtype | None = None  # the base tensor's dtype as stored
+
+    @functools.cached_property
+    def value(self) -> torch.Tensor:
+        if self.lora is None:
+            return self.start if self.copy is None else self.copy
+        if self.leaf == "bias":
+            return merged_bias(self.start, self.lora)
+        return merged_weight(self.start, self.lora)
+
+    @property
+    def dora(self) -> bool:
+        return self.lora is not None and self.leaf == "weight" and self.lora.magnitude is not None
+
+    @functools.cached_property
+    def magnitudes(self) -> torch.Tensor:
+        if not self.dora:
+            return merge_magnitudes(self.start, self.value)
+        # DoRA rescales each output feature: every earlier rounding is scaled with it
+        delta = low_rank_delta(self.lora)
+        factor = dora_factor(self.start, delta, self.lora.magnitude, self.lora.kind).expand_as(self.start)
+        return merge_magnitudes(self.start, self.value, factor=factor, delta=delta)
+
+    @property
+    def product_error(self) -> torch.Tensor | None:
+        if self.lora is None or self.leaf != "weight":
+            return None
+        bound = product_error(product_magnitude(self.lora), self.lora.rank, self.lora.compute_dtype)
+        if not self.dora:
+            return bound
+        delta = low_rank_delta(self.lora)
+        return bound * dora_factor(self.start, delta, self.lora.magnitude, self.lora.kind).expand_as(self.start).abs()
+
+    @property
+    def ulps(self) -> float:
+        return DORA_WEIGHT_ULPS if self.dora else WEIGHT_ULPS
 
 
 def touched_params(ledger: Ledger) -> set[str]:
@@ -93,31 +160,21 @@ def touched_params(ledger: Ledger) -> set[str]:
 
 
 def expected_param(name: str, ledger: Ledger, base: Mapping[str, torch.Tensor]) -> Expected:
-    """One touched parameter with its exact float64 value after the merge."""
+    """One touched parameter: where it starts and what the adapter puts there."""
     saved = ledger.replacements.get(name)
-    start = (saved if saved is not None else base[name]).to(torch.float64)
+    source = saved if saved is not None else base[name]
+    start = source.to(torch.float64)
+    stored = source.dtype
     rows = ledger.token_rows.get(name)
     if rows is not None:
         value = start.index_copy(0, rows.indices, rows.values.to(torch.float64))
-        return Expected(start, value, merge_magnitudes(start, value))
+        return Expected(start, copy=value, stored_dtype=stored)
     module, _, leaf = name.rpartition(".")
     lora = ledger.modules.get(name) or ledger.modules.get(module)  # a LoRA on a parameter is keyed by its name
     merges_here = lora is not None and (name == lora.target or (leaf == "bias" and lora.bias is not None))
     if not merges_here:
-        return Expected(start, start, merge_magnitudes(start, start))  # a saved copy
-    lora = lora.widened()
-    if leaf == "bias":
-        value = merged_bias(start, lora)
-        return Expected(start, value, merge_magnitudes(start, value))
-    bound = product_error(product_magnitude(lora), lora.rank, lora.compute_dtype)
-    value = merged_weight(start, lora)
-    if lora.magnitude is None:
-        return Expected(start, value, merge_magnitudes(start, value), bound)
-    # DoRA rescales each output feature: every earlier rounding is scaled with it
-    delta = low_rank_delta(lora)
-    factor = dora_factor(start, delta, lora.magnitude, lora.kind).expand_as(start)
-    magnitudes = merge_magnitudes(start, value, factor=factor, delta=delta)
-    return Expected(start, value, magnitudes, bound * factor.abs(), DORA_WEIGHT_ULPS)
+        return Expected(start, copy=start, stored_dtype=stored)  # a saved copy
+    return Expected(start, lora.widened(), "bias" if leaf == "bias" else "weight", stored_dtype=stored)
 
 
 def expected_params(ledger: Ledger, base: Mapping[str, torch.Tensor]) -> dict[str, Expected]:
@@ -135,9 +192,14 @@ def untouched_failure(name: str, base: torch.Tensor, got: torch.Tensor) -> str |
 
 def add_result(check: WeightCheck, result: TensorResult) -> None:
     check.tensors.append(result)
+    if result.drift is not None and not result.exact:
+        check.drift.add(result.drift)
     if not result.passed:
+        leaning = result.drift is not None and result.drift.systematic and not result.problem and result.ratio <= 1
+        what = result.problem or (result.drift.describe() if leaning else "residual off the exact merge")
+        cause = f"; likely cause: {result.cause}" if result.cause else ""
         check.failures.append(
-            f"{result.name}: {result.problem or 'residual off the exact merge'} "
+            f"{result.name}: {what}{cause} "
             f"(max |residual| {result.max_abs:.3g}, {result.ratio:.3g}x tolerance, relative {result.max_rel:.3g})"
         )
     elif result.delta > 0 and not result.resolvable:
@@ -162,6 +224,7 @@ def check_weights(ledger: Ledger, base: Mapping[str, torch.Tensor], merged: Mapp
             failure = untouched_failure(name, base[name], got)
             if failure:
                 check.failures.append(failure)
+    check.finish()
     return check
 
 
@@ -178,8 +241,13 @@ class Stats:
     size: float = 0.0
     resolvable: bool = False
     finite: bool = True
+    drift: Drift | None = None
 
     def add(self, other: Stats) -> None:
+        if other.drift is not None:
+            if self.drift is None:
+                self.drift = Drift()
+            self.drift.add(other.drift)
         if other.ratio > self.ratio or not self.tol:
             self.ratio, self.tol = other.ratio, other.tol
         self.max_abs = max(self.max_abs, other.max_abs)
@@ -193,6 +261,9 @@ def stats(exp: Expected, got: torch.Tensor) -> Stats:
     if not got.numel():
         return Stats(tol=eps(got.dtype))
     expected = exp.value
+    leaning = None
+    if exp.lora is not None:
+        leaning = drift(got, exp.start.to(got.dtype), expected - exp.start)
     residual = got.to(expected.dtype).sub_(expected).abs_()
     moved = (expected - exp.start).abs_()
     tol = weight_tolerance(exp.magnitudes, got.dtype, exp.product_error, exp.ulps)
@@ -207,14 +278,32 @@ def stats(exp: Expected, got: torch.Tensor) -> Stats:
         size=float(expected.abs().max()),
         resolvable=bool((moved > tol).any()),
         finite=math.isfinite(max_abs),
+        drift=leaning,
     )
 
 
 def compare(name: str, exp: Expected, got: torch.Tensor) -> TensorResult:
-    """A merged parameter against its expectation, element by element."""
-    if tuple(got.shape) != tuple(exp.value.shape):
-        return mismatched(name, tuple(got.shape), tuple(exp.value.shape))
-    return result(name, stats(exp, got))
+    """A merged parameter against its expectation: exact when a known arithmetic's bits match, else element by
+    element within the tolerance, with its lean and, when it fails, its likely cause."""
+    if tuple(got.shape) != tuple(exp.start.shape):
+        return mismatched(name, tuple(got.shape), tuple(exp.start.shape))
+    start = exp.start.to(got.dtype)
+    stored = exp.start.to(exp.stored_dtype) if exp.stored_dtype not in (None, got.dtype) else None
+    label = exact_match(got, start, exp.lora, exp.leaf, exp.copy, stored)
+    if label:
+        return exact_result(name, label, got, start, lambda: exp.value - exp.start)
+    checked = result(name, stats(exp, got))
+    if not checked.passed and not checked.problem and exp.lora is not None:
+        checked.cause = diagnose(got, exp.start, exp.lora if exp.leaf == "weight" else None, exp.value)
+    return checked
+
+
+def exact_result(name: str, label: str, got: torch.Tensor, start: torch.Tensor, exact_change) -> TensorResult:
+    """A tensor whose bits a known arithmetic writes: nothing off; moved by as much as it moved (when nothing
+    moved, ``exact_change()`` says whether the adapter asked it to, which makes it unresolvable)."""
+    moved = float((got.to(torch.float32) - start.to(torch.float32)).abs().max()) if got.numel() else 0.0
+    delta = moved if moved > 0 else float(exact_change().abs().max()) if got.numel() else 0.0
+    return TensorResult(name, 0.0, 0.0, 0.0, 0.0, delta, resolvable=moved > 0 or delta == 0, exact=label)
 
 
 def compare_blocks(name: str, blocks: Iterable[Stats]) -> TensorResult:
@@ -242,4 +331,5 @@ def result(name: str, s: Stats) -> TensorResult:
         delta=s.delta,
         resolvable=s.resolvable,
         problem="" if s.finite else "holds NaN or Inf",
+        drift=s.drift,
     )

@@ -3,10 +3,11 @@ from its shard as soon as it is written and compared with the exact merge of the
 written checkpoint as a whole (its tensor names, dtypes and shapes against the base's, untouched tensors bit for
 bit); the output-space check when the models fit in free memory (measured) or when asked.
 
-The weight reference is the verifier's own (delta.py, in float64), not the stream backend's arithmetic. Plain
-Linear weights, most of any model, are compared a block of rows at a time by the same rule; for half-precision
-outputs that block reference is computed in float32, whose own rounding (bounded and added to the tolerance) is
-2^16 times finer than the stored dtype's.
+The weight reference is the verifier's own (replay.py and delta.py), not the stream backend's arithmetic. A
+tensor whose bits a known correct arithmetic writes is exact and costs one replay; the others are compared with
+the float64 merge within the tolerance. Plain Linear weights, most of any model, are compared a block of rows at a
+time by the same rule; for half-precision outputs that block reference is computed in float32, whose own rounding
+(bounded and added to the tolerance) is 2^16 times finer than the stored dtype's.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import torch
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.merger.backends.stream.layout import BaseView
 from safe_merge.merger.backends.stream.write import StreamMerge
-from safe_merge.verifier.config_check import config_changes
-from safe_merge.verifier.delta import LayerKind, ModuleLora
+from safe_merge.verifier.checkpoint_files import file_problems
+from safe_merge.verifier.delta import LayerKind, ModuleLora, merged_weight
+from safe_merge.verifier.diagnosis import diagnose
 from safe_merge.verifier.outputs import OutputCheck, available_memory
+from safe_merge.verifier.replay import exact_match
+from safe_merge.verifier.systematic import drift
 from safe_merge.verifier.tolerance import DORA_WEIGHT_ULPS, WEIGHT_ULPS, eps, smallest_step
 from safe_merge.verifier.verdict import Verification, check_outputs_dirs
 from safe_merge.verifier.weights import (
@@ -31,6 +35,7 @@ from safe_merge.verifier.weights import (
     add_result,
     compare,
     compare_blocks,
+    exact_result,
     expected_param,
     mismatched,
     untouched_failure,
@@ -64,8 +69,21 @@ def check_tensor(prep: StreamMerge, base: BaseView, name: str, start: torch.Tens
     if plain and start is not None:
         if tuple(got.shape) != tuple(start.shape):
             return mismatched(name, tuple(got.shape), tuple(start.shape))
-        return compare_blocks(name, _linear_blocks(lora, start, got))
+        label = exact_match(got, start, lora)
+        if label:
+            return exact_result(name, label, got, start, lambda: _exact_change(lora, start))
+        checked = compare_blocks(name, _linear_blocks(lora, start, got))
+        if not checked.passed and not checked.problem:
+            exact = _exact_change(lora, start)
+            origin = start.to(torch.float64)
+            checked.cause = diagnose(got, origin, lora, origin + exact)
+        return checked
     return compare(name, expected_param(name, prep.ledger, base), got)
+
+
+def _exact_change(lora: ModuleLora, start: torch.Tensor) -> torch.Tensor:
+    origin = start.to(torch.float64)
+    return merged_weight(origin, lora.widened()) - origin
 
 
 def verify(
@@ -82,7 +100,7 @@ def verify(
     base = BaseView(prep.checkpoint, prep.layout)
     weights = check_weights(prep, base, written, checks)
     outputs = _outputs(prep, stage, base_dir, adapter_dir, output_check, written.total_bytes())
-    return Verification(prep.ledger, weights, outputs, config=config_changes(base_dir, stage))
+    return Verification(prep.ledger, weights, outputs, config=file_problems(base_dir, adapter_dir, stage))
 
 
 def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks: TensorChecks | None = None):
@@ -121,6 +139,7 @@ def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks
         failure = untouched_failure(name, base[name], got)
         if failure:
             check.failures.append(failure)
+    check.finish()
     return check
 
 
@@ -144,7 +163,9 @@ def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> 
         j = min(i + rows, start.shape[0])
         w = start[i:j].to(precision)
         value = torch.addmm(w, b[i:j], a, alpha=lora.scale)
-        moved = torch.sub(value, w).abs_()
+        change = torch.sub(value, w)
+        leaning = drift(got[i:j], start[i:j], change)
+        moved = change.abs_()
         residual = got[i:j].to(precision).sub_(value).abs_()
         tol = w.abs_().add_(value.abs()).add_(moved).mul_(ulps).add_(row_bound[i:j] + floor)  # merge_magnitudes
         max_abs = float(residual.max())
@@ -164,6 +185,7 @@ def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> 
             size=float(value.abs_().max()) if delta == 0 else 0.0,  # only read where nothing moved
             resolvable=resolvable,
             finite=math.isfinite(max_abs),
+            drift=leaning,
         )
 
 

@@ -1,0 +1,109 @@
+"""The exact tier: the bits each known correct merge arithmetic writes, and which one a merged tensor matches.
+
+A merge is correct in more than one way: PEFT's ``merge_and_unload()`` adds a float32 delta and rounds once,
+``merge_and_unload(safe_merge=True)`` rounds the delta first (from 0.16), a float64 merge rounds once at the end.
+Each writes other bits in half precision, all within a few ulps of the exact value. A tolerance cannot tell a
+merge at 1.001× the adapter's strength from these; replaying each arithmetic bit for bit can. A tensor that
+matches one exactly is named with it ("exact: merge_and_unload()"); the rest fall back to the tolerance and the
+systematic-error statistics (weights.py, systematic.py).
+
+The replays are this module's own, from the adapter's tensors and the facts compat/rounding.py reads from
+history.json (which precision PEFT holds the factors in and multiplies them in, where it rounds the delta); none
+of the merge backends' code is used, so a mistake in a backend cannot match its own replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from safe_merge.compat import rounding
+from safe_merge.io.loading import installed_peft
+from safe_merge.verifier.delta import LayerKind, ModuleLora, merged_bias, merged_weight
+
+SAVED = "the saved tensor"
+FLOAT64 = "float64, rounded once"
+_REPLAYED = (LayerKind.LINEAR, LayerKind.LINEAR_FIFO, LayerKind.EMBEDDING)
+
+
+def exact_match(
+    got: torch.Tensor,
+    start: torch.Tensor,
+    lora: ModuleLora | None = None,
+    leaf: str = "weight",
+    copy: torch.Tensor | None = None,
+    stored: torch.Tensor | None = None,
+) -> str | None:
+    """The name of the arithmetic whose bits ``got`` holds, or None. ``start``: the tensor's value before the
+    merge in ``got``'s dtype, as every merge starts from it; ``lora``: the LoRA that merges here (its tensors as
+    stored or widened); ``copy``: the value a saved copy or trainable-token rows put there; ``stored``: the base
+    tensor as stored, when its dtype is not the merged one (a float64 merge may start from it)."""
+    if copy is not None:
+        return SAVED if torch.equal(copy.to(got.dtype), got) else None
+    if lora is None or tuple(got.shape) != tuple(start.shape):
+        return None
+    for label, make in arithmetics(start, lora, leaf, stored):
+        if torch.equal(make(), got):
+            return label
+    return None
+
+
+def arithmetics(
+    start: torch.Tensor, lora: ModuleLora, leaf: str = "weight", stored: torch.Tensor | None = None
+) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, replay) for every correct arithmetic known for this tensor, cheapest first; each replay is
+    computed only when asked for."""
+    origins = [(FLOAT64, start)]
+    if stored is not None and stored.dtype != start.dtype:
+        origins.append((f"{FLOAT64} from the base as stored ({str(stored.dtype).removeprefix('torch.')})", stored))
+    if leaf == "bias":
+        if lora.bias is not None:
+            yield "PEFT's merge", lambda: _peft_bias(start, lora)
+            for label, origin in origins:
+                yield label, lambda o=origin: merged_bias(o.to(torch.float64), lora.widened()).to(start.dtype)
+        return
+    if lora.magnitude is not None or lora.kind not in _REPLAYED:
+        return  # DoRA, convolutions and expert stacks: the tolerance tier alone
+    release = installed_peft()
+    delta: list[torch.Tensor] = []
+
+    def peft_delta() -> torch.Tensor:
+        if not delta:
+            delta.append(_peft_delta(lora, release))
+        return delta[0]
+
+    seen: set[bool] = set()
+    for path, label in rounding.ROUNDINGS.items():
+        first = rounding.rounds_delta_first(release, lora.kind, path)
+        if first not in seen:  # the paths that round alike for this release and kind are one arithmetic
+            seen.add(first)
+            yield label, lambda first=first: _peft_add(start, peft_delta(), first)
+    for label, origin in origins:
+        yield label, lambda o=origin: merged_weight(o.to(torch.float64), lora.widened()).to(start.dtype)
+
+
+def _peft_delta(lora: ModuleLora, release: str) -> torch.Tensor:
+    """get_delta_weight: the factors in the precision PEFT holds them, multiplied in float32 where the release
+    widens half precision, laid out like the weight, scaled, in the factors' precision."""
+    held = lora.compute_dtype
+    a, b = lora.a.to(held), lora.b.to(held)
+    if rounding.widened(release, held):
+        a, b = a.to(torch.float32), b.to(torch.float32)
+    product = b @ a
+    if lora.kind in (LayerKind.LINEAR_FIFO, LayerKind.EMBEDDING):
+        product = product.T
+    return (product * lora.scale).to(held)
+
+
+def _peft_add(start: torch.Tensor, delta: torch.Tensor, first: bool) -> torch.Tensor:
+    if first:
+        return start + delta.to(start.dtype)
+    merged = start.clone()
+    merged += delta  # in the wider dtype, rounded once into the weight's
+    return merged
+
+
+def _peft_bias(start: torch.Tensor, lora: ModuleLora) -> torch.Tensor:
+    assert lora.bias is not None
+    return (start + lora.bias.to(lora.compute_dtype) * lora.scale).to(start.dtype)
