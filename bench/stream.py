@@ -3,8 +3,9 @@
 Builds once (cached under the given directory) a Llama checkpoint of random bfloat16 weights in 3 safetensors
 shards and an r=16 adapter on every projection with non-zero lora_B, written directly (no model is built, so the
 larger shapes cost only disk). Then it times `safe-merge merge --backend stream` and the PEFT path
-(from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained), prints wall seconds and peak
-RSS of each, checks that the two outputs are bit-identical tensor by tensor, and runs the stream backend on a
+(from_pretrained + PeftModel.from_pretrained + merge_and_unload() + save_pretrained), prints wall seconds and peak
+RSS of each, checks that the two outputs are bit-identical tensor by tensor (the stream backend writes the
+default merge_and_unload()'s bits), how many merged tensors the verifier's exact tier matched, and runs the stream backend on a
 model 4x larger to show that its peak RSS does not grow with the model.
 
     python bench/stream.py CACHE_DIR [--skip-large]
@@ -239,6 +240,9 @@ def main() -> int:
     print(f"  stream phases, {phases(work / 'stream.report.json')}")
     count, differ = identical(work / "stream", work / "peft")
     print(f"  bit-identical: {count - len(differ)} of {count} tensors" + (f"; differ: {differ[:5]}" if differ else ""))
+    weights = json.loads((work / "stream.report.json").read_text())["verification"]["weights"]
+    exact = sum(weights["exact"].values())
+    print(f"  exact tier: {exact} tensors exact ({weights['exact']}), {weights['tolerance_only']} within tolerance only")
     failed = bool(differ) or any(code for *_, code in rows)
     if not args.skip_large:
         started = time.monotonic()

@@ -7,9 +7,11 @@ weight. The add is where the two paths differ:
 
 - ``default``, what ``merge_and_unload()`` does (every tutorial's path): ``W += ΔW`` adds the delta in its own
   dtype and rounds once into the weight's dtype, except where the release casts the delta to the weight's dtype
-  first (embeddings, from the release history.json names);
+  first (embeddings from 0.16, convolutions in 0.16-0.19, expert stacks always);
 - ``peft-safe``, what ``merge_and_unload(safe_merge=True)`` does: ``W + ΔW.to(W.dtype)``, rounding the delta and
   then the sum (from 0.16.0; before, it too adds the delta in its own dtype).
+
+The windows are history.json's ``merge_rounding`` table, per path and layer kind.
 
 In float32 both paths give the same bits; in bfloat16 and float16 they differ in most merged tensors.
 """
@@ -17,11 +19,12 @@ In float32 both paths give the same bits; in bfloat16 and float16 they differ in
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 from packaging.version import Version
 
-from safe_merge.compat.history import History
+from safe_merge.compat.history import TABLE, History
 from safe_merge.verifier.delta import LayerKind
 
 ROUNDINGS = {
@@ -36,10 +39,17 @@ def rounds_delta_first(release: str, kind: LayerKind, rounding: str) -> bool:
     (two roundings) rather than adding it in its own dtype (one)."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
-    history, at = History.load(), Version(release)
-    if rounding == "peft-safe":
-        return history.boundary("delta_rounded_before_add") <= at
-    return kind is LayerKind.EMBEDDING and history.boundary("default_merge_rounds_embedding_delta_first") <= at
+    windows = _table()[rounding]
+    window = windows.get(kind.value) or windows.get("*")
+    if window is None:
+        return False
+    at = Version(release)
+    return Version(window["first"]) <= at < Version(window.get("until", "9999"))
+
+
+@functools.cache
+def _table() -> dict:
+    return json.loads(TABLE.read_text(encoding="utf-8"))["merge_rounding"]
 
 
 @functools.cache

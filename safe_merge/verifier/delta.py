@@ -53,6 +53,7 @@ class ModuleLora:
     compute_dtype: torch.dtype = torch.float32  # precision the adapter's tensors carry (at least float32)
     param: str | None = None  # the parameter it merges into, when not ``{module}.weight`` (target_parameters)
     num_experts: int = 1
+    rounds_like: LayerKind | None = None  # the kind whose rounding PEFT applies, when not ``kind`` (an expert piece)
 
     @property
     def target(self) -> str:

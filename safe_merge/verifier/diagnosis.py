@@ -86,4 +86,3 @@ def _per_rank(change: torch.Tensor, lora: ModuleLora) -> list[float] | None:
     if float(torch.linalg.cond(gram)) > 1e10:
         return None
     return [float(c) for c in solved]
-

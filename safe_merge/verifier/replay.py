@@ -44,7 +44,7 @@ def exact_match(
     if lora is None or tuple(got.shape) != tuple(start.shape):
         return None
     for label, make in arithmetics(start, lora, leaf, stored):
-        if torch.equal(make(), got):
+        if make.matches(got) if isinstance(make, _Blocks) else torch.equal(make(), got):
             return label
     return None
 
@@ -75,12 +75,33 @@ def arithmetics(
 
     seen: set[bool] = set()
     for path, label in rounding.ROUNDINGS.items():
-        first = rounding.rounds_delta_first(release, lora.kind, path)
+        first = rounding.rounds_delta_first(release, lora.rounds_like or lora.kind, path)
         if first not in seen:  # the paths that round alike for this release and kind are one arithmetic
             seen.add(first)
-            yield label, lambda first=first: _peft_add(start, peft_delta(), first)
+            yield label, _Blocks(start, peft_delta, first)
     for label, origin in origins:
         yield label, lambda o=origin: merged_weight(o.to(torch.float64), lora.widened()).to(start.dtype)
+
+
+class _Blocks:
+    """A PEFT add replayed a block of rows at a time against the tensor it is compared with, stopping at the first
+    block that differs (a cache-sized block, as the merge itself works; most candidates that fail, fail early)."""
+
+    rows_bytes = 2**21
+
+    def __init__(self, start: torch.Tensor, delta: Callable[[], torch.Tensor], first: bool):
+        self.start, self.delta, self.first = start, delta, first
+
+    def matches(self, got: torch.Tensor) -> bool:
+        delta = self.delta()
+        if delta.dim() != 2:
+            return torch.equal(_peft_add(self.start, delta, self.first), got)
+        rows = max(1, self.rows_bytes // max(1, delta.shape[1] * delta.element_size()))
+        for i in range(0, delta.shape[0], rows):
+            j = min(i + rows, delta.shape[0])
+            if not torch.equal(_peft_add(self.start[i:j], delta[i:j], self.first), got[i:j]):
+                return False
+        return True
 
 
 def _peft_delta(lora: ModuleLora, release: str) -> torch.Tensor:
@@ -93,7 +114,7 @@ def _peft_delta(lora: ModuleLora, release: str) -> torch.Tensor:
     product = b @ a
     if lora.kind in (LayerKind.LINEAR_FIFO, LayerKind.EMBEDDING):
         product = product.T
-    return (product * lora.scale).to(held)
+    return product.mul_(lora.scale).to(held)
 
 
 def _peft_add(start: torch.Tensor, delta: torch.Tensor, first: bool) -> torch.Tensor:

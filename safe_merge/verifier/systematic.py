@@ -9,8 +9,9 @@ rounding noise: they lean neither way.
 
 For each tensor: u_i = (merged_i − R_i) / ulp_i, where R is the exact merge from the start in the merged dtype,
 rounded once (from the start as every merge casts it, so that casting noise is not counted), ulp_i the spacing
-at the larger of |R_i| and the start's, and s_i the sign of the exact change. ``along`` = Σ s_i·u_i, ``spread``
-= Σ u_i²; z = along / √spread is about normal for noise.
+(taken as eps·|x|, within a factor of 2 of it) at the larger of |R_i| and the start's, and s_i the sign of the
+way a larger scale moves the element (the exact change's, for plain LoRA; DoRA's normalisation turns it).
+``along`` = Σ s_i·u_i, ``spread`` = Σ u_i²; z = along / √spread is about normal for noise.
 ``reach`` is how many steps a scale error ε adds per unit of ε, measured by rounding the exact merge at
 1 + PROBE instead of 1. The estimate of the scale error is along / reach.
 
@@ -84,31 +85,38 @@ class Drift:
 
 
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype`` at each of ``values`` (float32 or float64), subnormals included."""
+    """The spacing of ``dtype`` near each of ``values`` (non-negative, float32 or float64), as eps·|x|: within a
+    factor of 2 of the exact spacing, and the same weight in every sum below, so the statistic is unchanged in
+    kind and costs one pass (subnormals floored at their own spacing)."""
     info = torch.finfo(dtype)
-    _, exponent = torch.frexp(values)
-    spacing = torch.ldexp(torch.full_like(values, info.eps / 2), exponent)  # |x| in [2^(e-1), 2^e): eps·2^(e-1)
-    return spacing.clamp_(min=info.tiny * info.eps)
+    return (values * info.eps).clamp_(min=info.tiny * info.eps)
 
 
-def drift(got: torch.Tensor, start: torch.Tensor, change: torch.Tensor) -> Drift:
+def drift(
+    got: torch.Tensor, start: torch.Tensor, change: torch.Tensor, probe_change: torch.Tensor | None = None
+) -> Drift:
     """The statistics of one tensor (or a block of it): ``start`` is its value before the merge in ``got``'s dtype,
-    ``change`` the exact change (float32 or float64, like the weight)."""
+    ``change`` the exact change (float32 or float64, like the weight), ``probe_change`` how much further the
+    exact value moves when the adapter's scale grows by PROBE (default: PROBE·change, a plain LoRA's; DoRA's
+    normalisation makes it another direction)."""
     precision = change.dtype
+    if probe_change is None:
+        probe_change = change * PROBE
     base = start.to(precision)
-    rounded = (base + change).to(got.dtype)
+    exact = base + change
+    rounded = exact.to(got.dtype).to(precision)
     # the spacing where the sum was rounded: at the larger of the result and the start (a result that cancels
     # to near zero has a fine spacing no arithmetic rounds at)
-    spacing = ulp(torch.maximum(rounded.to(precision).abs_(), base.abs()), got.dtype)
-    steps = got.to(precision).sub_(rounded.to(precision)).div_(spacing)
-    probe = (base + change * (1 + PROBE)).to(got.dtype).to(precision).sub_(rounded.to(precision)).div_(spacing)
+    spacing = ulp(torch.maximum(rounded.abs(), base.abs_()), got.dtype)
+    steps = got.to(precision).sub_(rounded).div_(spacing)
+    probe = exact.add_(probe_change).to(got.dtype).to(precision).sub_(rounded).div_(spacing)
     finite = torch.isfinite(steps)
     if not bool(finite.all()):
         steps = torch.where(finite, steps, torch.zeros_like(steps))  # NaN and Inf are failed elsewhere, by name
-    sign = torch.sign(change)
+    sign = torch.sign(probe_change).flatten()
     return Drift(
-        along=float((sign * steps).sum()),
-        spread=float((steps * steps).sum()),
-        reach=float((sign * probe).sum()) / PROBE,
+        along=float(torch.dot(sign, steps.flatten())),
+        spread=float(torch.dot(steps.flatten(), steps.flatten())),
+        reach=float(torch.dot(sign, probe.flatten())) / PROBE,
         tensors=1,
     )

@@ -4,6 +4,8 @@ adapter's meaning is that they do (trainable tokens on a tied embedding)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 
@@ -13,3 +15,20 @@ def shared_groups(model: nn.Module) -> list[list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
     return [names for names in groups.values() if len(names) > 1]
+
+
+def tied_by_config(model_dir: Path) -> list[list[str]] | None:
+    """The tied groups of the model a directory's config.json builds, built on the meta device (no weights are
+    read or allocated); None when its class cannot be built there."""
+    import torch
+
+    from safe_merge.io import loading
+
+    try:
+        config = loading.read_model_config(model_dir)
+        cls = loading.model_class(config)
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception:  # a class that cannot be built without weights: the output check is then the tie's witness
+        return None
+    return shared_groups(model)

@@ -17,6 +17,8 @@ from safe_merge.compat.base_rewrites import base_rewrites
 from safe_merge.compat.history import History
 from safe_merge.errors import EXIT_COULD_NOT_VERIFY, EXIT_FAILED, EXIT_OK, BadInput
 from safe_merge.io import loading
+from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.verifier.accounting import accounting_problems
 from safe_merge.verifier.checkpoint_files import file_problems
 from safe_merge.verifier.combined_adapter import CombinationCheck
 from safe_merge.verifier.delta import LayerKind
@@ -138,6 +140,8 @@ def verify_models(
     ledger = build_ledger(adapter, base_params, kinds, adapter_precision(next(merged.parameters()).dtype))
     ledger.tie_token_rows(ties or [])
     weights = check_weights(ledger, base_params, params)
+    compared = {t.name for t in weights.tensors}
+    weights.failures += accounting_problems(adapter.tensors, ledger, base_params, compared)
     if reference is None or inputs is None:
         reason = "no unmerged reference model" if reference is None else "no probe inputs for this model type"
         outputs = OutputCheck(False, reason=reason)
@@ -170,6 +174,9 @@ def verify_dirs(
     )
     if loaded.missing:
         result.weights.failures.insert(0, f"missing from the merged checkpoint: {', '.join(loaded.missing[:5])}")
+    stray = sorted(set(Checkpoint(merged_dir).tensors) - set(Checkpoint(base_dir).tensors) - set(loaded.base_params))
+    if stray:  # the loaded model never sees a tensor it has no parameter for
+        result.weights.failures.insert(0, f"not in the base model: {', '.join(stray[:5])} (in the merged files)")
     base_config = loading.read_config_json(base_dir).to_dict()
     expected = expected_config_changes(base_config, sources) if sources else {}
     if head:

@@ -11,6 +11,7 @@ carries its likely cause (diagnosis.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections import Counter
@@ -30,7 +31,7 @@ from safe_merge.verifier.delta import (
 from safe_merge.verifier.diagnosis import diagnose
 from safe_merge.verifier.ledger import Ledger
 from safe_merge.verifier.replay import exact_match
-from safe_merge.verifier.systematic import Drift, drift
+from safe_merge.verifier.systematic import PROBE, Drift, drift
 from safe_merge.verifier.tolerance import (
     DORA_WEIGHT_ULPS,
     WEIGHT_ULPS,
@@ -144,6 +145,17 @@ class Expected:
         delta = low_rank_delta(self.lora)
         return bound * dora_factor(self.start, delta, self.lora.magnitude, self.lora.kind).expand_as(self.start).abs()
 
+    def changes(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The exact change from the start in ``dtype`` (where every merge starts), and how much further a scale
+        PROBE larger moves it where that is not PROBE times the change (DoRA, whose normalisation also depends
+        on the start; None for a plain LoRA, whose change does not)."""
+        if not self.dora:
+            return self.value - self.start, None
+        start = self.start.to(dtype).to(torch.float64)
+        value = merged_weight(start, self.lora)
+        larger = dataclasses.replace(self.lora, scale=self.lora.scale * (1 + PROBE))
+        return value - start, merged_weight(start, larger) - value
+
     @property
     def ulps(self) -> float:
         return DORA_WEIGHT_ULPS if self.dora else WEIGHT_ULPS
@@ -192,8 +204,8 @@ def untouched_failure(name: str, base: torch.Tensor, got: torch.Tensor) -> str |
 
 def add_result(check: WeightCheck, result: TensorResult) -> None:
     check.tensors.append(result)
-    if result.drift is not None and not result.exact:
-        check.drift.add(result.drift)
+    if result.drift is not None and not result.exact and not result.problem and result.ratio <= 1.0:
+        check.drift.add(result.drift)  # the lean hidden inside every element's tolerance, summed
     if not result.passed:
         leaning = result.drift is not None and result.drift.systematic and not result.problem and result.ratio <= 1
         what = result.problem or (result.drift.describe() if leaning else "residual off the exact merge")
@@ -263,7 +275,7 @@ def stats(exp: Expected, got: torch.Tensor) -> Stats:
     expected = exp.value
     leaning = None
     if exp.lora is not None:
-        leaning = drift(got, exp.start.to(got.dtype), expected - exp.start)
+        leaning = drift(got, exp.start.to(got.dtype), *exp.changes(got.dtype))
     residual = got.to(expected.dtype).sub_(expected).abs_()
     moved = (expected - exp.start).abs_()
     tol = weight_tolerance(exp.magnitudes, got.dtype, exp.product_error, exp.ulps)
@@ -299,11 +311,13 @@ def compare(name: str, exp: Expected, got: torch.Tensor) -> TensorResult:
 
 
 def exact_result(name: str, label: str, got: torch.Tensor, start: torch.Tensor, exact_change) -> TensorResult:
-    """A tensor whose bits a known arithmetic writes: nothing off; moved by as much as it moved (when nothing
-    moved, ``exact_change()`` says whether the adapter asked it to, which makes it unresolvable)."""
-    moved = float((got.to(torch.float32) - start.to(torch.float32)).abs().max()) if got.numel() else 0.0
-    delta = moved if moved > 0 else float(exact_change().abs().max()) if got.numel() else 0.0
-    return TensorResult(name, 0.0, 0.0, 0.0, 0.0, delta, resolvable=moved > 0 or delta == 0, exact=label)
+    """A tensor whose bits a known arithmetic writes: nothing off. Only when it did not move at all is the exact
+    change computed (``exact_change()``), to tell an adapter that asked for no change from one whose change is
+    below the dtype's resolution; ``delta`` is then its size (left 0 for a tensor that moved: not measured)."""
+    if not got.numel() or not torch.equal(got, start):
+        return TensorResult(name, 0.0, 0.0, 0.0, 0.0, 0.0, exact=label)
+    delta = float(exact_change().abs().max())
+    return TensorResult(name, 0.0, 0.0, 0.0, 0.0, delta, resolvable=delta == 0, exact=label)
 
 
 def compare_blocks(name: str, blocks: Iterable[Stats]) -> TensorResult:

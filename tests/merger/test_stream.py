@@ -18,7 +18,7 @@ from safe_merge.merger.backends.stream import arith
 from safe_merge.verifier.delta import LayerKind, ModuleLora
 from tests.helpers import materialize
 from tests.release import INSTALLED, requires_release
-from tests.strategies import TINY, Case, build_base
+from tests.strategies import FEATURES, TINY, Case, build_base
 
 pytestmark = requires_release("stream_backend_matches")
 
@@ -204,3 +204,27 @@ def test_stream_output_is_the_bits_of_the_peft_call_its_rounding_names(tmp_path,
             assert not differ, differ
         else:
             assert differ, "the two PEFT paths should round differently in half precision"
+
+
+@pytest.mark.skipif(not FEATURES["use_dora"], reason="this release cannot merge DoRA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stream_dora_merge_is_the_bits_of_peft_merge_and_unload(tmp_path, dtype):
+    from safe_merge.io import loading
+    from safe_merge.merger.pipeline import MergeRequest, merge_command
+
+    case = Case(
+        "llama",
+        SIZES,
+        False,
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"], "use_dora": True},
+        "float32",
+        seed=4,
+    )
+    base, adapter = materialize(case, tmp_path)
+    out = tmp_path / "out"
+    report = merge_command(MergeRequest(str(base), [str(adapter)], out, dtype=dtype, backend="stream"))
+    assert report["status"] == "passed", report["problems"]
+    peft_model = loading.load_peft(loading.load_model(base, getattr(torch, dtype)), adapter)
+    merged = peft_model.merge_and_unload().state_dict()
+    written = _tensors(out)
+    assert [n for n in written if not torch.equal(written[n], merged[n])] == []

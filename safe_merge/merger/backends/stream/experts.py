@@ -67,7 +67,7 @@ def split(ledger: Ledger, stacks: dict[str, Stack]) -> None:
                 module = piece.removesuffix(".weight")
                 a, b = _piece_factors(lora, stack.shape[0], e, start, rows)
                 ledger.modules[module] = ModuleLora(
-                    module, LayerKind.LINEAR, a, b, lora.scale, compute_dtype=lora.compute_dtype
+                    module, LayerKind.LINEAR, a, b, lora.scale, compute_dtype=lora.compute_dtype, rounds_like=lora.kind
                 )
                 start += rows
 

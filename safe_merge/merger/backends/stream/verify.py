@@ -21,12 +21,14 @@ import torch
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.merger.backends.stream.layout import BaseView
 from safe_merge.merger.backends.stream.write import StreamMerge
+from safe_merge.verifier.accounting import accounting_problems, changed_by, ties_problems
 from safe_merge.verifier.checkpoint_files import file_problems
 from safe_merge.verifier.delta import LayerKind, ModuleLora, merged_weight
 from safe_merge.verifier.diagnosis import diagnose
 from safe_merge.verifier.outputs import OutputCheck, available_memory
 from safe_merge.verifier.replay import exact_match
 from safe_merge.verifier.systematic import drift
+from safe_merge.verifier.ties import tied_by_config
 from safe_merge.verifier.tolerance import DORA_WEIGHT_ULPS, WEIGHT_ULPS, eps, smallest_step
 from safe_merge.verifier.verdict import Verification, check_outputs_dirs
 from safe_merge.verifier.weights import (
@@ -99,6 +101,10 @@ def verify(
     written = Checkpoint(stage)
     base = BaseView(prep.checkpoint, prep.layout)
     weights = check_weights(prep, base, written, checks)
+    changed = changed_by(prep.adapter_tensors, prep.checkpoint.tensors)
+    compared = {t.name for t in weights.tensors}
+    weights.failures += accounting_problems(prep.adapter_tensors, prep.ledger, prep.checkpoint.tensors, compared)
+    weights.failures += ties_problems(tied_by_config(stage) or [], changed)
     outputs = _outputs(prep, stage, base_dir, adapter_dir, output_check, written.total_bytes())
     return Verification(prep.ledger, weights, outputs, config=file_problems(base_dir, adapter_dir, stage))
 
