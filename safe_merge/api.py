@@ -61,19 +61,27 @@ def merge(
     return merge_command(request)
 
 
-def verify(base: str | Path, adapter: str | Path, merged: str | Path) -> dict:
+def verify(base: str | Path | None, adapter: str | Path, merged: str | Path, *, check_outputs: str = "auto") -> dict:
     """Check a merged checkpoint, whoever wrote it, against its base and adapter (ledger, weights, outputs). The
-    adapter is read as `merge` reads it: migrated first where the installed PEFT or transformers needs it."""
+    adapter is read as `merge` reads it: migrated first where the installed PEFT or transformers needs it.
+    ``base`` None: the base the adapter names (base_model_name_or_path). The weights are checked one tensor at a
+    time where the stream backend could read the base; otherwise the models are loaded. ``check_outputs``: run
+    the output check when the models fit in free memory (auto), always, or never (the weight checks stand alone).
+    A merged directory without config.json (bare safetensors) gets the weight checks only, and says so."""
     import tempfile
 
     from safe_merge.io import loading
     from safe_merge.io.checkpoint import shard_files
-    from safe_merge.merger.job import read_source
+    from safe_merge.merger.backends.stream.verify import verify_checkpoint
+    from safe_merge.merger.job import named_base, read_source
+    from safe_merge.merger.request import OUTPUT_CHECKS
     from safe_merge.verifier.verdict import verify_dirs
 
+    if check_outputs not in OUTPUT_CHECKS:
+        raise BadInput(f"--check-outputs {check_outputs!r} is not one of {', '.join(OUTPUT_CHECKS)}")
     started = time.monotonic()
-    base_dir = loading.resolve_dir(base, "base model")
     adapter_dir = loading.resolve_dir(adapter, "adapter")
+    base_dir = loading.resolve_dir(named_base([adapter_dir]) if base is None else base, "base model")
     merged_dir = loading.resolve_dir(merged, "merged model")
     for model_dir in (base_dir, merged_dir):
         shard_files(model_dir)  # a directory without weights is named before anything is loaded
@@ -82,8 +90,22 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path) -> dict:
         adapter_dir, loading.installed_peft(), base_class=loading.class_name(config), base_config=config.to_dict()
     )
     with tempfile.TemporaryDirectory(prefix="safe-merge-verify-") as scratch:
-        result = verify_dirs(base_dir, source.materialize(Path(scratch) / "adapter"), merged_dir, adapter_dir)
-    report = {**result.report(), "versions": loading.versions(), "merged": str(merged_dir)}
+        migrated = source.materialize(Path(scratch) / "adapter")
+        result = verify_checkpoint(base_dir, migrated, merged_dir, adapter_dir, check_outputs)
+        how = "one tensor at a time"
+        if isinstance(result, list):
+            if not (merged_dir / "config.json").is_file():
+                raise BadInput(
+                    f"the merged directory has no config.json, and its weights cannot be read one tensor at a time "
+                    f"({result[0]})",
+                    path=merged_dir,
+                    hint="copy the base's config.json beside the merged weights",
+                )
+            how = f"models loaded ({result[0]})"
+            result = verify_dirs(base_dir, migrated, merged_dir, adapter_dir, check_outputs)
+    base_info = {"path": str(base_dir), "class": loading.class_name(config)}
+    report = {**result.report(), "versions": loading.versions(), "merged": str(merged_dir), "base": base_info}
+    report["weights_read"] = how
     report["adapter_migrations"] = source.plan.steps
     report["seconds"] = round(time.monotonic() - started, 3)
     report["exit_code"] = result.exit_code

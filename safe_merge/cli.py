@@ -129,8 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--json", action="store_true", help="print the JSON report on stdout")
 
     verify = _command(sub, "verify", "check a merged checkpoint against its base and adapter")
-    verify.add_argument("base")
-    verify.add_argument("rest", nargs="+", metavar="ADAPTER... MERGED", help="the adapter, then the merged model")
+    verify.add_argument("base", metavar="[BASE]", help="the base model (omit it: the base the adapter names)")
+    verify.add_argument("rest", nargs="+", metavar="ADAPTER MERGED", help="the adapter, then the merged model")
+    verify.add_argument(
+        "--check-outputs",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="compare the merged model's outputs with the unmerged model's when both fit in free memory (auto), "
+        "always, or never; the weight checks stand alone",
+    )
     verify.add_argument("--json", action="store_true")
 
     inspect = _command(sub, "inspect", "origin release, features, and how each key fares in a target release")
@@ -194,9 +201,11 @@ def cmd_merge(args) -> dict:
 def cmd_verify(args) -> dict:
     from safe_merge.errors import BadInput
 
-    if len(args.rest) != 2:
-        raise BadInput("verify takes BASE ADAPTER MERGED (one adapter in this release)")
-    return api.verify(args.base, args.rest[0], args.rest[1])
+    if len(args.rest) not in (1, 2):
+        raise BadInput("verify takes [BASE] ADAPTER MERGED (one adapter in this release)")
+    if len(args.rest) == 1:  # ADAPTER MERGED: the base the adapter names
+        return api.verify(None, args.base, args.rest[0], check_outputs=args.check_outputs)
+    return api.verify(args.base, args.rest[0], args.rest[1], check_outputs=args.check_outputs)
 
 
 def cmd_demo(args) -> dict:

@@ -132,11 +132,23 @@ def _check_lines(command: str, report: dict) -> list[str]:
     ver = report.get("verification") or {}
     w = ver.get("weights")
     if w:
+        exact = w.get("exact") or {}
+        if exact or w.get("tolerance_only"):
+            paths = ", ".join(f"{n} {label}" for label, n in exact.items()) or "none"
+            read = f"; read {report['weights_read']}" if report.get("weights_read") else ""
+            lines.append(f"  exact     {paths}; within tolerance, not exact: {w.get('tolerance_only', 0)}{read}")
         lines.append(
             f"  weights   {'ok' if w['passed'] else 'FAILED'}: max |residual| {_num(w['max_abs'])}, "
             f"max rel {_num(w['max_rel'])}; worst {w.get('worst_tensor')} at {_num(w.get('worst_ratio'))}"
             f"x tolerance ({w.get('tol_rule')})"
         )
+        lean = w.get("systematic") or {}
+        if lean.get("tensors"):
+            lines.append(
+                f"  lean      {lean['tensors']} tolerance-only tensors: z {lean['z']}, scale error "
+                f"{lean['scale_error']:+.2e}; a scale error above {_num(lean['smallest_scale_error_seen'])} "
+                "would have been seen"
+            )
     c = ver.get("combination")
     if c:
         kept = c.get("kept_share")

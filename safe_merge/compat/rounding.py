@@ -25,7 +25,6 @@ import torch
 from packaging.version import Version
 
 from safe_merge.compat.history import TABLE, History
-from safe_merge.verifier.delta import LayerKind
 
 ROUNDINGS = {
     "default": "merge_and_unload()",
@@ -34,13 +33,14 @@ ROUNDINGS = {
 
 
 @functools.cache
-def rounds_delta_first(release: str, kind: LayerKind, rounding: str) -> bool:
+def rounds_delta_first(release: str, kind: str, rounding: str) -> bool:
     """Whether ``release``'s merge on ``rounding``'s path rounds the delta to the weight's dtype before adding it
-    (two roundings) rather than adding it in its own dtype (one)."""
+    (two roundings) rather than adding it in its own dtype (one). ``kind``: the layer kind's name, as the
+    verifier's LayerKind values spell it (linear, embedding, conv, experts, ...)."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
     windows = _table()[rounding]
-    window = windows.get(kind.value) or windows.get("*")
+    window = windows.get(kind) or windows.get("*")
     if window is None:
         return False
     at = Version(release)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import warnings
@@ -264,8 +265,10 @@ def installed_peft() -> str:
     return installed("peft")
 
 
+@functools.cache
 def installed(package: str) -> str:
-    """An installed package's release without local or dev suffix, from its metadata (nothing is imported)."""
+    """An installed package's release without local or dev suffix, from its metadata (nothing is imported; read
+    once per process, since parsing the metadata costs milliseconds each time)."""
     from importlib.metadata import version
 
     return Version(version(package)).base_version

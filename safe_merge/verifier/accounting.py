@@ -32,15 +32,21 @@ FACTORS = (
 )
 
 
+def factor_paths(keys: Iterable[str]) -> dict[str, str]:
+    """Each LoRA factor key mapped to the weight path its module names (whether or not the base stores it)."""
+    out = {}
+    for key in keys:
+        suffix = next((s for s in FACTORS if key.endswith(s)), None)
+        if suffix is not None:
+            out[key] = key.removeprefix(PREFIX)[: -len(suffix)] + ".weight"
+    return out
+
+
 def changed_by(keys: Iterable[str], base_names: Iterable[str]) -> dict[str, str]:
     """Each LoRA factor key mapped to the base weight it changes, where the base has one at its module's path."""
     names = set(base_names)
     out = {}
-    for key in keys:
-        suffix = next((s for s in FACTORS if key.endswith(s)), None)
-        if suffix is None:
-            continue
-        path = key.removeprefix(PREFIX)[: -len(suffix)] + ".weight"
+    for key, path in factor_paths(keys).items():
         if path in names:
             out[key] = path
             continue

@@ -33,12 +33,13 @@ def exact_match(
     lora: ModuleLora | None = None,
     leaf: str = "weight",
     copy: torch.Tensor | None = None,
-    stored: torch.Tensor | None = None,
+    stored: torch.Tensor | Callable[[], torch.Tensor] | None = None,
 ) -> str | None:
     """The name of the arithmetic whose bits ``got`` holds, or None. ``start``: the tensor's value before the
     merge in ``got``'s dtype, as every merge starts from it; ``lora``: the LoRA that merges here (its tensors as
     stored or widened); ``copy``: the value a saved copy or trainable-token rows put there; ``stored``: the base
-    tensor as stored, when its dtype is not the merged one (a float64 merge may start from it)."""
+    tensor as stored, or a function that reads it, when its dtype is not the merged one (a float64 merge may start
+    from it; read only when the cheaper replays did not match)."""
     if copy is not None:
         return SAVED if torch.equal(copy.to(got.dtype), got) else None
     if lora is None or tuple(got.shape) != tuple(start.shape):
@@ -50,18 +51,21 @@ def exact_match(
 
 
 def arithmetics(
-    start: torch.Tensor, lora: ModuleLora, leaf: str = "weight", stored: torch.Tensor | None = None
+    start: torch.Tensor,
+    lora: ModuleLora,
+    leaf: str = "weight",
+    stored: torch.Tensor | Callable[[], torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """(name, replay) for every correct arithmetic known for this tensor, cheapest first; each replay is
     computed only when asked for."""
-    origins = [(FLOAT64, start)]
-    if stored is not None and stored.dtype != start.dtype:
-        origins.append((f"{FLOAT64} from the base as stored ({str(stored.dtype).removeprefix('torch.')})", stored))
+    origins = [(FLOAT64, lambda: start)]
+    if stored is not None:
+        origins.append((f"{FLOAT64} from the base as stored", stored if callable(stored) else lambda: stored))
     if leaf == "bias":
         if lora.bias is not None:
             yield "PEFT's merge", lambda: _peft_bias(start, lora)
             for label, origin in origins:
-                yield label, lambda o=origin: merged_bias(o.to(torch.float64), lora.widened()).to(start.dtype)
+                yield label, lambda o=origin: merged_bias(o().to(torch.float64), lora.widened()).to(start.dtype)
         return
     if lora.magnitude is not None or lora.kind not in _REPLAYED:
         return  # DoRA, convolutions and expert stacks: the tolerance tier alone
@@ -75,12 +79,12 @@ def arithmetics(
 
     seen: set[bool] = set()
     for path, label in rounding.ROUNDINGS.items():
-        first = rounding.rounds_delta_first(release, lora.rounds_like or lora.kind, path)
+        first = rounding.rounds_delta_first(release, (lora.rounds_like or lora.kind).value, path)
         if first not in seen:  # the paths that round alike for this release and kind are one arithmetic
             seen.add(first)
             yield label, _Blocks(start, peft_delta, first)
     for label, origin in origins:
-        yield label, lambda o=origin: merged_weight(o.to(torch.float64), lora.widened()).to(start.dtype)
+        yield label, lambda o=origin: merged_weight(o().to(torch.float64), lora.widened()).to(start.dtype)
 
 
 class _Blocks:

@@ -68,7 +68,7 @@ def test_block_arithmetic_equals_the_whole_tensor_form_bit_for_bit(dtype, roundi
     lora = ModuleLora("m", LayerKind.LINEAR, torch.randn(3, 29, generator=gen), torch.randn(37, 3, generator=gen), 0.7)
     whole = weight.clone()
     delta = lora.b @ lora.a * lora.scale  # PEFT's form with float32 factors
-    first = rounds_delta_first(INSTALLED, LayerKind.LINEAR, rounding)
+    first = rounds_delta_first(INSTALLED, LayerKind.LINEAR.value, rounding)
     whole += delta.to(dtype) if first else delta
     for block_bytes in (4, 29 * 4 * 5, 2**21):
         merged = arith.merge_weight(weight, lora, torch.float32, block_bytes, rounding=rounding)

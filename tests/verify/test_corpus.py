@@ -5,12 +5,31 @@ defect in the weights is named by them, not only by the output check."""
 
 from __future__ import annotations
 
+import inspect
+import os
+
+import peft
 import pytest
+from packaging.version import Version
 
 from safe_merge import api
+from tests.release import HISTORY, INSTALLED
+from tests.strategies import FEATURES
 from tests.verify.corpus import CORRECT, DEFECTS, DORA_DEFECTS, GPT2_DEFECTS, build
 
 DTYPES = ("float32", "bfloat16", "float16")
+ARCHS = {
+    "llama": True,
+    "gpt2": FEATURES["config_free_merge"] and FEATURES["embedding_merge"],
+    "llama_dora": FEATURES["use_dora"],
+}
+# The tests session runs the whole grid; each matrix cell the bfloat16 Llama, where what differs between releases
+# (the rounding facts the exact tier replays) shows.
+FULL = os.environ.get("HYPOTHESIS_PROFILE", "dev") != "matrix"
+GRID = [(a, d) for a, ok in ARCHS.items() if ok for d in DTYPES if FULL or (a, d) == ("llama", "bfloat16")]
+# From the release the stream backend matches bit for bit, the replays know every correct PEFT path exactly.
+EXACT = HISTORY.boundary("stream_backend_matches") <= Version(INSTALLED)
+HAS_SAFE_MERGE = "safe_merge" in inspect.signature(peft.tuners.lora.LoraModel.merge_and_unload).parameters
 # Measured misses, kept visible: each must still be missed (strict), so a fix shows up here.
 KNOWN_MISSES = {
     ("llama_dora", "bfloat16", "one tensor at 1.02"): "DoRA is not replayed exactly; the lean of one bfloat16 "
@@ -18,7 +37,7 @@ KNOWN_MISSES = {
 }
 
 
-@pytest.fixture(scope="module", params=[(a, d) for a in ("llama", "gpt2", "llama_dora") for d in DTYPES], ids=str)
+@pytest.fixture(scope="module", params=GRID, ids=str)
 def built(request, tmp_path_factory):
     arch, dtype = request.param
     return build(tmp_path_factory.mktemp(f"{arch}-{dtype}"), arch, dtype)
@@ -30,10 +49,12 @@ def _verify(built, merged) -> dict:
 
 @pytest.mark.parametrize("name", list(CORRECT))
 def test_a_correct_merge_passes_whichever_arithmetic_wrote_it(built, tmp_path, name):
+    if name == "merge_and_unload(safe_merge=True)" and not HAS_SAFE_MERGE:
+        pytest.skip(f"peft {INSTALLED} has no safe_merge")
     report = _verify(built, CORRECT[name](built, tmp_path / "correct"))
     assert (report["exit_code"], report["problems"]) == (0, []), name
     weights = report["verification"]["weights"]
-    if name != "float64 delta rounded, then added" and not _dora(built):
+    if EXACT and name != "float64 delta rounded, then added" and not _dora(built):
         assert weights["tolerance_only"] == 0, weights  # a known arithmetic: every tensor exact
 
 

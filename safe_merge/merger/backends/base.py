@@ -15,6 +15,11 @@ from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.merger.job import Job
 from safe_merge.verifier.verdict import Verification
 
+WEIGHT_CHECKS = (
+    "weights: every merged tensor replayed bit for bit (merge_and_unload(), safe_merge=True, float64 rounded once), "
+    "else against the float64 merge within its tolerance, with a test for a systematic lean"
+)
+
 
 class Backend(Protocol):
     name: ClassVar[str]  # what --backend calls it, and the report's "backend"

@@ -15,6 +15,7 @@ from safe_merge.compat.history import History
 from safe_merge.compat.keys import targeted_modules
 from safe_merge.io import loading
 from safe_merge.io.model_dir import DEFAULT_SHARD_SIZE, write_model
+from safe_merge.merger.backends.base import WEIGHT_CHECKS
 from safe_merge.merger.job import Job
 from safe_merge.merger.tying import record_broken_ties, untie_replicated_layers, untie_targets
 from safe_merge.verifier.replication import expected_config_changes, layer_sources
@@ -117,7 +118,7 @@ class PeftBackend:
         return {"bytes": peak, "float64_noise_twin": bool(twin)}
 
     def checks(self) -> list[str]:
-        return ["weights: every parameter against the float64 merge"]
+        return [WEIGHT_CHECKS]
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -54,7 +54,7 @@ def merge_weight(
     ``rounding``'s path rounds (compat/rounding.py)."""
     if lora.magnitude is not None:
         return _dora(weight, delta(lora, factor_dtype), lora, factor_dtype)
-    first = facts.rounds_delta_first(installed_peft(), lora.rounds_like or lora.kind, rounding)
+    first = facts.rounds_delta_first(installed_peft(), (lora.rounds_like or lora.kind).value, rounding)
     return _plain(weight, lora, factor_dtype, block_bytes, buffers or Buffers(), first)
 
 

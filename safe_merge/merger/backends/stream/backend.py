@@ -11,6 +11,7 @@ from packaging.version import Version
 
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.history import History
+from safe_merge.merger.backends.base import WEIGHT_CHECKS
 from safe_merge.merger.backends.stream import verify as stream_verify
 from safe_merge.merger.backends.stream import write as stream_write
 from safe_merge.merger.backends.stream.layout import might_tie, vocab_rows
@@ -91,7 +92,7 @@ class StreamBackend:
         }
 
     def checks(self) -> list[str]:
-        return ["weights: every parameter against the float64 merge"]
+        return [WEIGHT_CHECKS]
 
 
 def blockers(job: Job, view: stream_write.StreamMerge | None) -> list[str]:

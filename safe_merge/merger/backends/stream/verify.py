@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from safe_merge.io.checkpoint import Checkpoint
-from safe_merge.merger.backends.stream.layout import BaseView
+from safe_merge.merger.backends.stream.layout import BaseView, vocab_rows
 from safe_merge.merger.backends.stream.write import StreamMerge
-from safe_merge.verifier.accounting import accounting_problems, changed_by, ties_problems
-from safe_merge.verifier.checkpoint_files import file_problems
+from safe_merge.verifier.accounting import accounting_problems, factor_paths, ties_problems
+from safe_merge.verifier.checkpoint_files import file_problems, index_problems, tokenizer_changes
 from safe_merge.verifier.delta import LayerKind, ModuleLora, merged_weight
 from safe_merge.verifier.diagnosis import diagnose
 from safe_merge.verifier.outputs import OutputCheck, available_memory
@@ -71,7 +71,8 @@ def check_tensor(prep: StreamMerge, base: BaseView, name: str, start: torch.Tens
     if plain and start is not None:
         if tuple(got.shape) != tuple(start.shape):
             return mismatched(name, tuple(got.shape), tuple(start.shape))
-        label = exact_match(got, start, lora)
+        stored_dtype = prep.checkpoint.tensors[base.source(name)].dtype
+        label = exact_match(got, start, lora, stored=(lambda: base[name]) if stored_dtype != got.dtype else None)
         if label:
             return exact_result(name, label, got, start, lambda: _exact_change(lora, start))
         checked = compare_blocks(name, _linear_blocks(lora, start, got))
@@ -95,18 +96,55 @@ def verify(
     adapter_dir: Path,
     output_check: str,
     checks: TensorChecks | None = None,
+    tokenizer_from: Path | None = None,
 ) -> Verification:
     """The written checkpoint against the base and the adapter; ``checks`` holds the tensors already checked while
-    they were written."""
+    they were written. A directory without config.json (bare safetensors) gets the weight checks only."""
     written = Checkpoint(stage)
     base = BaseView(prep.checkpoint, prep.layout)
     weights = check_weights(prep, base, written, checks)
-    changed = changed_by(prep.adapter_tensors, prep.checkpoint.tensors)
     compared = {t.name for t in weights.tensors}
     weights.failures += accounting_problems(prep.adapter_tensors, prep.ledger, prep.checkpoint.tensors, compared)
-    weights.failures += ties_problems(tied_by_config(stage) or [], changed)
+    if not (stage / "config.json").is_file():
+        reason = "the merged directory has no config.json (bare safetensors): its weights were checked, not its outputs"
+        outputs = OutputCheck(False, reason=reason, optional=True)
+        files = tokenizer_changes(base_dir, tokenizer_from or adapter_dir, stage) + index_problems(stage)
+        return Verification(prep.ledger, weights, outputs, config=files)
+    paths = factor_paths(prep.adapter_tensors)
+    tieable = set(vocab_rows(prep.checkpoint, prep.config))
+    if any(p in tieable or p not in prep.checkpoint.tensors for p in paths.values()):  # only embeddings tie
+        weights.failures += ties_problems(tied_by_config(stage) or [], paths)
     outputs = _outputs(prep, stage, base_dir, adapter_dir, output_check, written.total_bytes())
-    return Verification(prep.ledger, weights, outputs, config=file_problems(base_dir, adapter_dir, stage))
+    files = file_problems(base_dir, tokenizer_from or adapter_dir, stage)
+    return Verification(prep.ledger, weights, outputs, config=files)
+
+
+def verify_checkpoint(
+    base_dir: Path, adapter_dir: Path, merged_dir: Path, tokenizer_from: Path, output_check: str = "auto"
+) -> Verification | list[str]:
+    """`safe-merge verify` one tensor at a time, as the stream backend checks what it writes: the base and the
+    merged checkpoint are read tensor by tensor, never loaded as models (the output check loads them when it
+    runs). Returns why not instead where the stream backend could not have read this base and adapter, or the
+    merged checkpoint does not hold the tensors the base does (the caller then loads the models)."""
+    from safe_merge.compat.adapter_files import load_adapter
+    from safe_merge.io import loading
+    from safe_merge.merger.backends.stream.backend import StreamBackend
+    from safe_merge.merger.job import Job
+    from safe_merge.merger.request import MergeRequest
+
+    dtype = str(loading.stored_dtype(merged_dir)).removeprefix("torch.")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        return [f"the merged checkpoint is stored in {dtype}"]
+    request = MergeRequest(str(base_dir), (str(adapter_dir),), merged_dir / "unused", dtype=dtype)
+    offered = StreamBackend.offer(Job(request), load_adapter(adapter_dir, mapped=True))
+    if isinstance(offered, list):
+        return offered
+    prep = offered.view
+    expected = set(prep.checkpoint.tensors) | ({prep.layout.tied[0]} if prep.untie else set())
+    names = set(Checkpoint(merged_dir).tensors)
+    if names != expected:
+        return ["the merged checkpoint does not hold the tensors the base does (the model-loading check names them)"]
+    return verify(prep, merged_dir, base_dir, adapter_dir, output_check, tokenizer_from=tokenizer_from)
 
 
 def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks: TensorChecks | None = None):
