@@ -7,6 +7,7 @@ releases) come from matrix/matrix.toml; `python3 -m nox -l` lists them all.
 - matrix(peft, transformers): the whole suite in one cell; `-t smoke` (in CI) or `-t full` picks a tier.
 - demo: `safe-merge demo`, offline.
 - bench: the stream backend against the PEFT path on 1.1B- and 4.4B-parameter models (figures, not a test).
+- bench-verify: `safe-merge verify` beside deltalint on 160M and 1.1B models (figures, not a test).
 - regress: `safe-merge check` of a fingerprint in every cell of a tier, as a table.
 - fixtures(cell): regenerate tests/fixtures/peft-<release>/ with that real release.
 - history: re-derive history.json's first releases from every PEFT wheel on the index (downloads; not in CI).
@@ -127,6 +128,19 @@ def bench(session: nox.Session) -> None:
     install_project(session, MATRIX["current"])
     cache = ROOT / ".nox" / "bench-models"
     session.run("python", "bench/stream.py", str(cache), *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session(name="bench-verify")
+def bench_verify(session: nox.Session) -> None:
+    """`safe-merge verify` beside deltalint (a peer that checks weights only; installed here from PyPI) on a 160M
+    and the 1.1B bfloat16 Llama (cached in .nox/bench-models): wall seconds, peak RSS, the ratio, and the exact
+    tier's counts. `-- --skip-large` skips the 1.1B model."""
+    install_project(session, MATRIX["current"])
+    constraints = Path(session.create_tmp()) / "constraints.txt"
+    session.install(*find_links(), "-c", str(constraints), "deltalint")
+    cache = ROOT / ".nox" / "bench-models"
+    args = [str(cache), "--deltalint", "python", *session.posargs]
+    session.run("python", "bench/verify.py", *args, env={"HF_HUB_OFFLINE": "1"})
 
 
 FIXTURE_CELLS = MATRIX.get("fixtures", [])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from safetensors import safe_open
 
 from safe_merge.cli import main
@@ -17,7 +18,7 @@ from safe_merge.io.shards import ShardWriter, Slot
 from safe_merge.merger.backends.stream import arith
 from safe_merge.verifier.delta import LayerKind, ModuleLora
 from tests.helpers import materialize
-from tests.release import INSTALLED, requires_release
+from tests.release import HISTORY, INSTALLED, requires_release
 from tests.strategies import FEATURES, TINY, Case, build_base
 
 pytestmark = requires_release("stream_backend_matches")
@@ -196,11 +197,17 @@ def test_stream_output_is_the_bits_of_the_peft_call_its_rounding_names(tmp_path,
     assert merge_command(request)["status"] == "passed"
     written = _tensors(out)
     torch_dtype = getattr(torch, dtype)
+    # the paths differ where the release rounds one delta first and not the other, on float32 factors
+    paths_differ = rounds_delta_first(INSTALLED, "linear", "default") != rounds_delta_first(
+        INSTALLED, "linear", "peft-safe"
+    ) and HISTORY.boundary("adapter_float32_in_half_models") <= Version(INSTALLED)
     for safe in (False, True):
+        if safe and HISTORY.affected("safe_merge_copy_crashes", INSTALLED):
+            continue  # this release's safe_merge crashes on the embedding; its rounding is the default's here
         peft_model = loading.load_peft(loading.load_model(base, torch_dtype), adapter)
         merged = peft_model.merge_and_unload(safe_merge=safe).state_dict()
         differ = sorted(name for name in written if not torch.equal(written[name], merged[name]))
-        if safe == (rounding == "peft-safe"):
+        if safe == (rounding == "peft-safe") or not paths_differ:
             assert not differ, differ
         else:
             assert differ, "the two PEFT paths should round differently in half precision"

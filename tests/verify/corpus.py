@@ -134,7 +134,7 @@ def json_edit(dest: Path, file: str, change: Callable[[dict], None]) -> None:
 
 def _peft(built: Built, dest: Path, safe: bool) -> Path:
     model = loading.load_peft(loading.load_model(built.base, built.dtype), built.adapter)
-    state = model.merge_and_unload(safe_merge=safe).state_dict()
+    state = (model.merge_and_unload(safe_merge=True) if safe else model.merge_and_unload()).state_dict()
     return weights(built, dest, lambda name: state[name].clone())
 
 
