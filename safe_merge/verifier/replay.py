@@ -67,8 +67,8 @@ def arithmetics(
             for label, origin in origins:
                 yield label, lambda o=origin: merged_bias(o().to(torch.float64), lora.widened()).to(start.dtype)
         return
-    if lora.magnitude is not None or lora.kind not in _REPLAYED:
-        return  # DoRA, convolutions and expert stacks: the tolerance tier alone
+    if lora.kind not in _REPLAYED or (lora.magnitude is not None and lora.kind is LayerKind.EMBEDDING):
+        return  # convolutions, expert stacks, DoRA on embeddings: the tolerance tier alone
     release = installed_peft()
     delta: list[torch.Tensor] = []
 
@@ -76,6 +76,12 @@ def arithmetics(
         if not delta:
             delta.append(_peft_delta(lora, release))
         return delta[0]
+
+    if lora.magnitude is not None:
+        yield "merge_and_unload() (DoRA)", lambda: _peft_dora(start, peft_delta(), lora)
+        for label, origin in origins:
+            yield label, lambda o=origin: merged_weight(o().to(torch.float64), lora.widened()).to(start.dtype)
+        return
 
     seen: set[bool] = set()
     for path, label in rounding.ROUNDINGS.items():
@@ -127,6 +133,17 @@ def _peft_add(start: torch.Tensor, delta: torch.Tensor, first: bool) -> torch.Te
     merged = start.clone()
     merged += delta  # in the wider dtype, rounded once into the weight's
     return merged
+
+
+def _peft_dora(start: torch.Tensor, delta: torch.Tensor, lora: ModuleLora) -> torch.Tensor:
+    """DoRA's merge: W + ΔW rescaled per output feature by m / ‖W + ΔW‖, the norm taken over the weight laid out
+    [out, in] and computed in the delta's precision, the product rounded once into the weight's dtype."""
+    assert lora.magnitude is not None
+    fifo = lora.kind is LayerKind.LINEAR_FIFO
+    combined = (start.T if fifo else start) + (delta.T if fifo else delta)
+    norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
+    factor = (lora.magnitude.to(lora.compute_dtype) / norm).view(-1, 1)
+    return ((factor.T if fifo else factor) * (start + delta)).to(start.dtype)
 
 
 def _peft_bias(start: torch.Tensor, lora: ModuleLora) -> torch.Tensor:

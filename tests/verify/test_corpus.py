@@ -32,8 +32,9 @@ EXACT = HISTORY.boundary("stream_backend_matches") <= Version(INSTALLED)
 HAS_SAFE_MERGE = "safe_merge" in inspect.signature(peft.tuners.lora.LoraModel.merge_and_unload).parameters
 # Measured misses, kept visible: each must still be missed (strict), so a fix shows up here.
 KNOWN_MISSES = {
-    ("llama_dora", "bfloat16", "one tensor at 1.02"): "DoRA is not replayed exactly; the lean of one bfloat16 "
-    "tensor among six reaches z = 5.9, under the limit of 6",
+    ("llama_dora", "bfloat16", "one tensor at 1.02"): "the lean of that one bfloat16 tensor reaches z = 5.9, "
+    "under the limit of 6: the smallest scale error it could show is 1.9 %, and DoRA's normalisation absorbs part "
+    "of the 2 %",
 }
 
 
@@ -54,7 +55,7 @@ def test_a_correct_merge_passes_whichever_arithmetic_wrote_it(built, tmp_path, n
     report = _verify(built, CORRECT[name](built, tmp_path / "correct"))
     assert (report["exit_code"], report["problems"]) == (0, []), name
     weights = report["verification"]["weights"]
-    if EXACT and name != "float64 delta rounded, then added" and not _dora(built):
+    if EXACT and name != "float64 delta rounded, then added":
         assert weights["tolerance_only"] == 0, weights  # a known arithmetic: every tensor exact
 
 
