@@ -82,13 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream: tensor by tensor, memory bounded by the largest tensor; peft: load the model and "
         "merge_and_unload; auto (default): the first backend that handles every part of the merge",
     )
-    merge.add_argument(
-        "--check-outputs",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="stream backend: compare the merged model's outputs with the unmerged model's when both fit in "
-        "free memory (auto), always, or never; the PEFT backend always does",
-    )
+    _check_outputs(merge, "stream backend: ", "; the PEFT backend always does")
     merge.add_argument(
         "--rounding",
         choices=("default", "peft-safe"),
@@ -129,15 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--json", action="store_true", help="print the JSON report on stdout")
 
     verify = _command(sub, "verify", "check a merged checkpoint against its base and adapter")
-    verify.add_argument("base", metavar="[BASE]", help="the base model (omit it: the base the adapter names)")
-    verify.add_argument("rest", nargs="+", metavar="ADAPTER MERGED", help="the adapter, then the merged model")
     verify.add_argument(
-        "--check-outputs",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="compare the merged model's outputs with the unmerged model's when both fit in free memory (auto), "
-        "always, or never; the weight checks stand alone",
+        "models",
+        nargs="+",
+        metavar="[BASE] ADAPTER MERGED",
+        help="the base model, the adapter, the merged model; without BASE, the base the adapter names",
     )
+    _check_outputs(verify, "", "; the weight checks stand alone")
     verify.add_argument("--json", action="store_true")
 
     inspect = _command(sub, "inspect", "origin release, features, and how each key fares in a target release")
@@ -201,11 +193,21 @@ def cmd_merge(args) -> dict:
 def cmd_verify(args) -> dict:
     from safe_merge.errors import BadInput
 
-    if len(args.rest) not in (1, 2):
+    if len(args.models) not in (2, 3):
         raise BadInput("verify takes [BASE] ADAPTER MERGED (one adapter in this release)")
-    if len(args.rest) == 1:  # ADAPTER MERGED: the base the adapter names
-        return api.verify(None, args.base, args.rest[0], check_outputs=args.check_outputs)
-    return api.verify(args.base, args.rest[0], args.rest[1], check_outputs=args.check_outputs)
+    base = args.models[0] if len(args.models) == 3 else None  # without it, the base the adapter names
+    return api.verify(base, *args.models[-2:], check_outputs=args.check_outputs)
+
+
+def _check_outputs(parser: argparse.ArgumentParser, before: str, after: str) -> None:
+    """--check-outputs, as merge and verify both take it."""
+    parser.add_argument(
+        "--check-outputs",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help=f"{before}compare the merged model's outputs with the unmerged model's when both fit in free memory "
+        f"(auto), always, or never{after}",
+    )
 
 
 def cmd_demo(args) -> dict:
