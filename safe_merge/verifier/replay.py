@@ -44,8 +44,8 @@ def exact_match(
         return SAVED if torch.equal(copy.to(got.dtype), got) else None
     if lora is None or tuple(got.shape) != tuple(start.shape):
         return None
-    for label, make in arithmetics(start, lora, leaf, stored):
-        if make.matches(got) if isinstance(make, _Blocks) else torch.equal(make(), got):
+    for label, replay in arithmetics(start, lora, leaf, stored):
+        if replay.matches(got):
             return label
     return None
 
@@ -55,17 +55,21 @@ def arithmetics(
     lora: ModuleLora,
     leaf: str = "weight",
     stored: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+) -> Iterator[tuple[str, _Whole | _Blocks]]:
     """(name, replay) for every correct arithmetic known for this tensor, cheapest first; each replay is
-    computed only when asked for."""
+    computed only when it is compared."""
     origins = [(FLOAT64, lambda: start)]
     if stored is not None:
         origins.append((f"{FLOAT64} from the base as stored", stored if callable(stored) else lambda: stored))
+    exact = merged_bias if leaf == "bias" else merged_weight
+    float64 = [
+        (label, _Whole(lambda o=origin: exact(o().to(torch.float64), lora.widened()).to(start.dtype)))
+        for label, origin in origins
+    ]
     if leaf == "bias":
         if lora.bias is not None:
-            yield "PEFT's merge", lambda: _peft_bias(start, lora)
-            for label, origin in origins:
-                yield label, lambda o=origin: merged_bias(o().to(torch.float64), lora.widened()).to(start.dtype)
+            yield "PEFT's merge", _Whole(lambda: _peft_bias(start, lora))
+            yield from float64
         return
     if lora.kind not in _REPLAYED or (lora.magnitude is not None and lora.kind is LayerKind.EMBEDDING):
         return  # convolutions, expert stacks, DoRA on embeddings: the tolerance tier alone
@@ -78,19 +82,25 @@ def arithmetics(
         return delta[0]
 
     if lora.magnitude is not None:
-        yield "merge_and_unload() (DoRA)", lambda: _peft_dora(start, peft_delta(), lora)
-        for label, origin in origins:
-            yield label, lambda o=origin: merged_weight(o().to(torch.float64), lora.widened()).to(start.dtype)
-        return
+        yield "merge_and_unload() (DoRA)", _Whole(lambda: _peft_dora(start, peft_delta(), lora))
+    else:
+        seen: set[bool] = set()
+        for path, label in rounding.ROUNDINGS.items():
+            first = rounding.rounds_delta_first(release, (lora.rounds_like or lora.kind).value, path)
+            if first not in seen:  # the paths that round alike for this release and kind are one arithmetic
+                seen.add(first)
+                yield label, _Blocks(start, peft_delta, first)
+    yield from float64
 
-    seen: set[bool] = set()
-    for path, label in rounding.ROUNDINGS.items():
-        first = rounding.rounds_delta_first(release, (lora.rounds_like or lora.kind).value, path)
-        if first not in seen:  # the paths that round alike for this release and kind are one arithmetic
-            seen.add(first)
-            yield label, _Blocks(start, peft_delta, first)
-    for label, origin in origins:
-        yield label, lambda o=origin: merged_weight(o().to(torch.float64), lora.widened()).to(start.dtype)
+
+class _Whole:
+    """A replay computed whole, then compared."""
+
+    def __init__(self, make: Callable[[], torch.Tensor]):
+        self.make = make
+
+    def matches(self, got: torch.Tensor) -> bool:
+        return torch.equal(self.make(), got)
 
 
 class _Blocks:
