@@ -82,6 +82,7 @@ class History:
         boundaries: dict | None = None,
         combination_types: dict | None = None,
         base_rewriting_keys: dict | None = None,
+        merge_rounding: dict | None = None,
     ):
         self.entries = entries
         self.oldest = oldest  # the releases the table was derived from
@@ -90,6 +91,7 @@ class History:
         self.boundaries = boundaries or {}  # format changes without a key: name → {first, note}
         self.combination_types = combination_types or {}  # add_weighted_adapter type → first release
         self.base_rewriting_keys = base_rewriting_keys or {}  # config key → how its value rewrites the base at load
+        self.merge_rounding = merge_rounding or {}  # path → layer kind → window where the delta is rounded first
 
     def boundary(self, name: str) -> Version:
         return Version(self.boundaries[name]["first"])
@@ -108,8 +110,11 @@ class History:
         init_values = data.get("init_lora_weights_values", {}).get("values", {})
         combinations = {k: v for k, v in data.get("combination_types", {}).items() if k != "about"}
         rewriting = data.get("base_rewriting_keys", {}).get("keys", {})
+        rounding = {k: v for k, v in data.get("merge_rounding", {}).items() if k != "about"}
         covers = data["covers"]
-        return cls(entries, covers["oldest"], covers["newest"], init_values, boundaries, combinations, rewriting)
+        return cls(
+            entries, covers["oldest"], covers["newest"], init_values, boundaries, combinations, rewriting, rounding
+        )
 
     def combination_first(self, combination: str) -> Version | None:
         """The first release whose add_weighted_adapter accepts this combination type (None: no release does)."""

@@ -19,12 +19,11 @@ In float32 both paths give the same bits; in bfloat16 and float16 they differ in
 from __future__ import annotations
 
 import functools
-import json
 
 import torch
 from packaging.version import Version
 
-from safe_merge.compat.history import TABLE, History
+from safe_merge.compat.history import History
 
 ROUNDINGS = {
     "default": "merge_and_unload()",
@@ -39,17 +38,12 @@ def rounds_delta_first(release: str, kind: str, rounding: str) -> bool:
     verifier's LayerKind values spell it (linear, embedding, conv, experts, ...)."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
-    windows = _table()[rounding]
+    windows = History.load().merge_rounding[rounding]
     window = windows.get(kind) or windows.get("*")
     if window is None:
         return False
     at = Version(release)
     return Version(window["first"]) <= at < Version(window.get("until", "9999"))
-
-
-@functools.cache
-def _table() -> dict:
-    return json.loads(TABLE.read_text(encoding="utf-8"))["merge_rounding"]
 
 
 @functools.cache

@@ -140,9 +140,7 @@ def verify_checkpoint(
     if isinstance(offered, list):
         return offered
     prep = offered.view
-    expected = set(prep.checkpoint.tensors) | ({prep.layout.tied[0]} if prep.untie else set())
-    names = set(Checkpoint(merged_dir).tensors)
-    if names != expected:
+    if set(Checkpoint(merged_dir).tensors) != prep.written_names():
         return ["the merged checkpoint does not hold the tensors the base does (the model-loading check names them)"]
     return verify(prep, merged_dir, base_dir, adapter_dir, output_check, tokenizer_from=tokenizer_from)
 
@@ -156,7 +154,7 @@ def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks
         "element, plus r*eps*|s|*sum_k|B_ik|*max|A| per row for plain Linear weights (r*eps32*|s||B||A| elsewhere)"
     )
     seen = checks.seen if checks is not None else set()
-    expected = set(prep.checkpoint.tensors) | ({prep.layout.tied[0]} if prep.untie else set())
+    expected = prep.written_names()
     missing = sorted(expected - set(written.tensors))
     if missing:
         check.failures.insert(0, f"missing from the merged checkpoint: {', '.join(missing[:5])}")

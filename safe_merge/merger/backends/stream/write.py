@@ -59,6 +59,10 @@ class StreamMerge:
         """A tied pair one side of which the adapter changes is written as two tensors."""
         return self.layout.tied is not None and bool(set(self.layout.tied) & self.touched)
 
+    def written_names(self) -> set[str]:
+        """Every tensor the merged checkpoint holds: the base's, and an untied output embedding."""
+        return set(self.checkpoint.tensors) | ({self.layout.tied[0]} if self.untie else set())
+
     def output_names(self) -> dict[str, list[str]]:
         """Output tensors per base shard file name, in the base's order (an untied output embedding follows the
         tensor it shared)."""
