@@ -70,6 +70,7 @@ def verify(base: str | Path | None, adapter: str | Path, merged: str | Path, *, 
     A merged directory without config.json (bare safetensors) gets the weight checks only, and says so."""
     import tempfile
 
+    from safe_merge.compat.pairs import declared_warnings
     from safe_merge.io import loading
     from safe_merge.io.checkpoint import shard_files
     from safe_merge.merger.backends.stream.verify import verify_checkpoint
@@ -106,6 +107,7 @@ def verify(base: str | Path | None, adapter: str | Path, merged: str | Path, *, 
     base_info = {"path": str(base_dir), "class": loading.class_name(config)}
     report = {**result.report(), "versions": loading.versions(), "merged": str(merged_dir), "base": base_info}
     report["weights_read"] = how
+    report["warnings"] = declared_warnings() + report.get("warnings", [])
     report["adapter_migrations"] = source.plan.steps
     report["seconds"] = round(time.monotonic() - started, 3)
     report["exit_code"] = result.exit_code
@@ -187,6 +189,14 @@ def check(fingerprint: str | Path, *, base: str | Path | None = None, adapter: s
     return fingerprints.check(
         Path(fingerprint), None if base is None else str(base), None if adapter is None else str(adapter)
     )
+
+
+def env() -> dict:
+    """The installed versions, what the history table knows of them, known bugs and what PEFT and transformers
+    declare unmet here (status ok or attention; exit_code 0)."""
+    from safe_merge.doctor import environment
+
+    return environment()
 
 
 def _release(release: str) -> str:

@@ -36,6 +36,7 @@ EXAMPLES = {
     "fingerprint": ["safe-merge fingerprint ./base ./adapter -o adapter.fp.json"],
     "check": ["safe-merge check adapter.fp.json            # after an upgrade: exit 0, or 1 naming what moved"],
     "demo": ["safe-merge demo -o ./demo                    # offline: a tiny model, an adapter, a verified merge"],
+    "env": ["safe-merge env                              # versions, known bugs, what the libraries declare"],
 }
 
 
@@ -164,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--out", type=Path, help="keep the demo's files here (default: a temp dir)")
     demo.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
     demo.add_argument("--json", action="store_true")
+
+    env = _command(
+        sub, "env", "installed versions, what the history table knows of them, known bugs and declared conflicts"
+    )
+    env.add_argument("--json", action="store_true")
     return parser
 
 
@@ -224,6 +230,7 @@ HANDLERS = {
     "fingerprint": lambda args: api.fingerprint(args.base, args.adapter, args.out, force=args.force),
     "check": lambda args: api.check(args.fingerprint, base=args.base, adapter=args.adapter),
     "demo": cmd_demo,
+    "env": lambda args: api.env(),
 }
 
 

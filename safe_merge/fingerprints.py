@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from safe_merge.compat import pairs
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.compat.plan import write_state
 from safe_merge.errors import EXIT_FAILED, EXIT_OK, BadInput, Unsupported
@@ -308,6 +309,7 @@ def check(path: Path, base: str | None = None, adapter: str | None = None) -> di
         changed = sorted(k for k, v in file_hashes(directory).items() if entry["files"].get(k) != v)
         if changed:
             c.notes.append(f"{what} files differ from the recorded ones: {', '.join(changed[:5])}")
+    c.notes += pairs.declared_warnings()
     status = "failed" if c.problems else "passed"
     report.update(
         status=status,

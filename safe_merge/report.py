@@ -25,7 +25,9 @@ def summarize(command: str, report: dict) -> str:
         f"safe-merge {command}: {str(report.get('status')).upper()}  (exit {report.get('exit_code', '?')}"
         + (f", {report['seconds']:.1f} s)" if "seconds" in report else ")")
     ]
-    sections = (_regression_lines,) if command in ("fingerprint", "check") else SECTIONS
+    sections = (
+        (_regression_lines,) if command in ("fingerprint", "check") else (_env_lines,) if command == "env" else SECTIONS
+    )
     for section in sections:
         lines += section(command, report)
     return "\n".join(lines)
@@ -191,6 +193,8 @@ def _outcome_lines(command: str, report: dict) -> list[str]:
         )
         for check in report.get("checks", []):
             lines.append(f"  check     {check}")
+        for warning in report.get("warnings", []):
+            lines.append(f"  warning   {warning}")
         lines.append("  written   nothing (--plan)")
         return lines
     output = report.get("output")
@@ -237,6 +241,22 @@ def _regression_lines(command: str, report: dict) -> list[str]:
         lines.append(f"  MOVED     {problem}")
     for note in report.get("notes", []):
         lines.append(f"  note      {note}")
+    return lines
+
+
+def _env_lines(command: str, report: dict) -> list[str]:
+    """env: the versions, what the history table knows, then what needs attention."""
+    versions = report.get("versions") or {}
+    lines = ["  " + ", ".join(f"{k} {v}" for k, v in versions.items() if v)]
+    history = report.get("history") or {}
+    known = "known to" if history.get("installed_peft_known") else "OUTSIDE"
+    lines.append(
+        f"  history   PEFT {versions.get('peft')} {known} the history table ({history.get('oldest')} to "
+        f"{history.get('newest')}; {history.get('config_keys', 0)} config keys)"
+    )
+    lines.append(f"  import    peft: {report.get('peft_imports')}")
+    for item in report.get("attention", []):
+        lines.append(f"  ATTENTION {item}")
     return lines
 
 

@@ -101,6 +101,14 @@ class History:
         window = self.boundaries[name]
         return Version(window["first"]) <= Version(str(release)) < Version(window["until"])
 
+    def bugs_in(self, release: str | Version) -> list[dict]:
+        """The known-bug windows (boundaries with an ``until``: the release that fixed it) a release lies in."""
+        return [
+            {"name": name, "first": window["first"], "fixed_in": window["until"], "note": window.get("note", "")}
+            for name, window in self.boundaries.items()
+            if "until" in window and self.affected(name, release)
+        ]
+
     @classmethod
     @cache
     def load(cls, path: Path = TABLE) -> History:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from safe_merge.compat import pairs
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.errors import BadInput
 from safe_merge.io import loading, staging
@@ -108,7 +109,7 @@ def _merge_and_publish(job: Job, adapter_dir: Path, notes: list[str], check: Com
             report[key] = body[key]
         if job.combination is not None:
             report["combination"] = {**job.combination.report(), "combined_rank": _rank(adapter)}
-        report["warnings"] = notes + backend.notes + body["warnings"] + caught
+        report["warnings"] = pairs.declared_warnings() + notes + backend.notes + body["warnings"] + caught
         report["output"]["files"] = files
         if verification.status != PASSED:
             report["output"] = {"path": None, "files": [], "not_written": f"verification {verification.status}"}
@@ -191,6 +192,7 @@ def plan(job: Job) -> dict:
             f"outputs against the unmerged PeftModel on {', '.join(probes) if probes else 'no probe: a gap'}",
         ],
         "quantization": _quantization(job),
+        "warnings": pairs.declared_warnings(),
         "seconds": round(time.monotonic() - job.started, 3),
         "exit_code": 0,
     }
