@@ -208,6 +208,10 @@ def sweep_stale(parent: Path) -> list[str]:
     host = socket.gethostname()
     for marker in sorted(parent.glob(f".*{TAG}*{OWNER}")):
         entry = marker.with_name(marker.name.removesuffix(OWNER))
+        if _killed_while_marking(marker, entry):
+            marker.unlink(missing_ok=True)
+            notes.append(f"removed {marker}: an empty marker left by a run killed as it made its temporary directory")
+            continue
         try:
             owner = json.loads(marker.read_text(encoding="utf-8"))
             pid, machine = int(owner["pid"]), str(owner["host"])
@@ -228,6 +232,19 @@ def sweep_stale(parent: Path) -> list[str]:
         remove(entry)
         notes.append(f"removed {entry}: left by an interrupted run (pid {pid}), {size / 2**20:.1f} MiB")
     return notes
+
+
+MARKING_SECONDS = 2.0  # a live run writes its marker and makes its directory within microseconds of creating it
+
+
+def _killed_while_marking(marker: Path, entry: Path) -> bool:
+    """A marker still empty, with no directory beside it, seconds after it was made: its run was killed (SIGKILL
+    cannot be deferred) between creating the marker and writing it."""
+    try:
+        info = marker.stat()
+    except OSError:
+        return False
+    return info.st_size == 0 and not entry.exists() and time.time() - info.st_mtime > MARKING_SECONDS
 
 
 def _missing_parents(path: Path) -> list[Path]:

@@ -109,6 +109,17 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_reported(tmp_path):
     assert len(notes) == 2
 
 
+def test_an_empty_marker_of_a_run_killed_as_it_began_is_removed_once_it_is_seconds_old(tmp_path):
+    """SIGKILL between creating the marker and writing it leaves an empty marker and no directory."""
+    marker = tmp_path / f".out{staging.TAG}staging-0123abcd{staging.OWNER}"
+    marker.touch()
+    assert staging.sweep_stale(tmp_path) == [] and marker.exists()  # a run may be writing it this instant
+    old = marker.stat().st_mtime - 2 * staging.MARKING_SECONDS
+    os.utime(marker, (old, old))
+    notes = staging.sweep_stale(tmp_path)
+    assert not marker.exists() and len(notes) == 1 and "empty marker" in notes[0]
+
+
 def test_an_old_output_moved_aside_by_a_killed_publish_is_put_back(tmp_path):
     old = _left_behind(tmp_path, "out", "old", _dead_pid())
     (old / "out").mkdir()
