@@ -10,7 +10,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "safe_merge"
 ORDER = ("errors", "io", "compat", "quant", "verifier", "merger", "top", "cli")
-TOP_LEVEL = {"api": "top", "report": "top", "fingerprints": "top", "demo": "top", "cli": "cli", "__main__": "cli"}
+TOP_LEVEL = {
+    "api": "top",
+    "report": "top",
+    "fingerprints": "top",
+    "demo": "top",
+    "doctor": "top",
+    "cli": "cli",
+    "__main__": "cli",
+}
 
 
 def room(module: str) -> str | None:

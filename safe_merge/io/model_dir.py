@@ -7,9 +7,12 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from safe_merge.errors import BadInput
+from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.io.shards import ShardWriter, Slot, parse_size, plan_shards, write_index
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -25,7 +28,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 DEFAULT_SHARD_SIZE = "5GB"
 
 
@@ -58,15 +60,97 @@ def tokenizer_size(directory: Path) -> int | None:
 
 def write_model(
     model: nn.Module, out: Path, base_dir: Path, adapter_dir: Path, max_shard_size: str = DEFAULT_SHARD_SIZE
+) -> tuple[list[str], list[str]]:
+    """Write ``model`` into ``out`` (an empty staging dir) with the project's shard writer and carry the files a
+    user expects; returns the file names and notes for the report.
+
+    transformers' save_pretrained is not called: it reverts the weight conversions of transformers 5 with reverse
+    operations some releases lack (NotImplementedError), so a release could break a merge that is already done.
+    Tensors are written under the names the base stores; only a tensor the base does not store under its
+    in-memory name goes through transformers' reversal, and where that fails it keeps its in-memory name (the
+    verifier then loads what was written, like any other output)."""
+    state, notes = checkpoint_state(model, set(Checkpoint(base_dir).tensors))
+    slots = [Slot(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()]
+    shards = plan_shards(slots, parse_size(max_shard_size))
+    for file_name, group in shards.items():
+        writer = ShardWriter(out / file_name, group, {"format": "pt"})
+        try:
+            for slot in group:
+                writer.write(slot.name, state[slot.name])
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+    write_index(out, shards)
+    write_configs(model, out)
+    carry_files(out, base_dir, adapter_dir)
+    return sorted(p.name for p in out.iterdir()), notes
+
+
+def write_quantized_model(
+    model: nn.Module, out: Path, base_dir: Path, adapter_dir: Path, max_shard_size: str = DEFAULT_SHARD_SIZE
 ) -> list[str]:
-    """Save ``model`` into ``out`` (an empty staging dir) and carry the files a user expects; returns file names."""
+    """A model kept quantized: its tensors are its quantizer's to serialize (bitsandbytes' quant states, torchao's
+    tensor subclasses), so transformers' save_pretrained writes them; then the files a user expects."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
     carry_files(out, base_dir, adapter_dir)
-    for name in ADAPTER_FILES:  # a standalone model carries no adapter
-        (out / name).unlink(missing_ok=True)
     return sorted(p.name for p in out.iterdir())
+
+
+def checkpoint_state(model: nn.Module, stored: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors a checkpoint of ``model`` holds, by name: its state dict without the keys it asks not to save,
+    one name per shared storage (a tie is written once, under the name the base stores, else the first), and a
+    name the base does not store mapped back through transformers' conversions where it has them."""
+    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    kept: dict[tuple, str] = {}
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name in ignored:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in kept:
+            if name in stored and kept[key] not in stored:  # the base's own name for the shared tensor wins
+                state[name] = state.pop(kept[key])
+                kept[key] = name
+            continue
+        kept[key] = name
+        state[name] = tensor
+    others = {n: t for n, t in state.items() if n not in stored}
+    if not others:
+        return state, []
+    reverted, notes = _revert_conversions(model, others)
+    return {**{n: t for n, t in state.items() if n in stored}, **reverted}, notes
+
+
+def _revert_conversions(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: loading converts nothing, the in-memory names are the checkpoint's
+        return tensors, []
+    try:
+        return dict(revert_weight_conversion(model, dict(tensors))), []
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        return tensors, [
+            f"{len(tensors)} tensors the base does not store under their in-memory names were written under those "
+            f"names: this transformers cannot map them back ({type(exc).__name__}: {first}); the verifier loaded "
+            "them from the output"
+        ]
+
+
+def write_configs(model: nn.Module, out: Path) -> None:
+    """config.json as save_pretrained writes it (the class, the dtype of the weights), and the generation config
+    of a model that generates (the base's own replaces it in carry_files)."""
+    config = model.config
+    dtype = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
+    config.architectures = [type(model).__name__]
+    setattr(config, "dtype" if "dtype" in config.to_dict() else "torch_dtype", dtype.removeprefix("torch."))
+    config.save_pretrained(str(out))
+    can_generate = getattr(model, "can_generate", lambda: False)
+    if can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out))
 
 
 def carry_files(out: Path, base_dir: Path, adapter_dir: Path) -> None:

@@ -129,6 +129,36 @@ class ShardWriter:
             os.close(self._fd)
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def plan_shards(slots: list[Slot], limit: int) -> dict[str, list[Slot]]:
+    """Tensors in order into shards of at most ``limit`` bytes (a larger tensor gets a shard of its own), named
+    as transformers names them: model.safetensors alone, else model-0000i-of-0000n.safetensors."""
+    groups: list[list[Slot]] = [[]]
+    size = 0
+    for slot in slots:
+        if groups[-1] and size + slot.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(slot)
+        size += slot.nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    n = len(groups)
+    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def write_index(out: Path, shards: dict[str, list[Slot]]) -> None:
+    """The shard index (only when there is more than one shard, as transformers writes it)."""
+    if len(shards) < 2:
+        return
+    weight_map = {slot.name: file_name for file_name, slots in shards.items() for slot in slots}
+    total = sum(slot.nbytes for slots in shards.values() for slot in slots)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (Path(out) / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
 def parse_size(text: str) -> int:
     """'5GB' (powers of ten), '500MiB' (powers of two) or a number of bytes."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))

@@ -17,10 +17,9 @@ import json
 from pathlib import Path
 
 from safe_merge.io.model_dir import TOKENIZER_FILES, tokenizer_source
+from safe_merge.io.shards import INDEX
 from safe_merge.io.tensorfile import read_header
 from safe_merge.verifier.config_check import BOOKKEEPING, config_changes, differences
-
-INDEX = "model.safetensors.index.json"
 
 
 def file_problems(base_dir: Path, adapter_dir: Path, merged_dir: Path, expected: dict | None = None) -> list[str]:

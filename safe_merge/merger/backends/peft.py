@@ -1,5 +1,5 @@
 """The PEFT backend: load the base with transformers, PeftModel.from_pretrained, merge_and_unload (feature-detected
-across releases), save_pretrained; then the whole-model verifier on what was written."""
+across releases), written by the project's shard writer; then the whole-model verifier on what was written."""
 
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ class PeftBackend:
     def write(self, stage: Path) -> list[str]:
         assert self.model is not None, "merge() first"
         size = self.job.request.max_shard_size or DEFAULT_SHARD_SIZE
-        files = write_model(self.model, stage, self.job.base_dir, self.adapter.path, size)
+        files, notes = write_model(self.model, stage, self.job.base_dir, self.adapter.path, size)
+        self.notes += notes
         self.model = None  # the verifier loads what was written; the merged model in memory is not needed
         return files
 

@@ -21,15 +21,13 @@ import torch
 from safe_merge.compat.adapter_files import AdapterFiles, return_pages
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.io.model_dir import carry_files
-from safe_merge.io.shards import ShardWriter, Slot, parse_size
+from safe_merge.io.shards import ShardWriter, Slot, parse_size, plan_shards, write_index
 from safe_merge.merger.backends.stream import arith, experts
 from safe_merge.merger.backends.stream.buffers import Buffers
 from safe_merge.merger.backends.stream.layout import BaseView, Layout, LedgerView, infer_layout
 from safe_merge.verifier.layer_kinds import expert_kind
 from safe_merge.verifier.ledger import Ledger, build_ledger
 from safe_merge.verifier.weights import touched_params
-
-INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -129,13 +127,15 @@ def write(
 ) -> Written:
     """Write the merged model into ``out`` (an empty staging directory). ``check`` sees every merged or replaced
     tensor as soon as it is on disk, read back, with the value it started from (so nothing is read twice)."""
-    shards = prep.output_names()
+    declared = {
+        file_name: [Slot(n, prep.out_dtype(n), prep.shape(n)) for n in names]
+        for file_name, names in prep.output_names().items()
+    }
     if max_shard_size is not None:
-        shards = _repack([n for names in shards.values() for n in names], prep, parse_size(max_shard_size))
+        declared = plan_shards([s for slots in declared.values() for s in slots], parse_size(max_shard_size))
     written = Written([])
     base = BaseView(prep.checkpoint, prep.layout)
-    weight_map = {}
-    order = [name for names in shards.values() for name in names]
+    order = [slot.name for slots in declared.values() for slot in slots]
     with ThreadPoolExecutor(max_workers=1) as reader:  # a tensor is read while the one before it is merged
         reads: dict[str, Future] = {}
         submitted = [0]
@@ -148,25 +148,20 @@ def write(
                     reads[name] = reader.submit(_start_value, prep, base, name, role)
 
         position = 0
-        for file_name, names in shards.items():
-            slots = [Slot(n, prep.out_dtype(n), prep.shape(n)) for n in names]
+        for file_name, slots in declared.items():
             writer = ShardWriter(out / file_name, slots, {"format": "pt"})
             try:
                 for slot in slots:
                     prefetch(position)
                     position += 1
                     _emit(prep, writer, slot, written, reads.pop(slot.name, None), check)
-                    weight_map[slot.name] = file_name
             except BaseException:
                 writer.abort()
                 for future in reads.values():
                     future.cancel()
                 raise
             writer.close()
-    if len(shards) > 1:
-        total = sum(Slot(n, prep.out_dtype(n), prep.shape(n)).nbytes for n in weight_map)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_index(out, declared)
     (out / "config.json").write_text(json.dumps(_config(prep), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     carry_files(out, base_dir, adapter_dir)
     if prep.untie:
@@ -258,20 +253,3 @@ def _config(prep: StreamMerge) -> dict:
         if isinstance(config.get("text_config"), dict):
             config["text_config"]["tie_word_embeddings"] = False
     return config
-
-
-def _repack(names: list[str], prep: StreamMerge, limit: int) -> dict[str, list[str]]:
-    """Tensors in order into shards of at most ``limit`` bytes (a larger tensor gets a shard of its own)."""
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        nbytes = Slot(name, prep.out_dtype(name), prep.shape(name)).nbytes
-        if groups[-1] and size + nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    if len(groups) == 1:
-        return {"model.safetensors": groups[0]}
-    n = len(groups)
-    return {f"model-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
