@@ -8,13 +8,39 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from safe_merge.errors import BadInput
+from safe_merge.errors import BadInput, SafeMergeError
 
 
+def _naming_pair_bugs(command: Callable[..., dict]) -> Callable[..., dict]:
+    """An error that is a known bug of the installed PEFT × transformers pair (compat/pair_bugs.json) says so,
+    with the release that fixes it, instead of blaming the user's files."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs) -> dict:
+        try:
+            return command(*args, **kwargs)
+        except SafeMergeError as exc:
+            from safe_merge.compat.pairs import explain, pair_bug_message
+
+            bug = explain(str(exc))
+            if bug is None:
+                raise
+            raise BadInput(
+                f"{pair_bug_message(bug)}. PEFT raised: {bug['symptom']}",
+                path=exc.path,
+                hint=f"install {bug['fixed_in']} or newer (or a transformers outside {bug['transformers']}); "
+                "`safe-merge env` lists the known bugs of the installed pair",
+            ) from exc
+
+    return run
+
+
+@_naming_pair_bugs
 def merge(
     base: str | Path | None,
     adapters: str | Path | Sequence[str | Path],
@@ -61,6 +87,7 @@ def merge(
     return merge_command(request)
 
 
+@_naming_pair_bugs
 def verify(base: str | Path | None, adapter: str | Path, merged: str | Path, *, check_outputs: str = "auto") -> dict:
     """Check a merged checkpoint, whoever wrote it, against its base and adapter (ledger, weights, outputs). The
     adapter is read as `merge` reads it: migrated first where the installed PEFT or transformers needs it.
@@ -155,6 +182,7 @@ def migrate(
     return report
 
 
+@_naming_pair_bugs
 def fingerprint(base: str | Path, adapter: str | Path, out: str | Path, *, force: bool = False) -> dict:
     """Record what the adapter does on its base here (versions, file hashes, tensor manifest, weight changes,
     outputs) into ``out``, to check after an upgrade."""
@@ -182,6 +210,7 @@ def fingerprint(base: str | Path, adapter: str | Path, out: str | Path, *, force
     }
 
 
+@_naming_pair_bugs
 def check(fingerprint: str | Path, *, base: str | Path | None = None, adapter: str | Path | None = None) -> dict:
     """Recompute a fingerprint here: status passed (exit_code 0) when nothing moved, failed (1) naming what did."""
     from safe_merge import fingerprints

@@ -52,6 +52,8 @@ def environment() -> dict:
     declared = pairs.report()
     attention += [d["message"] for d in declared]
     attention += [f"known bug in PEFT {peft}: {b['name']} (fixed in {b['fixed_in']}): {b['note']}" for b in bugs]
+    pair = pairs.pair_bugs()
+    attention += [pairs.pair_bug_message(b) for b in pair]
     return {
         "status": "attention" if attention else "ok",
         "versions": versions,
@@ -60,6 +62,7 @@ def environment() -> dict:
         "history": known,
         "declarations": declared,
         "known_bugs": bugs,
+        "pair_bugs": pair,
         "attention": attention,
         "exit_code": 0,
     }

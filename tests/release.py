@@ -9,6 +9,7 @@ import peft
 import pytest
 from packaging.version import Version
 
+from safe_merge.compat import pairs
 from safe_merge.compat.history import History
 
 INSTALLED = Version(peft.__version__).base_version
@@ -25,6 +26,18 @@ def requires(*keys: str) -> pytest.MarkDecorator:
     missing = [k for k in keys if not has_key(k)]
     reason = ", ".join(f"{k} (first in {HISTORY.entries[k].first})" for k in missing)
     return pytest.mark.skipif(bool(missing), reason=f"peft {INSTALLED} lacks {reason}")
+
+
+def pair_bug(scope: str) -> str | None:
+    """Why the installed PEFT × transformers pair cannot do what ``scope`` names (compat/pair_bugs.json), else
+    None: a test skips naming the bug, and tests/compat/test_pairs.py checks that safe-merge names it too."""
+    bug = next((b for b in pairs.pair_bugs() if b["scope"] == scope), None)
+    return None if bug is None else pairs.pair_bug_message(bug)
+
+
+CONVERTED_AT_LOAD_BUG = pair_bug("converted_at_load")
+# PEFT loading a LoRA onto a model whose weights transformers converts at load (fused MoE expert stacks)
+converted_at_load = pytest.mark.skipif(CONVERTED_AT_LOAD_BUG is not None, reason=str(CONVERTED_AT_LOAD_BUG))
 
 
 def has_combination(combination: str) -> bool:

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from safe_merge.compat.history import History
@@ -29,6 +33,7 @@ ADAPTER_API = (
     "carrying an adapter)"
 )
 DECLARERS = ("peft", "transformers")
+PAIR_BUGS = Path(__file__).with_name("pair_bugs.json")
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,37 @@ def declared_warnings() -> list[str]:
 
 def report() -> list[dict]:
     return [{**asdict(d), "message": d.message()} for d in declarations()]
+
+
+@cache
+def _pair_bug_table() -> dict[str, dict]:
+    return json.loads(PAIR_BUGS.read_text(encoding="utf-8"))["bugs"]
+
+
+def pair_bugs(peft: str | None = None, transformers: str | None = None) -> list[dict]:
+    """The known bugs of a PEFT × transformers pair (default: the installed one), each with its name."""
+    peft = peft or installed_version("peft")
+    transformers = transformers or installed_version("transformers")
+    if not peft or not transformers:
+        return []
+    return [
+        {"name": name, **bug}
+        for name, bug in _pair_bug_table().items()
+        if SpecifierSet(bug["peft"]).contains(_version(peft).base_version, prereleases=True)
+        and SpecifierSet(bug["transformers"]).contains(_version(transformers).base_version, prereleases=True)
+    ]
+
+
+def pair_bug_message(bug: dict) -> str:
+    return (
+        f"known bug of peft {installed_version('peft')} with transformers {installed_version('transformers')} "
+        f"({bug['name']}, fixed in {bug['fixed_in']}): {bug['affects']}"
+    )
+
+
+def explain(error: str) -> dict | None:
+    """The known pair bug an error message shows, on the installed pair (None: none does)."""
+    return next((bug for bug in pair_bugs() if bug["symptom"] in error), None)
 
 
 def _version(text: str | None) -> Version:

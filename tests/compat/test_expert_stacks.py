@@ -17,12 +17,15 @@ from safe_merge.compat.migrations import expert_stacks
 from safe_merge.verifier.probes import main_output, probe_inputs
 from tests.helpers import run_cli, save_model
 from tests.moe import EXPERTS, MODELS, TINY, tiny_moe
-from tests.release import HISTORY, INSTALLED, has_key
+from tests.release import HISTORY, INSTALLED, converted_at_load, has_key
 
-pytestmark = pytest.mark.skipif(
-    not has_key("target_parameters") or not fused_in(Version(transformers.__version__)),
-    reason="needs target_parameters (PEFT 0.17+) and fused expert stacks (transformers 5)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not has_key("target_parameters") or not fused_in(Version(transformers.__version__)),
+        reason="needs target_parameters (PEFT 0.17+) and fused expert stacks (transformers 5)",
+    ),
+    converted_at_load,
+]
 HIDDEN, INTERMEDIATE, RANK = TINY["hidden_size"], MODELS["qwen3_moe"][2]["moe_intermediate_size"], 2
 
 

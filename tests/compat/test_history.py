@@ -36,7 +36,13 @@ def _saved_config(tmp_path: Path, **kwargs) -> dict:
 
 
 def test_table_lists_exactly_the_installed_lora_config_fields():
+    """In the `latest` tier this is what notices a PEFT release adding a config key: it names the key."""
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    unknown = sorted(fields - set(HISTORY.entries))
+    assert not unknown, (
+        f"peft {INSTALLED}'s LoraConfig has keys history.json has no row for: {', '.join(unknown)} "
+        "(run `nox -s history`, which diffs every released wheel, and add the rows it names)"
+    )
     assert HISTORY.keys_in(INSTALLED) == fields
 
 

@@ -16,15 +16,18 @@ from safetensors.torch import load_file, save_file
 from safe_merge.compat.expert_stacks import fused_in
 from safe_merge.compat.migrations import lora_b_layout
 from tests.helpers import FIXTURES, merge_refused, run_cli
-from tests.release import has_key
+from tests.release import converted_at_load, has_key
 
 FIXTURE = FIXTURES / "moe-peft-0.18.1"
 EXPERTS = 4
 
-pytestmark = pytest.mark.skipif(
-    not has_key("target_parameters") or not fused_in(Version(transformers.__version__)),
-    reason="needs target_parameters (PEFT 0.17+) and fused expert stacks (transformers 5)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not has_key("target_parameters") or not fused_in(Version(transformers.__version__)),
+        reason="needs target_parameters (PEFT 0.17+) and fused expert stacks (transformers 5)",
+    ),
+    converted_at_load,
+]
 
 
 def _marked(tmp_path, layout: str):

@@ -12,6 +12,7 @@ import safe_merge
 from safe_merge.compat import pairs
 from safe_merge.compat.history import History
 from tests.helpers import materialize
+from tests.release import CONVERTED_AT_LOAD_BUG
 from tests.strategies import TINY, Case
 
 
@@ -123,3 +124,30 @@ def test_on_a_pair_transformers_refuses_its_adapter_api_refuses_and_safe_merge_m
         report = safe_merge.merge(base, [adapter], tmp_path / backend, backend=backend)
         assert report["status"] == "passed", report.get("problems")
         assert declared.message() in report["warnings"]
+
+
+def test_a_pair_bug_covers_its_ranges_and_stops_at_the_fix():
+    assert [b["name"] for b in pairs.pair_bugs("0.19.1", "5.17.0")] == ["weight_converter_distributed_operation"]
+    assert pairs.pair_bugs("0.20.0", "5.17.0") == []  # the fix
+    assert pairs.pair_bugs("0.19.1", "5.5.4") == []  # WeightConverter still took the keyword there
+
+
+def test_a_known_pair_bug_met_by_a_merge_is_named_with_the_release_that_fixes_it(tmp_path, cli):
+    """On an affected pair (PEFT 0.19.x beside transformers 5.6+): PEFT cannot load a LoRA onto a fused MoE; the
+    merge says which bug, and what to install, rather than blaming the adapter."""
+    if CONVERTED_AT_LOAD_BUG is None:
+        pytest.skip("the installed pair has no known bug loading LoRA onto models converted at load")
+    import copy
+
+    import peft
+
+    from tests.helpers import save_model
+    from tests.moe import tiny_moe
+
+    base = tiny_moe("mixtral", seed=1)
+    save_model(base, tmp_path / "base")
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    save_model(peft.get_peft_model(copy.deepcopy(base), lora), tmp_path / "adapter")
+    code, _, err = cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", "--backend", "peft")
+    assert code == 2 and "weight_converter_distributed_operation" in err and "peft 0.20.0" in err, err
+    assert not (tmp_path / "out").exists()

@@ -13,14 +13,17 @@ from safetensors.torch import load_file
 from safe_merge.compat.expert_stacks import fused_in, taken_as_in_out
 from safe_merge.compat.migrations import stack_layout
 from tests.helpers import FIXTURES, run_cli
-from tests.release import INSTALLED, has_key
+from tests.release import INSTALLED, converted_at_load, has_key
 
 FIXTURE = FIXTURES / "moe-peft-0.18.1"
 
-pytestmark = pytest.mark.skipif(
-    not has_key("target_parameters") or not fused_in(Version(transformers.__version__)),
-    reason="needs target_parameters (PEFT 0.17+) and fused expert stacks (transformers 5)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not has_key("target_parameters") or not fused_in(Version(transformers.__version__)),
+        reason="needs target_parameters (PEFT 0.17+) and fused expert stacks (transformers 5)",
+    ),
+    converted_at_load,
+]
 
 
 @pytest.mark.parametrize("backend", ["peft", "stream"])

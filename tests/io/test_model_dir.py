@@ -20,6 +20,7 @@ from safe_merge.io.model_dir import write_model
 from safe_merge.merger.backends.peft import merge
 from tests.helpers import materialize, save_model
 from tests.moe import fused, tiny_moe
+from tests.release import CONVERTED_AT_LOAD_BUG
 from tests.strategies import TINY, Case
 
 
@@ -78,6 +79,8 @@ def test_a_merge_never_calls_save_pretrained(tmp_path, monkeypatch):
 
 @pytest.fixture
 def mixtral(tmp_path):
+    if CONVERTED_AT_LOAD_BUG:
+        pytest.skip(CONVERTED_AT_LOAD_BUG)
     if not fused("mixtral"):
         pytest.skip("this transformers keeps Mixtral's experts as separate modules: nothing is converted at load")
     base = tiny_moe("mixtral", seed=1)

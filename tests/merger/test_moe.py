@@ -12,11 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers import run_cli, save_model
 from tests.moe import MODELS, fused, tiny_moe
-from tests.release import has_key
+from tests.release import converted_at_load, has_key
 
-pytestmark = pytest.mark.skipif(
-    not has_key("target_parameters"), reason="the installed PEFT has no target_parameters (0.17+)"
-)
+pytestmark = [
+    pytest.mark.skipif(not has_key("target_parameters"), reason="the installed PEFT has no target_parameters (0.17+)"),
+    converted_at_load,
+]
 
 
 @pytest.fixture(params=sorted(MODELS))
