@@ -141,15 +141,24 @@ def _revert_conversions(model: nn.Module, tensors: dict[str, torch.Tensor]) -> t
 
 
 def write_configs(model: nn.Module, out: Path) -> None:
-    """config.json as save_pretrained writes it (the class, the dtype of the weights), and the generation config
-    of a model that generates (the base's own replaces it in carry_files)."""
+    """config.json as save_pretrained writes it in every release: the dtype of the weights, the class, the
+    attention implementation left to the loader (4.4x), generation settings found in the model config moved to the
+    generation config (config.save_pretrained refuses them from 4.41); then the generation config of a model that
+    generates (the base's own replaces it in carry_files)."""
     config = model.config
     dtype = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
-    config.architectures = [type(model).__name__]
     setattr(config, "dtype" if "dtype" in config.to_dict() else "torch_dtype", dtype.removeprefix("torch."))
+    config.architectures = [type(model).__name__]
+    if hasattr(config, "_attn_implementation_autoset"):
+        config._attn_implementation_autoset = False
+    can_generate = getattr(model, "can_generate", lambda: False)() and getattr(model, "generation_config", None)
+    misplaced = getattr(config, "_get_non_default_generation_parameters", dict)()
+    if can_generate and misplaced:
+        for name, value in misplaced.items():
+            setattr(model.generation_config, name, value)
+            setattr(config, name, None)
     config.save_pretrained(str(out))
-    can_generate = getattr(model, "can_generate", lambda: False)
-    if can_generate() and getattr(model, "generation_config", None) is not None:
+    if can_generate:
         model.generation_config.save_pretrained(str(out))
 
 

@@ -31,7 +31,7 @@ def config_changes(base_dir: Path, merged_dir: Path, expected: dict | None = Non
 
 def differences(base: dict, merged: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     out = []
-    for key in sorted(set(base) | set(merged)):
+    for key in sorted(set(base) | set(merged), key=str):  # id2label's keys are ints once loaded
         before, after = base.get(key, _ABSENT), merged.get(key, _ABSENT)
         name = f"{prefix}{key}"
         if key in BOOKKEEPING or before == after or _set_by_merge(key, before, after):
