@@ -8,6 +8,8 @@ releases) come from matrix/matrix.toml; `python3 -m nox -l` lists them all.
 - demo: `safe-merge demo`, offline.
 - bench: the stream backend against the PEFT path on 1.1B- and 4.4B-parameter models (figures, not a test).
 - bench-verify: `safe-merge verify` beside deltalint on 160M and 1.1B models (figures, not a test).
+- latest(pair): the whole suite on the newest PEFT and transformers on the index, each also beside the other's
+  pinned current release (`-t latest`; resolved at run time, printed; LATEST_PRE=1 takes pre-releases too).
 - regress: `safe-merge check` of a fingerprint in every cell of a tier, as a table.
 - fixtures(cell): regenerate tests/fixtures/peft-<release>/ with that real release.
 - history: re-derive history.json's first releases from every PEFT wheel on the index (downloads; not in CI).
@@ -22,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,6 +38,10 @@ MATRIX = nox.project.load_toml(ROOT / "matrix" / "matrix.toml")  # nox reads tom
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["lint", "tests", "crosscheck"]
 nox.options.reuse_existing_virtualenvs = True
+# the suite starts many interpreters (pytest workers, the safe-merge processes tests run): where the environment
+# says not to write bytecode, each of them compiled torch, transformers and PEFT again (measured here: 15.8 s to
+# import them without bytecode, 6.7 s with it); the environments are nox's own, so the first import writes it
+WRITE_BYTECODE: dict[str, str | None] = {"PYTHONDONTWRITEBYTECODE": None}
 
 
 def torch_version() -> str:
@@ -101,7 +108,9 @@ def tests(session: nox.Session) -> None:
     )
     env = {"HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "ci"), "HF_HUB_OFFLINE": "1"}
     env["OMP_NUM_THREADS"] = "1"  # one pytest worker per core (as in matrix below); the figures table gathers them
-    session.run("pytest", "-p", "no:cacheprovider", "-n", "auto", *(session.posargs or ["tests"]), env=env)
+    env.update(WRITE_BYTECODE)
+    args = ["-p", "no:cacheprovider", "-n", "auto", "--dist", "worksteal"]  # worksteal: no idle core at the tail
+    session.run("pytest", *args, *(session.posargs or ["tests"]), env=env)
 
 
 @nox.session
@@ -180,14 +189,111 @@ def matrix(session: nox.Session, peft: str, transformers: str) -> None:
             f"peft {peft} does not import with transformers {transformers}; if that is expected, list the pair "
             "under [[known_bad]] in matrix/matrix.toml with the reason"
         )
+    judge_pair(session, peft, transformers)
+    run_suite(session, cell)
+
+
+def judge_pair(session: nox.Session, peft: str, transformers: str) -> list[dict]:
+    """What the installed PEFT and transformers declare about each other (`safe-merge env`). A requirement one of
+    them declares unmet skips the cell: pip was overruled, the pair is not one anybody installs. transformers'
+    MIN_PEFT_VERSION gates only its own adapter API, which safe-merge does not call: the suite runs, and the
+    declaration is printed (and reported by safe-merge at run time)."""
+    report = json.loads(session.run("python", "-m", "safe_merge", "env", "--json", silent=True, stderr=None))
+    declared = report["declarations"]
+    for item in declared:
+        session.log(f"declared: {item['message']}")
+    unmet = [d for d in declared if not d["safe_merge_unaffected"]]
+    if unmet:
+        session.skip(f"peft {peft} with transformers {transformers} declared invalid: {unmet[0]['message']}")
+    return declared
+
+
+def run_suite(session: nox.Session, cell: dict, extra: Sequence[str] = ()) -> None:
+    """The whole suite in a cell, with the `matrix` profile's draws seeded by the pair: reproducible in the cell,
+    different from every other cell's."""
     env = {"HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "matrix"), "HF_HUB_OFFLINE": "1"}
+    seed = zlib.crc32(f"peft {cell['peft']} transformers {cell['transformers']}".encode())
+    extra = [f"--hypothesis-seed={seed}", *extra]
     # one pytest worker per core, each torch single-threaded: tiny models gain nothing from intra-op threads, and
     # two workers with two threads each ran slower here than one process (71 s against 61 s; 42 s like this)
     env["OMP_NUM_THREADS"] = "1"
+    env.update(WRITE_BYTECODE)
     # tests marked `process` (signals sent to real safe-merge processes) do not depend on the pair: the tests
     # session runs them once
     args = session.posargs or ["tests", "-m", "not process"]
-    session.run("pytest", "-p", "no:cacheprovider", "-q", "-n", "auto", *args, env=env)
+    # worksteal: a worker that runs out of tests takes some of the other's (measured: 105 s -> 75 s a cell)
+    session.run("pytest", "-p", "no:cacheprovider", "-q", "-n", "auto", "--dist", "worksteal", *args, *extra, env=env)
+
+
+LATEST_PAIRS = {
+    "newest": ("newest", "newest"),  # what a fresh `pip install -e .` of the project resolves to
+    "newest-peft": ("newest", "current"),
+    "newest-transformers": ("current", "newest"),
+}
+
+
+def index_versions(package: str, pre: bool = False) -> list[str]:
+    """Every release of ``package`` on the index pip is configured for, newest first."""
+    args = [sys.executable, "-m", "pip", "index", "versions", package, *(["--pre"] if pre else [])]
+    listing = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in listing.splitlines() if x.startswith("Available versions:"))
+    return [v.strip() for v in line.split(":", 1)[1].split(",")]
+
+
+def resolve_latest(role: str, pre: bool = False) -> dict:
+    """The pair a `latest` role stands for today: the newest release on the index, or matrix.toml's current one."""
+    pick = {
+        package: index_versions(package, pre)[0] if which == "newest" else MATRIX["current"][package]
+        for package, which in zip(("peft", "transformers"), LATEST_PAIRS[role], strict=True)
+    }
+    return {**pick, "extra": []}
+
+
+@nox.session
+@nox.parametrize("pair", [nox.param(role, tags=["latest"]) for role in LATEST_PAIRS])
+def latest(session: nox.Session, pair: str) -> None:
+    """The whole suite (fixtures, crosscheck of stored adapters, fingerprints, the history table's keys) on a pair
+    resolved from the index today. A pair the libraries declare invalid skips saying so; a failure names the new
+    release and the first failing test."""
+    pre = os.environ.get("LATEST_PRE") == "1"
+    cell = resolve_latest(pair, pre)
+    current = MATRIX["current"]
+    new = [f"{p} {cell[p]}" for p in ("peft", "transformers") if cell[p] != current[p]]
+    session.log(
+        f"latest ({pair}): peft {cell['peft']} × transformers {cell['transformers']} "
+        f"({'new since matrix.toml: ' + ', '.join(new) if new else 'the pinned current pair'})"
+    )
+    earlier = [r for r in list(LATEST_PAIRS)[: list(LATEST_PAIRS).index(pair)] if resolve_latest(r, pre) == cell]
+    if earlier:
+        session.skip(f"the same pair as latest(pair='{earlier[0]}')")
+    install_project(session, cell)
+    try:
+        session.run("python", "-c", "import peft, transformers, safe_merge.merger.pipeline", silent=True)
+    except nox.command.CommandFailed:
+        session.error(f"peft {cell['peft']} does not import with transformers {cell['transformers']}")
+    judge_pair(session, cell["peft"], cell["transformers"])
+    junit = Path(session.create_tmp()) / "latest.xml"
+    try:
+        run_suite(session, cell, [f"--junitxml={junit}"])
+    except nox.command.CommandFailed:
+        first = _first_failure(junit)
+        session.error(
+            f"{', '.join(new) or 'the pinned pair'}: the suite fails with peft {cell['peft']} × transformers "
+            f"{cell['transformers']}; first failing test: {first}"
+        )
+
+
+def _first_failure(junit: Path) -> str:
+    import xml.etree.ElementTree as ElementTree
+
+    if not junit.is_file():
+        return "(pytest wrote no report)"
+    for case in ElementTree.parse(junit).iter("testcase"):
+        failed = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if failed is not None:
+            message = (failed.get("message") or "").splitlines()[:1]
+            return f"{case.get('classname')}::{case.get('name')} ({' '.join(message)[:300]})"
+    return "(none recorded: pytest itself failed)"
 
 
 def _cells(tier: str) -> list[dict]:
@@ -305,10 +411,8 @@ def crosscheck(session: nox.Session, cell: dict) -> None:
 def history(session: nox.Session) -> None:
     """Re-derive each key's first release from every PEFT wheel on the index; fail on any difference from
     safe_merge/compat/history.json. Not part of CI: it downloads every release (about 15 MB, cached)."""
-    session.install("packaging", "pip")  # uv venvs come without pip; its `index` and `download` are used here
-    listing = session.run("python", "-m", "pip", "index", "versions", "peft", silent=True)
-    line = next(x for x in listing.splitlines() if x.startswith("Available versions:"))
-    versions = [v.strip() for v in line.split(":", 1)[1].split(",")]
+    session.install("packaging", "pip")  # uv venvs come without pip; its `download` is used here
+    versions = index_versions("peft")  # a release out since the last run is learned here: its wheel is diffed too
     from packaging.version import Version
 
     wheels = Path(os.environ.get("PEFT_WHEEL_CACHE", ROOT / ".nox" / "peft-wheels"))

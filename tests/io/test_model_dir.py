@@ -39,7 +39,7 @@ def test_the_writer_keeps_the_base_names_with_the_bits_and_config_save_pretraine
     a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     assert set(a) == set(Checkpoint(base).tensors) and notes == []
     state = model.state_dict()
-    assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], state[k]) for k in a)
+    assert all(a[k].dtype == state[k].dtype and torch.equal(a[k], state[k]) for k in a)
     if a.keys() == b.keys():
         assert all(torch.equal(a[k], b[k]) for k in a)
     else:  # transformers 5.5 writes BERT's LayerNorm back as gamma/beta, names the base never had
@@ -86,7 +86,7 @@ def test_a_merge_never_calls_save_pretrained(tmp_path, monkeypatch):
 def mixtral(tmp_path):
     if CONVERTED_AT_LOAD_BUG:
         pytest.skip(CONVERTED_AT_LOAD_BUG)
-    if not fused("mixtral"):
+    if not hasattr(transformers, "MixtralConfig") or not fused("mixtral"):
         pytest.skip("this transformers keeps Mixtral's experts as separate modules: nothing is converted at load")
     base = tiny_moe("mixtral", seed=1)
     save_model(base, tmp_path / "base")
