@@ -42,6 +42,7 @@ nox.options.reuse_existing_virtualenvs = True
 # says not to write bytecode, each of them compiled torch, transformers and PEFT again (measured here: 15.8 s to
 # import them without bytecode, 6.7 s with it); the environments are nox's own, so the first import writes it
 WRITE_BYTECODE: dict[str, str | None] = {"PYTHONDONTWRITEBYTECODE": None}
+IMPORT_PROBE = "import peft, transformers, safe_merge.merger.pipeline"  # a pair that cannot work fails here
 
 
 def torch_version() -> str:
@@ -183,7 +184,7 @@ def matrix(session: nox.Session, peft: str, transformers: str) -> None:
         session.skip(f"known-bad pair: peft {peft} with transformers {transformers}: {cell['reason']}")
     install_project(session, cell)
     try:
-        session.run("python", "-c", "import peft, transformers, safe_merge.merger.pipeline", silent=True)
+        session.run("python", "-c", IMPORT_PROBE, silent=True, env=WRITE_BYTECODE)
     except nox.command.CommandFailed:
         session.error(
             f"peft {peft} does not import with transformers {transformers}; if that is expected, list the pair "
@@ -198,7 +199,8 @@ def judge_pair(session: nox.Session, peft: str, transformers: str) -> list[dict]
     them declares unmet skips the cell: pip was overruled, the pair is not one anybody installs. transformers'
     MIN_PEFT_VERSION gates only its own adapter API, which safe-merge does not call: the suite runs, and the
     declaration is printed (and reported by safe-merge at run time)."""
-    report = json.loads(session.run("python", "-m", "safe_merge", "env", "--json", silent=True, stderr=None))
+    doctor = ["python", "-m", "safe_merge", "env", "--json"]
+    report = json.loads(session.run(*doctor, silent=True, stderr=None, env=WRITE_BYTECODE))
     declared = report["declarations"]
     for item in declared:
         session.log(f"declared: {item['message']}")
@@ -268,7 +270,7 @@ def latest(session: nox.Session, pair: str) -> None:
         session.skip(f"the same pair as latest(pair='{earlier[0]}')")
     install_project(session, cell)
     try:
-        session.run("python", "-c", "import peft, transformers, safe_merge.merger.pipeline", silent=True)
+        session.run("python", "-c", IMPORT_PROBE, silent=True, env=WRITE_BYTECODE)
     except nox.command.CommandFailed:
         session.error(f"peft {cell['peft']} does not import with transformers {cell['transformers']}")
     judge_pair(session, cell["peft"], cell["transformers"])
