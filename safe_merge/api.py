@@ -33,8 +33,8 @@ def _naming_pair_bugs(command: Callable[..., dict]) -> Callable[..., dict]:
             raise BadInput(
                 f"{pair_bug_message(bug)}. PEFT raised: {bug['symptom']}",
                 path=exc.path,
-                hint=f"install {bug['fixed_in']} or newer (or a transformers outside {bug['transformers']}); "
-                "`safe-merge env` lists the known bugs of the installed pair",
+                hint=f"install {bug['fixed_in']} or newer (the bug needs peft {bug['peft']} with transformers "
+                f"{bug['transformers']}); `safe-merge env` lists the known bugs of the installed pair",
             ) from exc
 
     return run

@@ -89,6 +89,7 @@ def test_env_names_the_declared_conflict_and_exits_0(monkeypatch, cli):
 
 def test_env_on_a_sound_pair_of_a_known_release_says_ok(monkeypatch, cli):
     monkeypatch.setattr(pairs, "declarations", lambda: [])
+    monkeypatch.setattr(pairs, "pair_bugs", lambda *args: [])
     code, report, _ = cli("env", "--json")
     release = importlib.metadata.version("peft")
     if History.load().bugs_in(release) or not report["history"]["installed_peft_known"]:
@@ -130,11 +131,13 @@ def test_a_pair_bug_covers_its_ranges_and_stops_at_the_fix():
     assert [b["name"] for b in pairs.pair_bugs("0.19.1", "5.17.0")] == ["weight_converter_distributed_operation"]
     assert pairs.pair_bugs("0.20.0", "5.17.0") == []  # the fix
     assert pairs.pair_bugs("0.19.1", "5.5.4") == []  # WeightConverter still took the keyword there
+    assert [b["name"] for b in pairs.pair_bugs("0.21.2", "5.0.0")] == ["weight_renaming_loading_info"]
+    assert pairs.pair_bugs("0.18.1", "5.0.0") == []  # before PEFT passed loading_info
 
 
 def test_a_known_pair_bug_met_by_a_merge_is_named_with_the_release_that_fixes_it(tmp_path, cli):
-    """On an affected pair (PEFT 0.19.x beside transformers 5.6+): PEFT cannot load a LoRA onto a fused MoE; the
-    merge says which bug, and what to install, rather than blaming the adapter."""
+    """On an affected pair (PEFT 0.19.x beside transformers 5.6+; PEFT 0.19+ beside 5.0): PEFT cannot load a LoRA
+    onto a fused MoE; the merge says which bug, and what to install, rather than blaming the adapter."""
     if CONVERTED_AT_LOAD_BUG is None:
         pytest.skip("the installed pair has no known bug loading LoRA onto models converted at load")
     import copy
@@ -149,5 +152,6 @@ def test_a_known_pair_bug_met_by_a_merge_is_named_with_the_release_that_fixes_it
     lora = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
     save_model(peft.get_peft_model(copy.deepcopy(base), lora), tmp_path / "adapter")
     code, _, err = cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", "--backend", "peft")
-    assert code == 2 and "weight_converter_distributed_operation" in err and "peft 0.20.0" in err, err
+    bug = next(b for b in pairs.pair_bugs() if b["scope"] == "converted_at_load")
+    assert code == 2 and bug["name"] in err and bug["fixed_in"] in err, err
     assert not (tmp_path / "out").exists()

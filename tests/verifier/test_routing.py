@@ -12,12 +12,15 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import run_cli, save_model
-from tests.release import has_key
+from tests.release import converted_at_load, has_key
 
-pytestmark = pytest.mark.skipif(
-    not has_key("target_parameters") or not hasattr(transformers, "GptOssForCausalLM"),
-    reason="needs target_parameters (PEFT 0.17+) and gpt-oss (transformers 4.55+)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not has_key("target_parameters") or not hasattr(transformers, "GptOssForCausalLM"),
+        reason="needs target_parameters (PEFT 0.17+) and gpt-oss (transformers 4.55+)",
+    ),
+    converted_at_load,
+]
 
 
 @pytest.fixture
