@@ -60,6 +60,17 @@ def gpt_oss_bf16(tmp_path):
     return tmp_path / "base", tmp_path / "adapter"
 
 
+# measured in the full tier (peft 0.21.2 x transformers 4.57.6): the stream backend writes gpt-oss's expert stacks
+# unchanged there, the verifier fails the merge ("not applied", exit 1, nothing written), --backend peft passes; on
+# transformers 5 both backends pass. Kept visible until the stream backend is fixed for transformers 4's gpt-oss.
+STREAM_GPT_OSS_ON_4 = pytest.mark.xfail(
+    transformers.__version__.startswith("4."),
+    reason="stream backend leaves gpt-oss expert stacks unmerged on transformers 4.x (caught: exit 1)",
+    strict=True,
+)
+
+
+@STREAM_GPT_OSS_ON_4
 def test_a_correct_bfloat16_moe_merge_passes_with_the_routing_held_fixed(gpt_oss_bf16, tmp_path, capsys):
     base, adapter = gpt_oss_bf16
     code, report, err = run_cli(capsys, "merge", base, adapter, "-o", tmp_path / "out", "--json")
@@ -69,6 +80,7 @@ def test_a_correct_bfloat16_moe_merge_passes_with_the_routing_held_fixed(gpt_oss
     assert outputs["max_abs"] <= outputs["tol"] < outputs["adapter_effect"]
 
 
+@STREAM_GPT_OSS_ON_4
 def test_a_wrong_expert_still_fails_the_output_check(gpt_oss_bf16, tmp_path, capsys):
     base, adapter = gpt_oss_bf16
     assert run_cli(capsys, "merge", base, adapter, "-o", tmp_path / "out")[0] == 0
