@@ -120,8 +120,14 @@ def blockers(job: Job, view: stream_write.StreamMerge | None) -> list[str]:
                 "output weight shares it is only known to the built model"
             )
     unmatched = view.ledger.by_status(Status.UNMATCHED)
-    if unmatched and any(files.config.get("target_parameters") for files in job.adapter_files):
-        return [f"{unmatched[0].key}: LoRA on MoE expert parameters (target_parameters) is merged by the PEFT backend"]
+    if any(files.config.get("target_parameters") for files in job.adapter_files):
+        # a stack the checkpoint stores fused under the parameter's own name (gpt-oss's experts.down_proj, in
+        # transformers 4 matched as a module) is not one this backend splits and merges: only .weight/.bias are
+        stored = view.checkpoint.tensors
+        stacked = [e for e in view.ledger.entries if e.param in stored and not e.param.endswith((".weight", ".bias"))]
+        if unmatched or stacked:
+            key = (unmatched or stacked)[0].key
+            return [f"{key}: LoRA on MoE expert parameters (target_parameters) is merged by the PEFT backend"]
     if view.ledger.token_rows:
         out.append(f"{sorted(view.ledger.token_rows)[0]}: trainable tokens are merged by the PEFT backend")
     for entry in view.ledger.entries:
