@@ -94,7 +94,8 @@ def write_state(state: State, source: Path, out: Path) -> list[str]:
     (out / CONFIG_NAME).write_text(json.dumps(state.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tensors = {k: v.detach().contiguous().clone() for k, v in state.tensors.items()}
     if state.weight_name == BIN:
-        torch.save(tensors, out / BIN)
+        with open(out / BIN, "wb") as fh:  # Python's own writes: a full disk is an OSError, not torch's stream error
+            torch.save(tensors, fh)
     else:
         from safetensors.torch import save_file
 

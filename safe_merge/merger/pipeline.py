@@ -58,7 +58,8 @@ def run_merge(request: MergeRequest) -> dict:
     out = Path(os.path.abspath(job.out))
     stale = staging.sweep_stale(out.parent)
     with staging.temporary(out.parent, out.name, "adapter") as scratch:
-        adapter_dirs = [source.materialize(Path(scratch) / f"migrated-{i}") for i, source in enumerate(job.sources)]
+        with _disk_full_says_how_much(job):  # the migrated copies are written beside OUT too
+            adapter_dirs = [source.materialize(Path(scratch) / f"migrated-{i}") for i, source in enumerate(job.sources)]
         if job.combination is None:
             for source in job.sources:  # from here the adapter is read from adapter_dirs: hold it once, not twice
                 source.drop_tensors()

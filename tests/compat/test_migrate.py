@@ -145,8 +145,9 @@ def test_configs_saved_now_migrate_down_to_each_release_or_are_refused_by_the_ta
             assert entry is not None and not entry.present_in(target) or refusal["key"] == "init_lora_weights"
         return
     assert set(state.config) <= HISTORY.keys_in(target) - NEVER_WRITTEN
-    naming = HISTORY.boundary("targeted_bias_under_base_layer")
-    if (Version(target) >= naming) == (Version(INSTALLED) >= naming):  # the installed release reads its key naming
+    naming, safetensors = HISTORY.boundary("targeted_bias_under_base_layer"), HISTORY.boundary("reads_safetensors")
+    readable = Version(INSTALLED) >= safetensors or Version(target) < safetensors  # 0.3 reads only .bin
+    if readable and (Version(target) >= naming) == (Version(INSTALLED) >= naming):  # and the target's key naming
         from safe_merge.compat.plan import write_state
 
         (root / "old").mkdir()

@@ -36,7 +36,14 @@ def neox_with_old_head(tmp_path):
     base = transformers.GPTNeoXForCausalLM(config).eval()
     head = "lm_head" if RENAMES else "embed_out"
     save_model(base, tmp_path / "base")
-    lora = peft.LoraConfig(r=2, target_modules=["query_key_value"], modules_to_save=[head], init_lora_weights=False)
+    lora = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["query_key_value"],
+        modules_to_save=[head],
+        init_lora_weights=False,
+        lora_dropout=0.0,
+    )  # (0.3 defaults lora_alpha and lora_dropout to None, which its own layers cannot use)
     model = peft.get_peft_model(copy.deepcopy(base), lora)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -20,12 +20,16 @@ from safe_merge.io.model_dir import write_model
 from safe_merge.merger.backends.peft import merge
 from tests.helpers import materialize, save_model
 from tests.moe import fused, tiny_moe
-from tests.release import CONVERTED_AT_LOAD_BUG
+from tests.release import CONVERTED_AT_LOAD_BUG, HISTORY, INSTALLED
 from tests.strategies import TINY, Case
 
 
 @pytest.mark.parametrize(("arch", "tied"), [("llama", True), ("gpt2", False), ("bert_cls", True)])
 def test_the_writer_keeps_the_base_names_with_the_bits_and_config_save_pretrained_would_write(tmp_path, arch, tied):
+    if arch == "gpt2" and HISTORY.affected("merge_refuses_gpt2", INSTALLED):
+        pytest.skip(
+            f"peft {INSTALLED} refuses to merge GPT-2 (fixed in {HISTORY.boundaries['merge_refuses_gpt2']['until']})"
+        )
     lora = {"r": 4, "lora_alpha": 8, "target_modules": _targets(arch)}
     case = Case(arch, TINY["two_layers"], tied, lora, "bfloat16", seed=5)
     base, adapter = materialize(case, tmp_path / "in")
