@@ -194,7 +194,7 @@ def matrix(session: nox.Session, peft: str, transformers: str) -> None:
     run_suite(session, cell)
 
 
-def judge_pair(session: nox.Session, peft: str, transformers: str) -> list[dict]:
+def judge_pair(session: nox.Session, peft: str, transformers: str) -> None:
     """What the installed PEFT and transformers declare about each other (`safe-merge env`). A requirement one of
     them declares unmet skips the cell: pip was overruled, the pair is not one anybody installs. transformers'
     MIN_PEFT_VERSION gates only its own adapter API, which safe-merge does not call: the suite runs, and the
@@ -207,7 +207,6 @@ def judge_pair(session: nox.Session, peft: str, transformers: str) -> list[dict]
     unmet = [d for d in declared if not d["safe_merge_unaffected"]]
     if unmet:
         session.skip(f"peft {peft} with transformers {transformers} declared invalid: {unmet[0]['message']}")
-    return declared
 
 
 def run_suite(session: nox.Session, cell: dict, extra: Sequence[str] = ()) -> None:

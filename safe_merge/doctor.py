@@ -7,7 +7,7 @@ from __future__ import annotations
 import platform
 import sys
 
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from safe_merge.compat import pairs
 from safe_merge.compat.history import History
@@ -37,7 +37,7 @@ def environment() -> dict:
     known = {"oldest": history.oldest, "newest": history.newest}
     bugs: list[dict] = []
     if peft:
-        release = _release(peft)
+        release = pairs.release(peft)
         known["installed_peft_known"] = Version(history.oldest) <= release <= Version(history.newest)
         known["config_keys"] = len(history.keys_in(release))
         bugs = history.bugs_in(release)
@@ -75,10 +75,3 @@ def _import_peft() -> str:
     except Exception as exc:
         return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
     return "ok"
-
-
-def _release(text: str) -> Version:
-    try:
-        return Version(Version(text).base_version)
-    except InvalidVersion:
-        return Version("0")

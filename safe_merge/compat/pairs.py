@@ -82,14 +82,14 @@ def adapter_api_declaration() -> Declaration | None:
     """transformers' MIN_PEFT_VERSION against the installed PEFT."""
     peft, transformers = installed_version("peft"), installed_version("transformers")
     needed = min_peft_for_adapter_api() if peft and transformers else None
-    if needed is None or _version(peft) >= _version(needed):
+    if needed is None or release(peft) >= release(needed):
         return None
     return Declaration(
         declared_by=f"transformers {transformers}",
         requires=f"peft>={needed}",
         installed=f"peft {peft}",
         scope=ADAPTER_API,
-        beyond_history=_version(needed) > _version(History.load().newest),
+        beyond_history=release(needed) > release(History.load().newest),
         safe_merge_unaffected=True,
     )
 
@@ -151,8 +151,8 @@ def pair_bugs(peft: str | None = None, transformers: str | None = None) -> list[
     return [
         {"name": name, **bug}
         for name, bug in _pair_bug_table().items()
-        if SpecifierSet(bug["peft"]).contains(_version(peft).base_version, prereleases=True)
-        and SpecifierSet(bug["transformers"]).contains(_version(transformers).base_version, prereleases=True)
+        if SpecifierSet(bug["peft"]).contains(release(peft), prereleases=True)
+        and SpecifierSet(bug["transformers"]).contains(release(transformers), prereleases=True)
     ]
 
 
@@ -168,8 +168,9 @@ def explain(error: str) -> dict | None:
     return next((bug for bug in pair_bugs() if bug["symptom"] in error), None)
 
 
-def _version(text: str | None) -> Version:
+def release(text: str | None) -> Version:
+    """A version as the tables name releases (no local or dev suffix); one that does not parse sorts first."""
     try:
-        return Version(str(text))
+        return Version(Version(str(text)).base_version)
     except InvalidVersion:
         return Version("0")

@@ -28,6 +28,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 DEFAULT_SHARD_SIZE = "5GB"
 
 
@@ -96,6 +97,8 @@ def write_quantized_model(
         warnings.simplefilter("ignore")
         model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
     carry_files(out, base_dir, adapter_dir)
+    for name in ADAPTER_FILES:  # a standalone model carries no adapter
+        (out / name).unlink(missing_ok=True)
     return sorted(p.name for p in out.iterdir())
 
 

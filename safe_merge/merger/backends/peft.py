@@ -96,10 +96,14 @@ class PeftBackend:
     def write(self, stage: Path) -> list[str]:
         assert self.model is not None, "merge() first"
         size = self.job.request.max_shard_size or DEFAULT_SHARD_SIZE
-        files, notes = write_model(self.model, stage, self.job.base_dir, self.adapter.path, size)
+        files, notes = self.write_files(stage, size)
         self.notes += notes
         self.model = None  # the verifier loads what was written; the merged model in memory is not needed
         return files
+
+    def write_files(self, stage: Path, size: str) -> tuple[list[str], list[str]]:
+        """The merged model into ``stage``: the file names, and notes for the report."""
+        return write_model(self.model, stage, self.job.base_dir, self.adapter.path, size)
 
     def verify(self, stage: Path) -> Verification:
         return verify_dirs(self.job.base_dir, self.adapter.path, stage)

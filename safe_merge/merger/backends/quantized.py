@@ -11,7 +11,7 @@ from torch import nn
 
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.io import loading
-from safe_merge.io.model_dir import DEFAULT_SHARD_SIZE, write_quantized_model
+from safe_merge.io.model_dir import write_quantized_model
 from safe_merge.merger.backends import peft as backend_peft
 from safe_merge.merger.backends.peft import PeftBackend
 from safe_merge.merger.job import Job
@@ -48,14 +48,10 @@ class QuantizedBackend(PeftBackend):
     def merge(self) -> None:
         self.model, self.notes = merge(self.job.base_dir, self.adapter, self.job.policy, self.job.dtype)
 
-    def write(self, stage: Path) -> list[str]:
+    def write_files(self, stage: Path, size: str) -> tuple[list[str], list[str]]:
         if self.job.policy != "requantize":  # a float model: the PEFT backend's own writer
-            return super().write(stage)
-        assert self.model is not None, "merge() first"
-        size = self.job.request.max_shard_size or DEFAULT_SHARD_SIZE
-        files = write_quantized_model(self.model, stage, self.job.base_dir, self.adapter.path, size)
-        self.model = None
-        return files
+            return super().write_files(stage, size)
+        return write_quantized_model(self.model, stage, self.job.base_dir, self.adapter.path, size), []
 
     def verify(self, stage: Path) -> Verification:
         job = self.job
