@@ -60,11 +60,21 @@ def merge(
     check_outputs: str = "auto",
     rounding: str = "default",
     report: str | Path | None = None,
+    revision: str | None = None,
+    base_revision: str | None = None,
+    card: bool = True,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> dict:
     """Merge one adapter (or combine several) into ``base``, verify what was written, publish ``out`` only if
     verification passed. A failed or unverifiable merge returns its report (exit_code 1 or 3), nothing written.
     ``report`` also writes the report there as JSON (with OUT when it is published). ``base`` None: the base the
-    adapters name in adapter_config.json (base_model_name_or_path), as AutoPeftModel finds it."""
+    adapters name in adapter_config.json (base_model_name_or_path), as AutoPeftModel finds it.
+
+    Inputs may be hub repo ids (``ID@REVISION`` pins one); ``revision`` is the adapters' revision where they name
+    none, ``base_revision`` the base's (default: the revision adapter_config.json names, else main). ``card``
+    writes README.md into OUT. ``push_to_hub`` uploads OUT to that repo after it was published (created, private
+    if ``private``); a failed upload leaves OUT and returns exit_code 4 with the command that retries it."""
     from safe_merge.merger.pipeline import merge_command
     from safe_merge.merger.request import MergeRequest, combination_options
 
@@ -83,6 +93,11 @@ def merge(
         check_outputs=check_outputs,
         rounding=rounding,
         report=None if report is None else Path(report),
+        revision=revision,
+        base_revision=base_revision,
+        card=card,
+        push_to_hub=push_to_hub,
+        private=private,
     )
     return merge_command(request)
 
@@ -100,6 +115,7 @@ def verify(base: str | Path | None, adapter: str | Path, merged: str | Path, *, 
     from safe_merge.compat.pairs import declared_warnings
     from safe_merge.io import loading
     from safe_merge.io.checkpoint import shard_files
+    from safe_merge.io.hub import resolve
     from safe_merge.merger.backends.stream.verify import verify_checkpoint
     from safe_merge.merger.job import named_base, read_source
     from safe_merge.merger.request import OUTPUT_CHECKS
@@ -108,9 +124,11 @@ def verify(base: str | Path | None, adapter: str | Path, merged: str | Path, *, 
     if check_outputs not in OUTPUT_CHECKS:
         raise BadInput(f"--check-outputs {check_outputs!r} is not one of {', '.join(OUTPUT_CHECKS)}")
     started = time.monotonic()
-    adapter_dir = loading.resolve_dir(adapter, "adapter")
-    base_dir = loading.resolve_dir(named_base([adapter_dir]) if base is None else base, "base model")
-    merged_dir = loading.resolve_dir(merged, "merged model")
+    inputs = {"adapter": resolve(adapter, "adapter")}
+    adapter_dir = inputs["adapter"].path
+    inputs["base"] = resolve(named_base([adapter_dir]) if base is None else base, "base model")
+    inputs["merged"] = resolve(merged, "merged model")
+    base_dir, merged_dir = inputs["base"].path, inputs["merged"].path
     for model_dir in (base_dir, merged_dir):
         shard_files(model_dir)  # a directory without weights is named before anything is loaded
     config = loading.read_config_json(base_dir)
@@ -134,11 +152,32 @@ def verify(base: str | Path | None, adapter: str | Path, merged: str | Path, *, 
     base_info = {"path": str(base_dir), "class": loading.class_name(config)}
     report = {**result.report(), "versions": loading.versions(), "merged": str(merged_dir), "base": base_info}
     report["weights_read"] = how
+    origins = {role: r.origin.report() for role, r in inputs.items() if r.origin is not None}
+    if origins:
+        report["hub"] = origins
     report["warnings"] = declared_warnings() + report.get("warnings", [])
     report["adapter_migrations"] = source.plan.steps
     report["seconds"] = round(time.monotonic() - started, 3)
     report["exit_code"] = result.exit_code
     return report
+
+
+def push(out: str | Path, repo_id: str, *, private: bool = False) -> dict:
+    """Upload a directory `merge` published (its card included) to a hub repo, created if missing; a rerun
+    uploads only what changed. Exit code 4 when the upload fails."""
+    from safe_merge.errors import EXIT_PUSH_FAILED
+    from safe_merge.io.checkpoint import shard_files
+    from safe_merge.io.hub import check_push
+    from safe_merge.merger.pipeline import push_output
+
+    out = Path(out)
+    if not out.is_dir():
+        raise BadInput("no such directory", path=out, hint="pass the OUT a merge published")
+    shard_files(out)  # a directory without weights is named before anything is uploaded
+    check_push(repo_id)
+    result = push_output(out, repo_id, private)
+    failed = result["status"] != "pushed"
+    return {**result, "exit_code": EXIT_PUSH_FAILED if failed else 0}
 
 
 def inspect(adapter: str | Path, *, target: str | None = None) -> dict:

@@ -1,7 +1,7 @@
 """The safe-merge command: argparse and thin handlers over the Python API (safe_merge/api.py).
 
-Exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify · 128 + the signal's
-number when interrupted (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
+Exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify · 4 written and verified,
+the upload to the hub failed · 128 + the signal's number when interrupted (130 SIGINT, 143 SIGTERM, 129 SIGHUP).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safe_merge.io.signals import HANDLED, Interrupted, handle_signals
 
 EXIT_CODES = (
     "exit codes: 0 ok · 1 verification failed · 2 bad input or refused · 3 could not verify · "
-    "130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP"
+    "4 written and verified, the upload to the hub failed · 130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP"
 )
 EXAMPLES = {
     "merge": [
@@ -29,7 +29,9 @@ EXAMPLES = {
         "safe-merge merge ./base ./adapter -o ./merged --plan           # say what would happen, write nothing",
         "safe-merge merge ./adapter -o ./merged     # the base the adapter names (base_model_name_or_path)",
         "safe-merge merge ./base ./a1 ./a2 --weights 0.7 0.3 --combination linear -o ./merged",
+        "safe-merge merge org/base org/lora -o ./merged --push-to-hub org/merged   # hub in, hub out",
     ],
+    "push": ["safe-merge push ./merged org/merged --private   # upload a published OUT (again)"],
     "verify": ["safe-merge verify ./base ./adapter ./merged --json"],
     "inspect": ["safe-merge inspect ./adapter --target 0.7.1"],
     "migrate": ["safe-merge migrate ./adapter -o ./adapter-0.7 --target 0.7.1"],
@@ -69,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "models",
         nargs="+",
         metavar="[BASE] ADAPTER",
-        help="the base model, then one or more adapters (local directories or cached hub ids); with a single "
-        "path, the adapter alone, and the base it names (adapter_config.json's base_model_name_or_path)",
+        help="the base model, then one or more adapters: local directories or hub repo ids (ID@REVISION pins "
+        "one); with a single one, the adapter alone, and the base it names (adapter_config.json's "
+        "base_model_name_or_path)",
     )
     merge.add_argument("-o", "--out", required=True, type=Path, help="output directory (written only when verified)")
     merge.add_argument(
@@ -121,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the JSON report here (with OUT when it is published; outside every input; an existing "
         "file only with --force)",
     )
+    hub = merge.add_argument_group("the hub")
+    hub.add_argument("--revision", help="hub adapters without their own @REVISION: this branch, tag or commit")
+    hub.add_argument(
+        "--base-revision", help="a hub base: this revision (default: the one adapter_config.json names, else main)"
+    )
+    hub.add_argument(
+        "--push-to-hub", metavar="REPO", help="after verification passed and OUT was written, upload OUT to REPO"
+    )
+    hub.add_argument("--private", action="store_true", help="create the --push-to-hub repo private")
+    merge.add_argument("--no-card", action="store_true", help="write no README.md (model card) into OUT")
     merge.add_argument("--json", action="store_true", help="print the JSON report on stdout")
 
     verify = _command(sub, "verify", "check a merged checkpoint against its base and adapter")
@@ -161,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--adapter", help="the adapter (default: where the fingerprint says)")
     check.add_argument("--json", action="store_true")
 
+    push = _command(sub, "push", "upload a merged OUT to a hub repo (created if missing; a rerun sends only changes)")
+    push.add_argument("out", type=Path, help="the directory a merge published")
+    push.add_argument("repo", help="the hub repo (org/name)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--json", action="store_true")
+
     demo = _command(sub, "demo", "build a tiny model and adapter offline and run the whole pipeline")
     demo.add_argument("-o", "--out", type=Path, help="keep the demo's files here (default: a temp dir)")
     demo.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
@@ -193,6 +212,11 @@ def cmd_merge(args) -> dict:
         check_outputs=args.check_outputs,
         rounding=args.rounding,
         report=args.report,
+        revision=args.revision,
+        base_revision=args.base_revision,
+        card=not args.no_card,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
     )
 
 
@@ -229,6 +253,7 @@ HANDLERS = {
     "migrate": lambda args: api.migrate(args.adapter, args.out, target=args.target, plan=args.plan, force=args.force),
     "fingerprint": lambda args: api.fingerprint(args.base, args.adapter, args.out, force=args.force),
     "check": lambda args: api.check(args.fingerprint, base=args.base, adapter=args.adapter),
+    "push": lambda args: api.push(args.out, args.repo, private=args.private),
     "demo": cmd_demo,
     "env": lambda args: api.env(),
 }

@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_COULD_NOT_VERIFY = 3
+EXIT_PUSH_FAILED = 4  # merged, verified and written locally; the upload to the hub failed (push it again)
 
 
 class SafeMergeError(Exception):

@@ -30,6 +30,7 @@ from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.compat.plan import write_state
 from safe_merge.errors import EXIT_FAILED, EXIT_OK, BadInput, Unsupported
 from safe_merge.io import loading, staging
+from safe_merge.io.hub import Resolved, resolve
 from safe_merge.merger.backends import peft as backend_peft
 from safe_merge.merger.job import read_source
 from safe_merge.merger.rules.known_bugs import refuse_known_bugs
@@ -79,9 +80,13 @@ def tensor_manifest(files: AdapterFiles) -> dict[str, dict]:
     return out
 
 
-def _where(given: str, resolved: Path, anchor: Path) -> dict:
-    """How to find an input again: as given (a hub id stays one), and relative to the fingerprint's folder."""
-    return {"given": given, "relative": os.path.relpath(resolved.resolve(), anchor.resolve())}
+def _where(given: str, resolved: Resolved, anchor: Path) -> dict:
+    """How to find an input again: as given (a hub id stays one, with the commit it resolved to), and relative to
+    the fingerprint's folder."""
+    where = {"given": given, "relative": os.path.relpath(resolved.path.resolve(), anchor.resolve())}
+    if resolved.origin is not None:
+        where["hub"] = resolved.origin.report()
+    return where
 
 
 def _measure(base_dir: Path, source, inputs: dict[str, torch.Tensor] | None = None) -> dict:
@@ -136,8 +141,9 @@ def _measure(base_dir: Path, source, inputs: dict[str, torch.Tensor] | None = No
 
 def record(base: str, adapter: str, out: Path) -> dict:
     """Build the fingerprint of ``adapter`` on ``base`` in this environment (the caller writes it to ``out``)."""
-    base_dir = loading.resolve_dir(base, "base model")
-    source = read_source(loading.resolve_dir(adapter, "adapter"), loading.installed_peft())
+    base_in, adapter_in = resolve(base, "base model"), resolve(adapter, "adapter")
+    base_dir = base_in.path
+    source = read_source(adapter_in.path, loading.installed_peft())
     anchor = Path(out).parent
     measured = _measure(base_dir, source)
     return {
@@ -145,9 +151,9 @@ def record(base: str, adapter: str, out: Path) -> dict:
         "format": FORMAT,
         "recorded_with": loading.versions(),
         "migrations": [s["id"] for s in measured.pop("steps")],
-        "base": {**_where(base, base_dir, anchor), "files": file_hashes(base_dir)},
+        "base": {**_where(base, base_in, anchor), "files": file_hashes(base_dir)},
         "adapter": {
-            **_where(adapter, source.path, anchor),
+            **_where(adapter, adapter_in, anchor),
             "files": file_hashes(source.path),
             "tensors": tensor_manifest(source.files),
         },
@@ -186,7 +192,8 @@ def _locate(entry: dict, override: str | None, anchor: Path, what: str) -> Path:
     relative = anchor / entry["relative"]
     if relative.is_dir():
         return relative
-    return loading.resolve_dir(entry["given"], what)
+    hub = entry.get("hub")
+    return loading.resolve_dir(f"{hub['repo_id']}@{hub['commit']}" if hub else entry["given"], what)
 
 
 @dataclass

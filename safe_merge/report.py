@@ -77,15 +77,21 @@ def _input_lines(command: str, report: dict) -> list[str]:
     lines: list[str] = []
     base = report.get("base")
     if base:
-        lines.append(f"  base      {base['path']} ({base.get('class')})")
+        lines.append(f"  base      {_where(base)} ({base.get('class')})")
     for adapter in report.get("adapters", []):
         migrations = ", ".join(m["id"] for m in adapter.get("migrations", [])) or "none"
         weight = f"weight {adapter['weight']:g}; " if adapter.get("weight") is not None else ""
         lines.append(
-            f"  adapter   {adapter['path']} ({weight}origin peft {adapter.get('origin_peft') or 'unknown'}; "
+            f"  adapter   {_where(adapter)} ({weight}origin peft {adapter.get('origin_peft') or 'unknown'}; "
             f"migrations: {migrations})"
         )
     return lines
+
+
+def _where(entry: dict) -> str:
+    """A local input by its path; a hub input by repo and commit."""
+    hub = entry.get("hub")
+    return f"{hub['repo_id']}@{hub['commit'][:12]} (hub)" if hub else entry["path"]
 
 
 def _combination_lines(command: str, report: dict) -> list[str]:
@@ -205,6 +211,12 @@ def _outcome_lines(command: str, report: dict) -> list[str]:
             lines.append(f"  written   nothing ({output['not_written']})")
     for warning in report.get("warnings", []):
         lines.append(f"  warning   {warning}")
+    push = report.get("push")
+    if push and push.get("status") == "pushed":
+        lines.append(f"  pushed    {push['url']} (commit {push.get('commit')})")
+    elif push and push.get("status") == "failed":
+        lines.append(f"  PUSH FAILED to {push['repo_id']}: {push['error'].splitlines()[0]}")
+        lines.append(f"            {push['local']} is complete and verified; to push it again: {push['retry']}")
     return lines
 
 

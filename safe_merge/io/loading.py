@@ -27,23 +27,12 @@ DTYPES = {
 _SAFETENSORS_DTYPES = {name: dtype for name, dtype in DTYPE_NAMES.items() if dtype in FLOATING}
 
 
-def resolve_dir(name: str | Path, what: str) -> Path:
-    """A local directory, or a hub id already in the local huggingface_hub cache (nothing is downloaded)."""
-    path = Path(name)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise BadInput(f"the {what} must be a directory", path=path)
-    try:
-        from huggingface_hub import snapshot_download
+def resolve_dir(name: str | Path, what: str, revision: str | None = None) -> Path:
+    """A local directory, or a hub repo id (``ID@REVISION`` pins one) downloaded through huggingface_hub's cache:
+    only the files a merge reads (io/hub.py)."""
+    from safe_merge.io.hub import resolve
 
-        return Path(snapshot_download(str(name), local_files_only=True))
-    except Exception as exc:
-        raise BadInput(
-            f"no such directory, and not a hub id in the local cache ({type(exc).__name__})",
-            path=name,
-            hint=f"pass the {what}'s local directory, or download it once with `hf download {name}`",
-        ) from exc
+    return resolve(name, what, revision).path
 
 
 def read_model_config(model_dir: Path):

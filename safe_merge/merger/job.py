@@ -4,6 +4,7 @@ refusal comes before any later input is read; once the preflight has passed, eve
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from safe_merge.compat.migrations.base import State
 from safe_merge.compat.plan import Plan, make_plan, write_state
 from safe_merge.errors import BadInput, SafeMergeError
 from safe_merge.io import loading
+from safe_merge.io.hub import HubOrigin, Resolved, resolve
 from safe_merge.merger.request import MergeRequest
 from safe_merge.merger.rules import adapters as adapter_rules
 from safe_merge.merger.rules import rule
@@ -33,6 +35,7 @@ class AdapterSource:
     files: AdapterFiles
     plan: Plan
     state: State
+    origin: HubOrigin | None = None  # the hub repo and commit it was downloaded from
 
     def drop_tensors(self) -> None:
         """Drop the tensors (config, plan and paths stay for the report)."""
@@ -51,6 +54,7 @@ class AdapterSource:
     def report(self, weight: float | None = None) -> dict:
         out = {
             "path": str(self.path),
+            **({"hub": self.origin.report()} if self.origin else {}),
             "origin_peft": self.plan.origin,
             "peft_version": self.files.config.get("peft_version"),
             "migrations": self.plan.steps,
@@ -112,6 +116,7 @@ class Job:
 
     request: MergeRequest
     started: float = field(default_factory=time.monotonic)
+    _resolved: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def out(self) -> Path:
@@ -129,40 +134,56 @@ class Job:
     def peft_release(self) -> str:
         return loading.installed_peft()
 
+    def _resolve(self, ref: str, what: str, revision: str | None) -> Resolved:
+        """Each input resolved once per job: a hub branch that moves meanwhile cannot give two commits."""
+        key = (ref, what, revision)
+        if key not in self._resolved:
+            self._resolved[key] = resolve(ref, what, revision)
+        return self._resolved[key]
+
     @functools.cached_property
+    def base(self) -> Resolved:
+        revision = self.request.base_revision
+        if revision is None and self.request.base is None:  # as AutoPeftModel: the revision the adapter names
+            revision = read_config(self._adapters[0].path).get("revision") or None
+        return self._resolve(self.base_name, "base model", revision)
+
+    @property
     def base_dir(self) -> Path:
-        return loading.resolve_dir(self.base_name, "base model")
+        return self.base.path
 
     @functools.cached_property
     def base_name(self) -> str:
         """BASE as given, or, without it, the base every adapter names (as AutoPeftModel finds it)."""
         if self.request.base is not None:
             return self.request.base
-        return named_base([loading.resolve_dir(a, "adapter") for a in self.request.adapters])
+        return named_base([a.path for a in self._adapters])
+
+    @property
+    def _adapters(self) -> list[Resolved]:
+        return [self._resolve(a, "adapter", self.request.revision) for a in self.request.adapters]
 
     @functools.cached_property
     def adapter_dirs(self) -> list[Path]:
         self.base_dir  # noqa: B018 - the base is named first when both are missing
-        return [loading.resolve_dir(a, "adapter") for a in self.request.adapters]
+        return [a.path for a in self._adapters]
 
     @property
     def inputs(self) -> dict[str, Path]:
         """Every input that exists, by what it is, for the output-path rule (a missing one is refused by the next
         rules, which name it)."""
-        named = {}
-        refs = [("base model", self.request.base, "base model")] if self.request.base is not None else []
-        many = len(self.request.adapters) > 1
-        refs += [(f"adapter {i + 1}" if many else "adapter", a, "adapter") for i, a in enumerate(self.request.adapters)]
-        for label, ref, what in refs:
-            try:
-                named[label] = loading.resolve_dir(ref, what)
-            except BadInput:
-                continue
-        if self.request.base is None:
-            try:
+        named: dict[str, Path] = {}
+        if self.request.base is not None:
+            with contextlib.suppress(BadInput):
                 named["base model"] = self.base_dir
-            except BadInput:
-                pass
+        many = len(self.request.adapters) > 1
+        for i, ref in enumerate(self.request.adapters):
+            with contextlib.suppress(BadInput):
+                resolved = self._resolve(ref, "adapter", self.request.revision)
+                named[f"adapter {i + 1}" if many else "adapter"] = resolved.path
+        if self.request.base is None:
+            with contextlib.suppress(BadInput):
+                named["base model"] = self.base_dir
         return named
 
     @functools.cached_property
@@ -171,10 +192,12 @@ class Job:
             base_class, base_config = loading.class_name(self.base_config), self.base_config.to_dict()
         except BadInput:
             base_class, base_config = None, None  # the base-readable rule names what is wrong with it
-        return [
-            read_source(path, self.peft_release, base_class=base_class, base_config=base_config)
-            for path in self.adapter_dirs
-        ]
+        sources = []
+        for path, resolved in zip(self.adapter_dirs, self._adapters, strict=True):
+            source = read_source(path, self.peft_release, base_class=base_class, base_config=base_config)
+            source.origin = resolved.origin
+            sources.append(source)
+        return sources
 
     @property
     def adapter_files(self) -> list[AdapterFiles]:

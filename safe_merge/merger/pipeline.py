@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 from safe_merge.compat import pairs
 from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
-from safe_merge.errors import BadInput
-from safe_merge.io import loading, staging
+from safe_merge.errors import EXIT_PUSH_FAILED, BadInput
+from safe_merge.io import hub, loading, staging
 from safe_merge.merger import backends
+from safe_merge.merger.card import write_card
 from safe_merge.merger.job import Job
 from safe_merge.merger.preflight import preflight
 from safe_merge.merger.request import MergeRequest
@@ -42,7 +43,32 @@ def merge_command(request: MergeRequest) -> dict:
         report = stop.report
     if request.report is not None and report["status"] != PASSED:  # a published merge wrote it with OUT
         staging.write_file(request.report, report_text(report), request.force)
+    if request.push_to_hub is not None and report["status"] == PASSED:
+        report["push"] = push_output(Path(report["output"]["path"]), request.push_to_hub, request.private, report)
+        if report["push"]["status"] != "pushed":
+            report["exit_code"] = EXIT_PUSH_FAILED
     return report
+
+
+def push_output(out: Path, repo_id: str, private: bool, report: dict | None = None) -> dict:
+    """Upload a published OUT; a failure leaves OUT as it is and says how to push it again."""
+    message = "safe-merge: " + (
+        f"{_named(report['base'])} + {', '.join(_named(a) for a in report['adapters'])}" if report else f"{out.name}"
+    )
+    try:
+        return hub.push(out, repo_id, private, message)
+    except Exception as exc:
+        return {
+            "status": "failed",
+            "repo_id": repo_id,
+            "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}",
+            "local": str(out),
+            "retry": hub.retry_command(out, repo_id, private),
+        }
+
+
+def _named(entry: dict) -> str:
+    return entry["hub"]["repo_id"] if entry.get("hub") else Path(entry["path"]).name
 
 
 def report_text(report: dict) -> str:
@@ -76,7 +102,7 @@ def _merge_and_publish(job: Job, adapter_dir: Path, notes: list[str], check: Com
     report = {
         "status": None,
         "versions": loading.versions(),
-        "base": {"path": str(job.base_dir), "class": loading.class_name(job.base_config)},
+        "base": _base_report(job),
         "adapters": job.adapters_report([ledger.summary() for ledger in check.sources] if check else None),
         "backend": backend.name,
         "backend_reason": reason,
@@ -115,6 +141,8 @@ def _merge_and_publish(job: Job, adapter_dir: Path, notes: list[str], check: Com
         if verification.status != PASSED:
             report["output"] = {"path": None, "files": [], "not_written": f"verification {verification.status}"}
             raise _Abandon(report, verification.exit_code)
+        if job.request.card:
+            files.append(write_card(stage, report, job.request, job.base_dir, job.adapter_dirs))
         report["seconds"] = round(time.monotonic() - job.started, 3)
         report["exit_code"] = 0
         if job.request.report is not None:  # written before the publish, moved into place with it
@@ -169,8 +197,7 @@ def plan(job: Job) -> dict:
         "status": "planned",
         "versions": loading.versions(),
         "base": {
-            "path": str(job.base_dir),
-            "class": loading.class_name(job.base_config),
+            **_base_report(job),
             "stored_dtype": _dtype_name(job.stored_dtype),
             "parameters": job.base_numel,
         },
@@ -183,8 +210,10 @@ def plan(job: Job) -> dict:
             "path": str(job.out),
             "estimated_bytes": _size(job),
             "max_shard_size": job.request.max_shard_size,
+            "card": job.request.card,
             "written": False,
         },
+        **_push_plan(job.request),
         "peak_memory_estimate": memory,
         "checks": [
             *combining,
@@ -197,6 +226,16 @@ def plan(job: Job) -> dict:
         "seconds": round(time.monotonic() - job.started, 3),
         "exit_code": 0,
     }
+
+
+def _push_plan(request: MergeRequest) -> dict:
+    return {"push": {"repo_id": request.push_to_hub, "private": request.private}} if request.push_to_hub else {}
+
+
+def _base_report(job: Job) -> dict:
+    origin = job.base.origin
+    hub_entry = {"hub": origin.report()} if origin else {}
+    return {"path": str(job.base_dir), **hub_entry, "class": loading.class_name(job.base_config)}
 
 
 def _size(job: Job) -> int | None:

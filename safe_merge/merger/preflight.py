@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from safe_merge.io.hub import check_push
 from safe_merge.io.output_path import check_output, check_report
 from safe_merge.merger.job import Job
 from safe_merge.merger.request import MergeRequest
@@ -51,6 +52,11 @@ RULES: tuple[Rule, ...] = (
         "output-path",
         "an OUT or --report that is, holds or lies inside an input, or exists without --force",
         _output_path,
+    ),
+    Rule(
+        "push-possible",
+        "--push-to-hub with a malformed repo id, offline, or with no token the hub accepts",
+        lambda job: check_push(job.request.push_to_hub) if job.request.push_to_hub is not None else None,
     ),
     Rule(
         "adapters",

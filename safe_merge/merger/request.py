@@ -43,6 +43,11 @@ class MergeRequest:
     check_outputs: str = "auto"  # stream backend: auto (when the models fit in free memory) | always | never
     rounding: str = "default"  # whose bits: merge_and_unload()'s (default) or safe_merge=True's (compat/rounding.py)
     report: Path | None = None  # also write the JSON report here (published with OUT, never without it)
+    revision: str | None = None  # hub adapters without their own @REVISION: this branch, tag or commit
+    base_revision: str | None = None  # a hub base: this revision (default: the one adapter_config.json names, or main)
+    card: bool = True  # write README.md, the model card, into OUT
+    push_to_hub: str | None = None  # after a verified publish, upload OUT to this hub repo
+    private: bool = False  # a repo --push-to-hub creates is private
 
     def __post_init__(self) -> None:
         adapters = (self.adapters,) if isinstance(self.adapters, (str, Path)) else self.adapters
@@ -64,6 +69,8 @@ class MergeRequest:
             parse_size(self.max_shard_size)
         if self.combination is None and len(self.adapters) > 1:
             object.__setattr__(self, "combination", parse_combination("cat", None, len(self.adapters)))
+        if self.private and self.push_to_hub is None:
+            raise BadInput("--private applies to the repo --push-to-hub creates; pass --push-to-hub too")
         if self.combination is not None:
             require_weight_count(self.combination.weights, len(self.adapters))
 

@@ -176,7 +176,7 @@ def test_hub_ids_resolve_from_the_local_cache_and_say_so_when_absent(pair, tmp_p
     done = merge("acme/tiny-base", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr[-2000:]
     missing = merge("acme/not-cached", str(tmp_path / "out2"))
-    assert missing.returncode == 2 and "not a hub id in the local cache" in missing.stderr
+    assert missing.returncode == 2 and "is not in the hub cache" in missing.stderr
     assert "hf download acme/not-cached" in missing.stderr
 
 
