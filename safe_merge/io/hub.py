@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +71,12 @@ def resolve(name: str | Path, what: str, revision: str | None = None) -> Resolve
     if path.exists():
         raise BadInput(f"the {what} must be a directory", path=path)
     repo_id, own = split_revision(str(name))
+    asked = own or revision
+    if asked is not None and (asked.startswith("/") or ".." in asked.split("/") or not asked.strip()):
+        raise BadInput(f"revision {asked!r} is not a branch, tag or commit", path=name)
     if not REPO_ID.fullmatch(repo_id):
         raise BadInput("no such directory", path=name, hint=f"pass the {what}'s directory, or a hub repo id (org/name)")
-    return _download(repo_id, own or revision or "main", what, explicit=bool(own or revision))
+    return _download(repo_id, asked or "main", what, explicit=asked is not None)
 
 
 def _download(repo_id: str, revision: str, what: str, explicit: bool) -> Resolved:
@@ -100,6 +104,7 @@ def _download(repo_id: str, revision: str, what: str, explicit: bool) -> Resolve
             hint="run the same command again: the files already downloaded are kept in the hub cache and only the "
             "rest is fetched",
         ) from exc
+    _record_ref(repo_id, revision, commit)
     return Resolved(Path(folder), HubOrigin(repo_id, revision, commit, api.endpoint))
 
 
@@ -127,19 +132,40 @@ def _wanted(repo_id: str, commit: str, present: set[str], what: str) -> list[str
 
 
 def _cached(repo_id: str, revision: str, what: str, where: str, why: str) -> Resolved:
-    """The local cache's copy at ``revision`` (what huggingface_hub recorded for a branch), or a refusal saying why
-    nothing could be fetched."""
-    from huggingface_hub import constants, snapshot_download
+    """The hub cache's snapshot at ``revision`` (a commit, or the commit huggingface_hub recorded for a branch or
+    tag), or a refusal saying why nothing could be fetched. A snapshot missing files is refused by the checks that
+    read them, naming the file."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception as exc:
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    ref = storage / "refs" / revision
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+    folder = storage / "snapshots" / commit
+    if not folder.is_dir() or not any(folder.iterdir()):
         raise BadInput(
             f"not a local directory, and the {what} is not in the hub cache ({constants.HF_HUB_CACHE}): {why}",
             path=where,
             hint=f"download it once where the hub can be reached (`hf download {repo_id}`), or pass a local directory",
-        ) from exc
-    return Resolved(folder, HubOrigin(repo_id, revision, folder.name, constants.ENDPOINT))
+        )
+    return Resolved(folder, HubOrigin(repo_id, revision, commit, constants.ENDPOINT))
+
+
+def _record_ref(repo_id: str, revision: str, commit: str) -> None:
+    """Note in the cache which commit a branch or tag named, as huggingface_hub does, so that offline runs find it."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    if revision == commit:
+        return
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+    try:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        partial = ref.with_name(f".{ref.name}.{os.getpid()}.partial")
+        partial.write_text(commit, encoding="utf-8")
+        os.replace(partial, ref)
+    except OSError:
+        pass  # a read-only cache: the next online run resolves the branch again
 
 
 def _refuse_hub_error(exc: Exception, repo_id: str, revision: str, where: str, what: str, endpoint: str) -> None:

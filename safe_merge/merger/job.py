@@ -165,35 +165,35 @@ class Job:
 
     @functools.cached_property
     def adapter_dirs(self) -> list[Path]:
-        self.base_dir  # noqa: B018 - the base is named first when both are missing
         return [a.path for a in self._adapters]
 
     @property
     def inputs(self) -> dict[str, Path]:
         """Every input that exists, by what it is, for the output-path rule (a missing one is refused by the next
-        rules, which name it)."""
+        rules, which name it). The adapters come first: a missing one is named before a hub base, which may be
+        gigabytes, is downloaded."""
         named: dict[str, Path] = {}
-        if self.request.base is not None:
-            with contextlib.suppress(BadInput):
-                named["base model"] = self.base_dir
         many = len(self.request.adapters) > 1
         for i, ref in enumerate(self.request.adapters):
-            with contextlib.suppress(BadInput):
-                resolved = self._resolve(ref, "adapter", self.request.revision)
-                named[f"adapter {i + 1}" if many else "adapter"] = resolved.path
-        if self.request.base is None:
-            with contextlib.suppress(BadInput):
-                named["base model"] = self.base_dir
+            try:
+                named[f"adapter {i + 1}" if many else "adapter"] = self._resolve(
+                    ref, "adapter", self.request.revision
+                ).path
+            except BadInput:
+                return named
+        with contextlib.suppress(BadInput):
+            named["base model"] = self.base_dir
         return named
 
     @functools.cached_property
     def sources(self) -> list[AdapterSource]:
+        paths = self.adapter_dirs  # before the base: a missing adapter is named before a hub base is downloaded
         try:
             base_class, base_config = loading.class_name(self.base_config), self.base_config.to_dict()
         except BadInput:
             base_class, base_config = None, None  # the base-readable rule names what is wrong with it
         sources = []
-        for path, resolved in zip(self.adapter_dirs, self._adapters, strict=True):
+        for path, resolved in zip(paths, self._adapters, strict=True):
             source = read_source(path, self.peft_release, base_class=base_class, base_config=base_config)
             source.origin = resolved.origin
             sources.append(source)

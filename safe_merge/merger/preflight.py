@@ -49,14 +49,14 @@ def _release_bugs(job: Job) -> None:
 
 RULES: tuple[Rule, ...] = (
     Rule(
+        "push-possible",  # first: one request, before any download
+        "--push-to-hub with a malformed repo id, offline, or with no token the hub accepts",
+        lambda job: check_push(job.request.push_to_hub) if job.request.push_to_hub is not None else None,
+    ),
+    Rule(
         "output-path",
         "an OUT or --report that is, holds or lies inside an input, or exists without --force",
         _output_path,
-    ),
-    Rule(
-        "push-possible",
-        "--push-to-hub with a malformed repo id, offline, or with no token the hub accepts",
-        lambda job: check_push(job.request.push_to_hub) if job.request.push_to_hub is not None else None,
     ),
     Rule(
         "adapters",

@@ -6,7 +6,8 @@ the LFS batch API with the basic transfer, and commits (NDJSON). Repositories li
 file sets; branches move, commit hashes stay. Xet storage is not served: a client that has hf_xet must run with
 HF_HUB_DISABLE_XET=1 for LFS uploads (downloads never offer Xet, so every client falls back to plain HTTP).
 
-Faults for the tests: ``broken_downloads`` names files whose GETs stop halfway through the body.
+Faults for the tests: ``broken_downloads`` names files whose GETs stop halfway through the body;
+``refuse_commits`` answers commits 403.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Hub:
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}  # sha256 -> content, uploaded through the batch API
         self.broken_downloads: set[str] = set()  # file paths whose GET bodies stop halfway
+        self.refuse_commits = False  # commits answered 403, as for a token without write access to the repo
         self.requests: list[tuple[str, str]] = []  # (method, path) as received, for the tests to read
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -306,6 +308,9 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
         def commit(self, repo: str, rev: str, **_) -> None:
             if not self._authorized():
                 return self._error(401, None, "Invalid credentials in Authorization header")
+            if hub.refuse_commits:
+                self._body()
+                return self._error(403, None, "You don't have the rights to create a commit on this repo")
             found = self._repo(repo)
             if found is None:
                 return

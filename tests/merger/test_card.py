@@ -1,0 +1,87 @@
+"""The model card merge writes into OUT: metadata the hub reads, the inputs, the verification table, and a command
+that reproduces the merge bit for bit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+
+import pytest
+import yaml
+
+from tests.helpers import materialize
+from tests.strategies import TINY, Case
+
+
+@pytest.fixture
+def pair(tmp_path):
+    case = Case(
+        "llama",
+        TINY["one_layer"],
+        False,
+        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "float32",
+        seed=4,
+    )
+    return materialize(case, tmp_path / "inputs")
+
+
+def header(card: str) -> dict:
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_the_card_carries_the_metadata_the_verification_table_and_the_inputs(pair, tmp_path, cli):
+    base, adapter = pair
+    (base / "README.md").write_text("---\nlicense: llama3.1\nlanguage: en\n---\n# the base\n")
+    code, report, err = cli("merge", base, adapter, "-o", tmp_path / "out", "--json")
+    assert code == 0, err
+    card = (tmp_path / "out" / "README.md").read_text()
+    meta = header(card)
+    assert meta["license"] == "llama3.1" and meta["library_name"] == "transformers"
+    assert "safe-merge" in meta["tags"] and "base_model" not in meta  # a local base has no hub id to name
+    weights = report["verification"]["weights"]
+    ledger = report["ledger"]
+    assert f"| adapter tensors (ledger) | {sum(ledger.values())}: {ledger['merged']} merged" in card
+    assert f"| merged weights | {weights['checked_tensors']} checked: " in card
+    assert "| outputs vs. the unmerged PeftModel | max abs difference" in card
+    assert "README.md" in report["output"]["files"]
+    digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert f"| adapter | local `{adapter.name}` | - | `{digest}` |" in card
+
+
+def test_the_reproduce_command_writes_the_same_weights(pair, tmp_path, cli):
+    base, adapter = pair
+    first = tmp_path / "first"
+    code, _, err = cli(
+        "merge", base, adapter, "-o", first, "--dtype", "bfloat16", "--weights", "0.7", "--check-outputs", "never"
+    )
+    assert code == 0, err
+    card = (first / "README.md").read_text()
+    command = card.split("## Reproduce\n\n```\n")[1].split("\n```")[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["safe-merge", "merge"] and "--dtype" in argv and "0.7" in argv
+    argv[argv.index("-o") + 1] = str(tmp_path / "again")
+    code, _, err = cli(*argv[1:])
+    assert code == 0, err
+    for name in ("model.safetensors", "config.json"):
+        assert (first / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+def test_no_card_writes_none_and_a_base_named_by_the_adapter_is_the_cards_base_model(pair, tmp_path, cli):
+    base, adapter = pair
+    code, _, err = cli("merge", base, adapter, "-o", tmp_path / "bare", "--no-card")
+    assert code == 0 and not (tmp_path / "bare" / "README.md").exists(), err
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "acme/tiny-base"}))
+    code, _, err = cli("merge", base, adapter, "-o", tmp_path / "out")
+    assert code == 0, err
+    meta = header((tmp_path / "out" / "README.md").read_text())
+    assert meta["base_model"] == "acme/tiny-base" and meta["base_model_relation"] == "merge"
+
+
+def test_a_merged_directory_with_its_card_verifies(pair, tmp_path, cli):
+    base, adapter = pair
+    assert cli("merge", base, adapter, "-o", tmp_path / "out")[0] == 0
+    code, report, err = cli("verify", base, adapter, tmp_path / "out", "--json")
+    assert code == 0 and report["status"] == "passed", err
