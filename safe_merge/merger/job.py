@@ -172,18 +172,19 @@ class Job:
         """Every input that exists, by what it is, for the output-path rule (a missing one is refused by the next
         rules, which name it). The adapters come first: a missing one is named before a hub base, which may be
         gigabytes, is downloaded."""
-        named: dict[str, Path] = {}
+        adapters: dict[str, Path] = {}
         many = len(self.request.adapters) > 1
         for i, ref in enumerate(self.request.adapters):
             try:
-                named[f"adapter {i + 1}" if many else "adapter"] = self._resolve(
+                adapters[f"adapter {i + 1}" if many else "adapter"] = self._resolve(
                     ref, "adapter", self.request.revision
                 ).path
             except BadInput:
-                return named
+                return adapters
+        base: dict[str, Path] = {}
         with contextlib.suppress(BadInput):
-            named["base model"] = self.base_dir
-        return named
+            base["base model"] = self.base_dir
+        return {**base, **adapters}  # the base named first where OUT holds several inputs
 
     @functools.cached_property
     def sources(self) -> list[AdapterSource]:
