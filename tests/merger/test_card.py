@@ -53,18 +53,19 @@ def test_the_card_carries_the_metadata_the_verification_table_and_the_inputs(pai
 def test_the_reproduce_command_writes_the_same_weights(pair, tmp_path, cli):
     base, adapter = pair
     first = tmp_path / "first"
-    code, _, err = cli(
-        "merge", base, adapter, "-o", first, "--dtype", "bfloat16", "--weights", "0.7", "--check-outputs", "never"
-    )
+    options = ("--dtype", "bfloat16", "--max-shard-size", "4KB", "--check-outputs", "never")
+    code, _, err = cli("merge", base, adapter, "-o", first, *options)
     assert code == 0, err
     card = (first / "README.md").read_text()
     command = card.split("## Reproduce\n\n```\n")[1].split("\n```")[0]
     argv = shlex.split(command)
-    assert argv[:2] == ["safe-merge", "merge"] and "--dtype" in argv and "0.7" in argv
+    assert argv[:2] == ["safe-merge", "merge"] and all(option in argv for option in options)
     argv[argv.index("-o") + 1] = str(tmp_path / "again")
     code, _, err = cli(*argv[1:])
     assert code == 0, err
-    for name in ("model.safetensors", "config.json"):
+    shards = sorted(p.name for p in first.glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "again").glob("*.safetensors"))
+    for name in (*shards, "config.json"):
         assert (first / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
 
 
