@@ -47,6 +47,8 @@ def merge_command(request: MergeRequest) -> dict:
         report["push"] = push_output(Path(report["output"]["path"]), request.push_to_hub, request.private, report)
         if report["push"]["status"] != "pushed":
             report["exit_code"] = EXIT_PUSH_FAILED
+        if request.report is not None:  # the copy published with OUT, rewritten with the upload's outcome
+            staging.write_file(request.report, report_text(report), force=True)
     return report
 
 

@@ -182,9 +182,19 @@ def test_an_interrupted_download_fails_cleanly_and_the_rerun_completes(hub, tmp_
 def test_a_failed_push_keeps_the_output_and_the_push_command_retries_it(hub, tmp_path):
     hub.refuse_commits = True
     home, out = tmp_path / "home", tmp_path / "o"
-    code, report, err = safe_merge(
-        hub, home, "merge", "org/lora", "-o", str(out), "--push-to-hub", "org/m", "--private"
+    args = (
+        "merge",
+        "org/lora",
+        "-o",
+        str(out),
+        "--push-to-hub",
+        "org/m",
+        "--private",
+        "--report",
+        str(tmp_path / "r.json"),
     )
+    code, report, err = safe_merge(hub, home, *args)
+    assert json.loads((tmp_path / "r.json").read_text())["push"]["status"] == "failed"  # the --report copy says so too
     assert code == 4 and report["status"] == "passed" and report["push"]["status"] == "failed", err[-3000:]
     assert report["push"]["retry"] == f"safe-merge push {out} org/m --private" and "PUSH FAILED" in err
     written = folder(out)
