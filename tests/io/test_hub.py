@@ -112,6 +112,9 @@ def test_merge_downloads_base_and_adapter_and_pushes_the_verified_model_with_its
     commits = (hub.repos["org/base"].refs["main"], hub.repos["org/lora"].refs["main"])
     assert f"safe-merge merge org/base@{commits[0]} org/lora@{commits[1]} -o merged" in card
     assert not hub.repos["org/merged"].private
+    code, checked, err = safe_merge(hub, tmp_path / "fresh-home", "verify", "org/lora", "org/merged")
+    assert code == 0 and checked["status"] == "passed", err[-3000:]  # what the hub now serves, checked from the hub
+    assert checked["hub"]["merged"]["commit"] == report["push"]["commit"]
 
 
 def test_only_the_files_a_merge_reads_are_downloaded(hub, tiny, tmp_path):
