@@ -176,8 +176,11 @@ def push(out: str | Path, repo_id: str, *, private: bool = False) -> dict:
     shard_files(out)  # a directory without weights is named before anything is uploaded
     check_push(repo_id)
     result = push_output(out, repo_id, private)
-    failed = result["status"] != "pushed"
-    return {**result, "exit_code": EXIT_PUSH_FAILED if failed else 0}
+    return {
+        "status": result["status"],
+        "push": result,
+        "exit_code": 0 if result["status"] == "pushed" else EXIT_PUSH_FAILED,
+    }
 
 
 def inspect(adapter: str | Path, *, target: str | None = None) -> dict:

@@ -204,8 +204,12 @@ def test_a_failed_push_keeps_the_output_and_the_push_command_retries_it(hub, tmp
     assert any(name.endswith(".safetensors") for name in written) and "README.md" in written
     hub.refuse_commits = False
     code, pushed, err = safe_merge(hub, home, *report["push"]["retry"].split()[1:])
-    assert code == 0 and pushed["status"] == "pushed", err[-3000:]
-    assert hub.repos["org/m"].private and {k: v for k, v in hub.files("org/m").items() if k in written} == written
+    assert code == 0 and pushed["status"] == "pushed" and f"pushed    {hub.endpoint}/org/m" in err, err[-3000:]
+    assert (
+        pushed["push"]["commit"] == hub.repos["org/m"].refs["main"]
+        and hub.repos["org/m"].private
+        and {k: v for k, v in hub.files("org/m").items() if k in written} == written
+    )
 
 
 def test_a_push_without_a_token_is_refused_before_anything_is_downloaded(hub, tmp_path):
