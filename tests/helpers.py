@@ -16,7 +16,7 @@ from safe_merge.io import loading
 from safe_merge.merger.backends.peft import merge_model
 from safe_merge.verifier.layer_kinds import layer_kinds
 from safe_merge.verifier.verdict import Verification, verify_models
-from tests.strategies import Case, build_base, fill_adapter, lora_config
+from tests.strategies import TINY, Case, build_base, fill_adapter, lora_config
 
 FIXTURES = Path(__file__).parent / "fixtures"  # adapters and bases written by real PEFT releases (`nox -s fixtures`)
 
@@ -97,6 +97,21 @@ def materialize(case: Case, root: Path) -> tuple[Path, Path]:
     save_model(base, base_dir)
     save_adapter(case, base, adapter_dir)
     return base_dir, adapter_dir
+
+
+SMALL_LLAMA = Case(
+    "llama",
+    TINY["one_layer"],
+    False,
+    {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "float32",
+    seed=4,
+)  # a one-layer Llama and a LoRA on two projections: the inputs of tests about files, paths and commands
+
+
+def small_pair(root: Path) -> tuple[Path, Path]:
+    """SMALL_LLAMA's base and adapter, written under ``root``."""
+    return materialize(SMALL_LLAMA, root)
 
 
 def probe_ids(case: Case) -> torch.Tensor:

@@ -133,11 +133,15 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 return None
             return repo
 
-        def _revision(self, repo: Repo, revision: str, head: bool = False) -> str | None:
+        def _at(self, repo_id: str, revision: str, head: bool = False) -> tuple[Repo | None, str | None]:
+            """The repo and the commit ``revision`` names, or (…, None) with the Hub's 404 already sent."""
+            repo = self._repo(repo_id, head=head)
+            if repo is None:
+                return None, None
             sha = repo.resolve(revision)
             if sha is None:
                 self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
-            return sha
+            return repo, sha
 
         # ---------------------------------------------------------------- routes
 
@@ -182,10 +186,7 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             self._json(200, {"type": "user", "name": USER, "orgs": [{"name": "org"}], "auth": {"type": "access_token"}})
 
         def info(self, repo: str, rev: str | None, **_) -> None:
-            found = self._repo(repo)
-            if found is None:
-                return
-            sha = self._revision(found, rev or "main")
+            found, sha = self._at(repo, rev or "main")
             if sha is None:
                 return
             files = found.commits[sha]
@@ -203,10 +204,7 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             )
 
         def tree(self, repo: str, rev: str, sub: str | None, **_) -> None:
-            found = self._repo(repo)
-            if found is None:
-                return
-            sha = self._revision(found, rev)
+            found, sha = self._at(repo, rev)
             if sha is None:
                 return
             prefix = f"{sub.strip('/')}/" if sub else ""
@@ -215,10 +213,7 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
 
         def resolve(self, method: str, repo: str, rev: str, file: str, **_) -> None:
             head = method == "HEAD"
-            found = self._repo(repo, head=head)
-            if found is None:
-                return
-            sha = self._revision(found, rev, head=head)
+            found, sha = self._at(repo, rev, head=head)
             if sha is None:
                 return
             data = found.commits[sha].get(file)
@@ -269,10 +264,7 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             self._json(200, {"errors": [], "warnings": []})
 
         def preupload(self, repo: str, rev: str, **_) -> None:
-            found = self._repo(repo)
-            if found is None:
-                return
-            sha = self._revision(found, rev)
+            found, sha = self._at(repo, rev)
             if sha is None:
                 return
             current = found.commits[sha]
@@ -311,10 +303,7 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             if hub.refuse_commits:
                 self._body()
                 return self._error(403, None, "You don't have the rights to create a commit on this repo")
-            found = self._repo(repo)
-            if found is None:
-                return
-            sha = self._revision(found, rev)
+            found, sha = self._at(repo, rev)
             if sha is None:
                 return
             files = dict(found.commits[sha])

@@ -18,23 +18,14 @@ from pathlib import Path
 import pytest
 
 from safe_merge.io import staging
-from tests.helpers import digest, materialize
-from tests.strategies import TINY, Case
+from tests.helpers import digest, small_pair
 
 TRACEBACK = "Traceback"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
-    case = Case(
-        "llama",
-        TINY["one_layer"],
-        False,
-        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "float32",
-        seed=4,
-    )
-    return materialize(case, tmp_path_factory.mktemp("inputs"))
+    return small_pair(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture

@@ -136,9 +136,8 @@ def _cached(repo_id: str, revision: str, what: str, where: str, why: str) -> Res
     tag), or a refusal saying why nothing could be fetched. A snapshot missing files is refused by the checks that
     read them, naming the file."""
     from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
 
-    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    storage = _storage(repo_id)
     ref = storage / "refs" / revision
     commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
     folder = storage / "snapshots" / commit
@@ -153,12 +152,9 @@ def _cached(repo_id: str, revision: str, what: str, where: str, why: str) -> Res
 
 def _record_ref(repo_id: str, revision: str, commit: str) -> None:
     """Note in the cache which commit a branch or tag named, as huggingface_hub does, so that offline runs find it."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
     if revision == commit:
         return
-    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+    ref = _storage(repo_id) / "refs" / revision
     try:
         ref.parent.mkdir(parents=True, exist_ok=True)
         partial = ref.with_name(f".{ref.name}.{os.getpid()}.partial")
@@ -166,6 +162,14 @@ def _record_ref(repo_id: str, revision: str, commit: str) -> None:
         os.replace(partial, ref)
     except OSError:
         pass  # a read-only cache: the next online run resolves the branch again
+
+
+def _storage(repo_id: str) -> Path:
+    """The repo's folder in the hub cache (huggingface_hub's documented layout: refs/, snapshots/, blobs/)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
 def _refuse_hub_error(exc: Exception, repo_id: str, revision: str, where: str, what: str, endpoint: str) -> None:

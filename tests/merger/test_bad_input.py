@@ -18,7 +18,7 @@ from safe_merge.cli import main
 from safe_merge.demo import build_tokenizer
 from safe_merge.io.shards import ShardWriter
 from safe_merge.merger.backends import peft as peft_backend
-from tests.helpers import materialize, merge_refused
+from tests.helpers import materialize, merge_refused, small_pair
 from tests.strategies import FEATURES, TINY, Case
 
 SIZES = TINY["one_layer"]
@@ -27,11 +27,7 @@ SIZES = TINY["one_layer"]
 @pytest.fixture
 def pair(tmp_path):
     """A fresh base and adapter per test (tests edit copies of them)."""
-    case = Case(
-        "llama", SIZES, False, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "float32", seed=4
-    )
-    base, adapter = materialize(case, tmp_path / "inputs")
-    return base, adapter
+    return small_pair(tmp_path / "inputs")
 
 
 def _merge_fails(base: Path, adapter: Path, tmp_path: Path, capsys, *needles: str, code: int = 2) -> str:

@@ -10,21 +10,12 @@ import shlex
 import pytest
 import yaml
 
-from tests.helpers import materialize
-from tests.strategies import TINY, Case
+from tests.helpers import small_pair
 
 
 @pytest.fixture
 def pair(tmp_path):
-    case = Case(
-        "llama",
-        TINY["one_layer"],
-        False,
-        {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "float32",
-        seed=4,
-    )
-    return materialize(case, tmp_path / "inputs")
+    return small_pair(tmp_path / "inputs")
 
 
 def header(card: str) -> dict:
