@@ -90,6 +90,24 @@ def test_tokenizer_comes_from_the_adapter_when_it_saved_its_own(inputs, tmp_path
     assert not (tmp_path / "out" / "tokenizer.json").exists()  # nothing mixed in from the base's tokenizer
 
 
+def test_the_base_processor_goes_with_the_merged_model_and_verify_flags_a_changed_one(inputs, tmp_path, cli):
+    base, adapter = inputs
+    with_processor = tmp_path / "base"
+    shutil.copytree(base, with_processor)
+    processor = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 8}}
+    (with_processor / "preprocessor_config.json").write_text(json.dumps(processor))
+    (with_processor / "processor_config.json").write_text('{"processor_class": "LlavaProcessor"}')
+    code, _, err = cli("merge", with_processor, adapter, "-o", tmp_path / "out")
+    assert code == 0, err
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (with_processor / name).read_bytes()
+    (tmp_path / "out" / "preprocessor_config.json").write_text(json.dumps({**processor, "size": {"shortest_edge": 9}}))
+    code, report, err = cli("verify", with_processor, adapter, tmp_path / "out", "--json")
+    assert code == 1 and any(
+        p.startswith("preprocessor_config.json: differs from the base's") for p in report["problems"]
+    )
+
+
 def test_merge_keeps_the_base_dtype_with_dtype_auto(inputs, tmp_path, cli):
     base, adapter = inputs
     half_base = tmp_path / "base-bf16"

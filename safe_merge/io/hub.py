@@ -3,10 +3,10 @@ token (HF_TOKEN or `hf auth login`), its endpoint (HF_ENDPOINT), its offline mod
 progress bars.
 
 An input that is not a local path and reads as a repo id is resolved to one commit first, then only the files a
-merge reads are downloaded at that commit (config, generation config, card, tokenizer, and the weights transformers
-would load: the safetensors index and exactly the shards it names, pickles only where no safetensors exist), so a
-branch that moves during the download cannot mix two commits. ``ID@REVISION`` pins one input; where the hub cannot
-be reached the local cache answers, as transformers does.
+merge reads are downloaded at that commit (config, generation config, card, tokenizer, processor, and the weights
+transformers would load: the safetensors index and exactly the shards it names, pickles only where no safetensors
+exist), so a branch that moves during the download cannot mix two commits. ``ID@REVISION`` pins one input;
+where the hub cannot be reached the local cache answers, as transformers does.
 """
 
 from __future__ import annotations
@@ -112,11 +112,11 @@ def _wanted(repo_id: str, commit: str, present: set[str], what: str) -> list[str
     """The files of the repo a merge reads, by name: nothing in subfolders, never two kinds of weights."""
     from huggingface_hub import hf_hub_download
 
-    from safe_merge.io.model_dir import TOKENIZER_FILES
+    from safe_merge.io.model_dir import PROCESSOR_FILES, TOKENIZER_FILES
 
     if what == "adapter":
         weights = [next((f for f in ADAPTER_WEIGHTS if f in present), ADAPTER_WEIGHTS[0])]
-        return [f for f in (*ADAPTER_FILES, *TOKENIZER_FILES) if f in present] + weights
+        return [f for f in (*ADAPTER_FILES, *TOKENIZER_FILES, *PROCESSOR_FILES) if f in present] + weights
     weights: list[str] = []
     for stem in WEIGHT_STEMS:  # transformers' order: the safetensors index, the single file, then the pickles
         index = f"{stem}.index.json"
@@ -128,7 +128,7 @@ def _wanted(repo_id: str, commit: str, present: set[str], what: str) -> list[str
         if stem in present:
             weights = [stem]
             break
-    return [f for f in (*MODEL_FILES, *TOKENIZER_FILES) if f in present] + weights
+    return [f for f in (*MODEL_FILES, *TOKENIZER_FILES, *PROCESSOR_FILES) if f in present] + weights
 
 
 def _cached(repo_id: str, revision: str, what: str, where: str, why: str) -> Resolved:

@@ -28,16 +28,29 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+PROCESSOR_FILES = (  # transformers' names for image, video and audio processors (utils/__init__.py *_NAME)
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "audio_tokenizer_config.json",
+)
+CARRIED = (TOKENIZER_FILES, PROCESSOR_FILES)  # each group comes whole from one place (carried_source)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 DEFAULT_SHARD_SIZE = "5GB"
 
 
-def tokenizer_source(adapter_dir: Path, base_dir: Path) -> Path | None:
-    """The adapter's own tokenizer when it saved one (it may add tokens), else the base's."""
+def carried_source(group: tuple[str, ...], adapter_dir: Path, base_dir: Path) -> Path | None:
+    """Where a group of files beside the weights comes from: the adapter, when it saved any of them (a tokenizer
+    with added tokens, a processor it was trained with), else the base."""
     for directory in (adapter_dir, base_dir):
-        if any((directory / name).is_file() for name in TOKENIZER_FILES):
+        if any((directory / name).is_file() for name in group):
             return directory
     return None
+
+
+def tokenizer_source(adapter_dir: Path, base_dir: Path) -> Path | None:
+    """The adapter's own tokenizer when it saved one (it may add tokens), else the base's."""
+    return carried_source(TOKENIZER_FILES, adapter_dir, base_dir)
 
 
 def tokenizer_size(directory: Path) -> int | None:
@@ -166,13 +179,13 @@ def write_configs(model: nn.Module, out: Path) -> None:
 
 
 def carry_files(out: Path, base_dir: Path, adapter_dir: Path) -> None:
-    """The files a user expects beside the weights: the base's generation config, and the tokenizer (the
-    adapter's own when it saved one)."""
+    """The files a user expects beside the weights: the base's generation config, the tokenizer and the processor
+    (each the adapter's own when it saved one)."""
     base_generation = base_dir / "generation_config.json"
     if base_generation.is_file():
         shutil.copyfile(base_generation, out / "generation_config.json")
-    source = tokenizer_source(adapter_dir, base_dir)
-    if source is not None:
-        for name in TOKENIZER_FILES:
+    for group in CARRIED:
+        source = carried_source(group, adapter_dir, base_dir)
+        for name in group if source is not None else ():
             if (source / name).is_file():
                 shutil.copyfile(source / name, out / name)

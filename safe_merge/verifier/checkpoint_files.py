@@ -4,7 +4,8 @@ generation defaults or its tokenizer, and its index must describe exactly the te
 - config.json: field by field against the base's (config_check.py);
 - generation_config.json: the base's, field by field (a merged checkpoint without one, where the base has one,
   generates differently);
-- tokenizer files: byte for byte the source's (the adapter's own tokenizer when it saved one, else the base's);
+- tokenizer and processor files: byte for byte the source's (the adapter's own when it saved them, else the
+  base's);
   a JSON file that differs only in formatting passes. A file absent from the merged checkpoint is not a
   problem (merge_and_unload + save_pretrained writes none); one that is there and differs is;
 - the shard index: every tensor it maps is in the shard it names, and every tensor of every shard file in the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safe_merge.io.model_dir import TOKENIZER_FILES, tokenizer_source
+from safe_merge.io.model_dir import CARRIED, carried_source
 from safe_merge.io.shards import INDEX
 from safe_merge.io.tensorfile import read_header
 from safe_merge.verifier.config_check import BOOKKEEPING, config_changes, differences
@@ -27,7 +28,7 @@ def file_problems(base_dir: Path, adapter_dir: Path, merged_dir: Path, expected:
     return (
         config_changes(base_dir, merged_dir, expected)
         + generation_changes(base_dir, merged_dir)
-        + tokenizer_changes(base_dir, adapter_dir, merged_dir)
+        + carried_changes(base_dir, adapter_dir, merged_dir)
         + index_problems(merged_dir)
     )
 
@@ -47,18 +48,18 @@ def generation_changes(base_dir: Path, merged_dir: Path) -> list[str]:
     return [f"{name} {key}: base {before!r}, merged {after!r}" for key, before, after in changes]
 
 
-def tokenizer_changes(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> list[str]:
-    source = tokenizer_source(adapter_dir, base_dir)
-    if source is None:
-        return []
+def carried_changes(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> list[str]:
+    """The tokenizer and processor files against their source, byte for byte (a JSON file may differ in format)."""
     out = []
-    for name in TOKENIZER_FILES:
-        theirs, ours = source / name, merged_dir / name
-        if not theirs.is_file() or not ours.is_file() or theirs.read_bytes() == ours.read_bytes():
-            continue
-        if name.endswith(".json") and _json(theirs) is not None and _json(theirs) == _json(ours):
-            continue  # the same content, formatted otherwise
-        out.append(f"{name}: differs from the {'adapter' if source == adapter_dir else 'base'}'s ({theirs})")
+    for group in CARRIED:
+        source = carried_source(group, adapter_dir, base_dir)
+        for name in group if source is not None else ():
+            theirs, ours = source / name, merged_dir / name
+            if not theirs.is_file() or not ours.is_file() or theirs.read_bytes() == ours.read_bytes():
+                continue
+            if name.endswith(".json") and _json(theirs) is not None and _json(theirs) == _json(ours):
+                continue  # the same content, formatted otherwise
+            out.append(f"{name}: differs from the {'adapter' if source == adapter_dir else 'base'}'s ({theirs})")
     return out
 
 

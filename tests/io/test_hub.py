@@ -48,6 +48,7 @@ def tiny(tmp_path_factory) -> dict[str, dict[str, bytes]]:
     weight_map = {k: shard for shard, keys in shards.items() for k in keys}
     files["model.safetensors.index.json"] = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
     files["README.md"] = b"---\nlicense: apache-2.0\n---\n# tiny base\n"
+    files["preprocessor_config.json"] = b'{"feature_size": 8}'  # a processor travels with the model
     adapter_files = folder(adapter)
     config = json.loads(adapter_files["adapter_config.json"])
     adapter_files["adapter_config.json"] = json.dumps({**config, "base_model_name_or_path": "org/base"}).encode()
@@ -101,7 +102,9 @@ def test_merge_downloads_base_and_adapter_and_pushes_the_verified_model_with_its
     assert report["push"]["status"] == "pushed" and report["push"]["commit"] == hub.repos["org/merged"].refs["main"]
     pushed = hub.files("org/merged")
     assert {name: pushed[name] for name in folder(out)} == folder(out)
-    assert "README.md" in report["output"]["files"] and set(pushed) == set(folder(out)) | {".gitattributes"}
+    assert {"README.md", "preprocessor_config.json"} <= set(report["output"]["files"]) and set(pushed) == set(
+        folder(out)
+    ) | {".gitattributes"}
     card = pushed["README.md"].decode()
     assert card.startswith("---\nbase_model: org/base\nbase_model_relation: merge\nlibrary_name: transformers\n")
     assert (
@@ -129,7 +132,7 @@ def test_only_the_files_a_merge_reads_are_downloaded(hub, tiny, tmp_path):
         hub, tmp_path / "home", "merge", "org/base", "org/lora", "-o", str(tmp_path / "o"), "--plan"
     )
     assert code == 0, err[-3000:]
-    assert downloaded(hub, "org/base") == set(tiny["base"])  # config, card, tokenizer, the index and its shards
+    assert downloaded(hub, "org/base") == set(tiny["base"])  # config, card, tokenizer, processor, index, shards
     assert downloaded(hub, "org/lora") == set(tiny["adapter"])
     assert not (tmp_path / "o").exists()
 

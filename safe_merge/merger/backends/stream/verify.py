@@ -22,7 +22,7 @@ from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.merger.backends.stream.layout import BaseView, vocab_rows
 from safe_merge.merger.backends.stream.write import StreamMerge
 from safe_merge.verifier.accounting import accounting_problems, factor_paths, ties_problems
-from safe_merge.verifier.checkpoint_files import file_problems, index_problems, tokenizer_changes
+from safe_merge.verifier.checkpoint_files import carried_changes, file_problems, index_problems
 from safe_merge.verifier.delta import LayerKind, ModuleLora, merged_weight
 from safe_merge.verifier.diagnosis import diagnose
 from safe_merge.verifier.outputs import OutputCheck, available_memory
@@ -108,7 +108,7 @@ def verify(
     if not (stage / "config.json").is_file():
         reason = "the merged directory has no config.json (bare safetensors): its weights were checked, not its outputs"
         outputs = OutputCheck(False, reason=reason, optional=True)
-        files = tokenizer_changes(base_dir, tokenizer_from or adapter_dir, stage) + index_problems(stage)
+        files = carried_changes(base_dir, tokenizer_from or adapter_dir, stage) + index_problems(stage)
         return Verification(prep.ledger, weights, outputs, config=files)
     paths = factor_paths(prep.adapter_tensors)
     tieable = set(vocab_rows(prep.checkpoint, prep.config))
