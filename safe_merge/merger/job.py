@@ -186,6 +186,17 @@ class Job:
             base["base model"] = self.base_dir
         return {**base, **adapters}  # the base named first where OUT holds several inputs
 
+    def revision_notes(self) -> list[str]:
+        """A --revision or --base-revision that named no hub input is said, not dropped in silence."""
+        notes = []
+        if self.request.revision is not None and not any(a.origin for a in self._adapters):
+            notes.append(f"--revision {self.request.revision} is for hub adapters; every adapter is a local directory")
+        if self.request.base_revision is not None and self.base.origin is None:
+            notes.append(
+                f"--base-revision {self.request.base_revision} is for a hub base; the base is a local directory"
+            )
+        return notes
+
     @functools.cached_property
     def sources(self) -> list[AdapterSource]:
         paths = self.adapter_dirs  # before the base: a missing adapter is named before a hub base is downloaded

@@ -138,7 +138,9 @@ def _merge_and_publish(job: Job, adapter_dir: Path, notes: list[str], check: Com
             report[key] = body[key]
         if job.combination is not None:
             report["combination"] = {**job.combination.report(), "combined_rank": _rank(adapter)}
-        report["warnings"] = pairs.declared_warnings() + notes + backend.notes + body["warnings"] + caught
+        report["warnings"] = (
+            pairs.declared_warnings() + job.revision_notes() + notes + backend.notes + body["warnings"] + caught
+        )
         report["output"]["files"] = files
         if verification.status != PASSED:
             report["output"] = {"path": None, "files": [], "not_written": f"verification {verification.status}"}
@@ -224,7 +226,7 @@ def plan(job: Job) -> dict:
             f"outputs against the unmerged PeftModel on {', '.join(probes) if probes else 'no probe: a gap'}",
         ],
         "quantization": _quantization(job),
-        "warnings": pairs.declared_warnings(),
+        "warnings": pairs.declared_warnings() + job.revision_notes(),
         "seconds": round(time.monotonic() - job.started, 3),
         "exit_code": 0,
     }

@@ -11,6 +11,7 @@ from safe_merge.errors import BadInput
 from safe_merge.merger import backends
 from safe_merge.merger.preflight import RULES, preflight
 from safe_merge.merger.request import MergeRequest
+from tests.helpers import small_pair
 
 
 def test_a_request_is_frozen_and_normalised_once():
@@ -61,3 +62,13 @@ def test_the_registry_holds_each_backend_once_and_auto_offers_the_stream_backend
     assert names[0] == "stream" and set(names) == {"stream", "peft"}
     assert len(set(backends.REGISTRY)) == len(backends.REGISTRY)
     assert backends.names() == ("auto", "stream", "peft")  # what --backend accepts comes from the registry
+
+
+def test_a_revision_for_the_hub_given_with_local_inputs_is_said_not_dropped(tmp_path, cli):
+    base, adapter = small_pair(tmp_path / "inputs")
+    args = ("merge", base, adapter, "-o", tmp_path / "out", "--plan", "--json")
+    code, report, err = cli(*args, "--revision", "v1", "--base-revision", "v2")
+    assert code == 0, err
+    assert "--revision v1 is for hub adapters; every adapter is a local directory" in report["warnings"]
+    assert "--base-revision v2 is for a hub base; the base is a local directory" in report["warnings"]
+    assert not any("revision" in w for w in cli(*args)[1]["warnings"])
