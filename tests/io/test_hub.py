@@ -137,6 +137,20 @@ def test_only_the_files_a_merge_reads_are_downloaded(hub, tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_base_with_only_pickled_weights_downloads_the_pickle_and_merges(hub, tiny, tmp_path):
+    shards = json.loads(tiny["base"]["model.safetensors.index.json"])["weight_map"].values()
+    tensors = {k: v for shard in sorted(set(shards)) for k, v in load_bytes(tiny["base"][shard]).items()}
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    keep = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+    hub.add("org/pickled", {**{k: tiny["base"][k] for k in keep}, "pytorch_model.bin": buffer.getvalue()})
+    code, report, err = safe_merge(
+        hub, tmp_path / "home", "merge", "org/pickled", "org/lora", "-o", str(tmp_path / "o")
+    )
+    assert code == 0 and report["status"] == "passed", err[-3000:]
+    assert downloaded(hub, "org/pickled") == {*keep, "pytorch_model.bin"}
+
+
 def test_a_revision_pins_each_input_to_its_commit(hub, tiny, tmp_path):
     first = hub.repos["org/lora"].refs["main"]
     hub.repos["org/lora"].refs["v1"] = first
@@ -238,13 +252,21 @@ def test_check_fetches_the_commit_a_fingerprint_recorded_after_the_branch_moved(
     assert code == 0 and report["status"] == "passed", err[-3000:]
 
 
+def load_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
 def doubled(adapter: dict[str, bytes]) -> dict[str, bytes]:
     """The adapter's files with every tensor doubled (safetensors, or the pickle older PEFT releases save)."""
-    from safetensors.torch import load, save
+    from safetensors.torch import save
 
     out = dict(adapter)
     if "adapter_model.safetensors" in out:
-        out["adapter_model.safetensors"] = save({k: v * 2 for k, v in load(out["adapter_model.safetensors"]).items()})
+        out["adapter_model.safetensors"] = save(
+            {k: v * 2 for k, v in load_bytes(out["adapter_model.safetensors"]).items()}
+        )
     else:
         tensors = torch.load(io.BytesIO(out["adapter_model.bin"]), weights_only=True)
         buffer = io.BytesIO()
