@@ -4,7 +4,8 @@ It speaks the part of the Hub's HTTP API a download and an upload use, as the cl
 (0.36, 1.x, 2.x): repo info and file trees, resolve (HEAD and ranged GET), repo creation, whoami, pre-upload modes,
 the LFS batch API with the basic transfer, and commits (NDJSON). Repositories live in memory as commits of whole
 file sets; branches move, commit hashes stay. Xet storage is not served: a client that has hf_xet must run with
-HF_HUB_DISABLE_XET=1 for LFS uploads (downloads never offer Xet, so every client falls back to plain HTTP).
+HF_HUB_DISABLE_XET=1 for LFS uploads, or the server is made with ``lfs=False`` and takes every file inline
+(downloads never offer Xet, so every client falls back to plain HTTP).
 
 Faults for the tests: ``broken_downloads`` names files whose GETs stop halfway through the body;
 ``refuse_commits`` answers commits 403.
@@ -55,7 +56,8 @@ class Repo:
 class Hub:
     """The server's state and its lifetime: ``with Hub() as hub: hub.endpoint``."""
 
-    def __init__(self) -> None:
+    def __init__(self, lfs: bool = True) -> None:
+        self.lfs_uploads = lfs  # False: every file is uploaded inline ("regular"), which a client with Xet can do too
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}  # sha256 -> content, uploaded through the batch API
         self.broken_downloads: set[str] = set()  # file paths whose GET bodies stop halfway
@@ -270,7 +272,7 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             current = found.commits[sha]
             modes = []
             for item in json.loads(self._body())["files"]:
-                lfs = item["path"].endswith(LFS_SUFFIXES)
+                lfs = hub.lfs_uploads and item["path"].endswith(LFS_SUFFIXES)
                 old = current.get(item["path"])
                 oid = None if old is None else (hashlib.sha256(old).hexdigest() if lfs else git_blob_id(old))
                 modes.append(

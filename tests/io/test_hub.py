@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safe_merge.demo import build_adapter, build_base, build_tokenizer
+from tests.helpers import small_pair
 from tests.hub_server import TOKEN, Hub
 
 pytestmark = pytest.mark.slow
@@ -63,10 +64,13 @@ def hub(tiny):
         yield server
 
 
-def safe_merge(hub: Hub, home: Path, *args: str, token: bool = True, offline: bool = False):
-    """`safe-merge ARGS --json` as a user runs it against the loopback hub; (exit code, report or None, stderr)."""
+def safe_merge(hub: Hub, home: Path, *args: str, token: bool = True, offline: bool = False, xet: bool = False):
+    """`safe-merge ARGS --json` as a user runs it against the loopback hub; (exit code, report or None, stderr).
+    ``xet``: leave the client's Xet uploads on, as a user's are (the server must then take every file inline)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1")
+    if not xet:
+        env["HF_HUB_DISABLE_XET"] = "1"
     if token:
         env["HF_TOKEN"] = TOKEN
     if offline:
@@ -227,6 +231,17 @@ def test_a_failed_push_keeps_the_output_and_the_push_command_retries_it(hub, tmp
         and hub.repos["org/m"].private
         and {k: v for k, v in hub.files("org/m").items() if k in written} == written
     )
+
+
+def test_push_takes_the_clients_default_upload_path_too(tmp_path, cli):
+    """With hf_xet installed, huggingface_hub 1.x and 2.x upload a folder through their pipelined uploader; a server
+    that takes every file inline lets that path run here."""
+    base, adapter = small_pair(tmp_path / "inputs")
+    assert cli("merge", base, adapter, "-o", tmp_path / "out")[0] == 0
+    with Hub(lfs=False) as inline:
+        code, pushed, err = safe_merge(inline, tmp_path / "home", "push", str(tmp_path / "out"), "org/m", xet=True)
+        assert code == 0 and pushed["status"] == "pushed", err[-3000:]
+        assert {k: v for k, v in inline.files("org/m").items() if k != ".gitattributes"} == folder(tmp_path / "out")
 
 
 def test_a_push_without_a_token_is_refused_before_anything_is_downloaded(hub, tmp_path):
