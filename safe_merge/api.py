@@ -229,14 +229,16 @@ def fingerprint(base: str | Path, adapter: str | Path, out: str | Path, *, force
     """Record what the adapter does on its base here (versions, file hashes, tensor manifest, weight changes,
     outputs) into ``out``, to check after an upgrade."""
     from safe_merge import fingerprints
-    from safe_merge.io import loading, staging
+    from safe_merge.io import staging
+    from safe_merge.io.hub import resolve
     from safe_merge.io.output_path import check_output
 
     started = time.monotonic()
-    inputs = {"base model": loading.resolve_dir(base, "base model"), "adapter": loading.resolve_dir(adapter, "adapter")}
+    resolved = (resolve(base, "base model"), resolve(adapter, "adapter"))
+    inputs = {"base model": resolved[0].path, "adapter": resolved[1].path}
     out = check_output(Path(out), inputs, force=force, kind="file")  # before the work, not only after it
     stale = staging.sweep_stale(out.parent)
-    recorded = fingerprints.record(str(base), str(adapter), out)
+    recorded = fingerprints.record(str(base), str(adapter), out, resolved)
     fingerprints.write_fingerprint(recorded, out, force)
     return {
         "status": "recorded",

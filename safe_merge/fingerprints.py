@@ -139,9 +139,10 @@ def _measure(base_dir: Path, source, inputs: dict[str, torch.Tensor] | None = No
     }
 
 
-def record(base: str, adapter: str, out: Path) -> dict:
-    """Build the fingerprint of ``adapter`` on ``base`` in this environment (the caller writes it to ``out``)."""
-    base_in, adapter_in = resolve(base, "base model"), resolve(adapter, "adapter")
+def record(base: str, adapter: str, out: Path, inputs: tuple[Resolved, Resolved] | None = None) -> dict:
+    """Build the fingerprint of ``adapter`` on ``base`` in this environment (the caller writes it to ``out``).
+    ``inputs``: the two already resolved (a hub id is then not looked up twice)."""
+    base_in, adapter_in = inputs or (resolve(base, "base model"), resolve(adapter, "adapter"))
     base_dir = base_in.path
     source = read_source(adapter_in.path, loading.installed_peft())
     anchor = Path(out).parent

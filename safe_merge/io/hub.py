@@ -35,15 +35,9 @@ class HubOrigin:
     repo_id: str
     revision: str  # as asked (a branch, tag or commit)
     commit: str  # what it resolved to
-    endpoint: str
 
     def report(self) -> dict:
         return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit}
-
-    @property
-    def pinned(self) -> str:
-        """The input as one argument that names this exact commit."""
-        return f"{self.repo_id}@{self.commit}"
 
 
 @dataclass(frozen=True)
@@ -105,7 +99,7 @@ def _download(repo_id: str, revision: str, what: str, explicit: bool) -> Resolve
             "rest is fetched",
         ) from exc
     _record_ref(repo_id, revision, commit)
-    return Resolved(Path(folder), HubOrigin(repo_id, revision, commit, api.endpoint))
+    return Resolved(Path(folder), HubOrigin(repo_id, revision, commit))
 
 
 def _wanted(repo_id: str, commit: str, present: set[str], what: str) -> list[str]:
@@ -147,7 +141,7 @@ def _cached(repo_id: str, revision: str, what: str, where: str, why: str) -> Res
             path=where,
             hint=f"download it once where the hub can be reached (`hf download {repo_id}`), or pass a local directory",
         )
-    return Resolved(folder, HubOrigin(repo_id, revision, commit, constants.ENDPOINT))
+    return Resolved(folder, HubOrigin(repo_id, revision, commit))
 
 
 def _record_ref(repo_id: str, revision: str, commit: str) -> None:
@@ -201,24 +195,6 @@ def _refuse_hub_error(exc: Exception, repo_id: str, revision: str, where: str, w
 
 def _short(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-
-
-def license_of(model_dir: Path) -> str | None:
-    """The license the model's card declares in its metadata header (README.md), if any."""
-    card = model_dir / "README.md"
-    if not card.is_file():
-        return None
-    match = re.match(r"^---\s*\n(.*?)\n---\s*$", card.read_text(encoding="utf-8", errors="replace"), re.S | re.M)
-    if not match:
-        return None
-    import yaml
-
-    try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return None
-    value = data.get("license") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def check_push(repo_id: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from safe_merge.io.hub import is_repo_id, license_of
+from safe_merge.io.hub import is_repo_id
 from safe_merge.merger.request import MergeRequest
 
 CARD = "README.md"
@@ -36,7 +36,7 @@ def render(report: dict, request: MergeRequest, base_dir: Path, adapter_dirs: li
         header["license"] = license_
     header["tags"] = list(TAGS)
     adapters = report["adapters"]
-    names = ", ".join(f"`{_name(a)}`" for a in adapters)
+    names = ", ".join(f"`{input_name(a)}`" for a in adapters)
     kind = "the LoRA adapter" if len(adapters) == 1 else f"{len(adapters)} LoRA adapters"
     lines = [
         "---",
@@ -45,7 +45,7 @@ def render(report: dict, request: MergeRequest, base_dir: Path, adapter_dirs: li
         "",
         f"# {_title(report, request)}",
         "",
-        f"`{_name(base)}` with {kind} {names} merged into its weights by safe-merge "
+        f"`{input_name(base)}` with {kind} {names} merged into its weights by safe-merge "
         f"{report['versions'].get('safe_merge')}, verified before it was written: {_verified(report)}.",
         "",
         "## Inputs",
@@ -86,6 +86,19 @@ def _verified(report: dict) -> str:
     return ", ".join(done)
 
 
+def license_of(model_dir: Path) -> str | None:
+    """The license the base's card declares in its metadata header, if any (read by huggingface_hub)."""
+    from huggingface_hub.repocard import metadata_load
+
+    card = model_dir / CARD
+    try:
+        data = metadata_load(card) if card.is_file() else None
+    except Exception:  # a header that is not YAML: no license to carry
+        return None
+    value = (data or {}).get("license")
+    return value if isinstance(value, str) else None
+
+
 def _title(report: dict, request: MergeRequest) -> str:
     """The repo's name when the card goes to the hub, else OUT's."""
     if request.push_to_hub:
@@ -93,7 +106,7 @@ def _title(report: dict, request: MergeRequest) -> str:
     return Path(str(report["output"]["path"])).name
 
 
-def _name(entry: dict) -> str:
+def input_name(entry: dict) -> str:
     hub = entry.get("hub")
     return hub["repo_id"] if hub else Path(entry["path"]).name
 

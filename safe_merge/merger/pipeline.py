@@ -20,7 +20,7 @@ from safe_merge.compat.adapter_files import AdapterFiles, load_adapter
 from safe_merge.errors import EXIT_PUSH_FAILED, BadInput
 from safe_merge.io import hub, loading, staging
 from safe_merge.merger import backends
-from safe_merge.merger.card import write_card
+from safe_merge.merger.card import input_name, write_card
 from safe_merge.merger.job import Job
 from safe_merge.merger.preflight import preflight
 from safe_merge.merger.request import MergeRequest
@@ -55,7 +55,7 @@ def merge_command(request: MergeRequest) -> dict:
 def push_output(out: Path, repo_id: str, private: bool, report: dict | None = None) -> dict:
     """Upload a published OUT; a failure leaves OUT as it is and says how to push it again."""
     message = "safe-merge: " + (
-        f"{_named(report['base'])} + {', '.join(_named(a) for a in report['adapters'])}" if report else f"{out.name}"
+        f"{input_name(report['base'])} + {', '.join(input_name(a) for a in report['adapters'])}" if report else out.name
     )
     try:
         return hub.push(out, repo_id, private, message)
@@ -67,10 +67,6 @@ def push_output(out: Path, repo_id: str, private: bool, report: dict | None = No
             "local": str(out),
             "retry": hub.retry_command(out, repo_id, private),
         }
-
-
-def _named(entry: dict) -> str:
-    return entry["hub"]["repo_id"] if entry.get("hub") else Path(entry["path"]).name
 
 
 def report_text(report: dict) -> str:
