@@ -148,6 +148,12 @@ def stored_dtype(model_dir: Path, config=None) -> torch.dtype:
                 counts[dtype] = counts.get(dtype, 0) + 1
     if counts:
         return max(counts, key=counts.__getitem__)
+    return config_dtype(config)
+
+
+def config_dtype(config) -> torch.dtype:
+    """The dtype a config names (float32 where it names none): a quantized checkpoint's own, whose scales may
+    outnumber its float tensors."""
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(named, torch.dtype):
         return named

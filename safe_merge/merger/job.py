@@ -225,7 +225,10 @@ class Job:
 
     @functools.cached_property
     def stored_dtype(self) -> torch.dtype:
-        """The dtype most of the base's floating tensors are stored in (headers, else the config)."""
+        """The dtype most of the base's floating tensors are stored in (headers, else the config); for a format
+        read as stored, the config's (the dtype its loader dequantizes into)."""
+        if self.quant is not None and self.quant.stored is not None:
+            return loading.config_dtype(self.base_config)
         return loading.stored_dtype(self.base_dir, self.base_config)
 
     @functools.cached_property

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from safe_merge.errors import BadInput
+from safe_merge.quant.stored.codec import CODEC_BITS, codec_name, stored_scheme
 
 POLICIES = ("dequantize", "requantize", "refuse")
 DEFAULT_POLICY = "dequantize"
@@ -40,13 +41,15 @@ class Quantization:
     bits: int | None
     scheme: str = ""
     modules: dict[str, str] = field(default_factory=dict)  # quantized module → its layer / weight class
+    stored: str | None = None  # the codec that reads it as stored (quant/stored/), without its library
 
     def describe(self) -> str:
         bits = f"{self.bits}-bit" if self.bits else "unknown bits"
         return f"{self.method}, {bits}" + (f", {self.scheme}" if self.scheme else "")
 
     def report(self) -> dict:
-        return {"method": self.method, "bits": self.bits, "scheme": self.scheme, "modules": len(self.modules)}
+        out = {"method": self.method, "bits": self.bits, "scheme": self.scheme, "modules": len(self.modules)}
+        return {**out, "read_as_stored": self.stored} if self.stored else out
 
 
 def _get(config, key, default=None):
@@ -61,6 +64,11 @@ def from_config(config) -> Quantization | None:
     if not isinstance(quant, dict):
         quant = quant.to_dict() if hasattr(quant, "to_dict") else vars(quant)
     method = str(_get(quant, "quant_method", "unknown"))
+    codec = codec_name(quant)
+    if codec is not None:
+        groups = [g for g in (_get(quant, "config_groups") or {}).values() if isinstance(g, dict)]
+        bits = CODEC_BITS.get(codec) or next((g.get("weights", {}).get("num_bits") for g in groups), None)
+        return Quantization(method, bits, stored_scheme(quant), stored=codec)
     if method == "bitsandbytes":
         if _get(quant, "load_in_4bit") or _get(quant, "_load_in_4bit"):
             kind = _get(quant, "bnb_4bit_quant_type", "fp4")

@@ -100,57 +100,70 @@ def check_requantized_weights(
     """Every merged weight against dequant(W) + ΔW within its rounding budget; a layer that did not move although
     the adapter asks it to is named, and so is any other parameter that moved. Returns the per-tensor results,
     the failures, the budgets (for the output sensitivity) and the share of ΔW each weight carries."""
-    from safe_merge.verifier.weights import TensorResult
-
     results, failures, budgets, survival = [], [], {}, {}
     for name, exact in sorted(expected.items()):
         module = name.removesuffix(".weight")
-        got = merged_twin[name].double()
         start = base_twin[name].double()
-        delta = float((exact - start).abs().max())
         rounding = 4 * torch.finfo(merged_twin[name].dtype).eps * (exact.abs() + start.abs())
         if module in merged_grids and name.endswith(".weight"):
             budget = rounding_budget(merged_grids[module], exact) + rounding
         else:  # a float parameter of a quantized model (a bias, a head kept in float): float rounding only
             budget = rounding
         budgets[name] = budget
-        residual = (got - exact).abs()
-        ratio_map = residual / budget.clamp(min=torch.finfo(torch.float64).tiny)
-        worst = int(torch.argmax(ratio_map))
-        result = TensorResult(
-            name,
-            float(residual.max()),
-            float(residual.max()) / delta if delta else 0.0,
-            float(ratio_map.flatten()[worst]),
-            float(budget.flatten()[worst]),
-            delta,
-        )
+        result, failure, share = requantized_tensor(name, base_twin[name], exact, merged_twin[name], budget)
         results.append(result)
-        change = exact - start
-        norm2 = float((change * change).sum())
-        if norm2 > 0:  # how much of ΔW the merged weight carries, along ΔW: 1 exact, 0 nothing (rounding is unbiased)
-            survival[name] = float(((got - start) * change).sum()) / norm2
-        if delta > 0 and torch.equal(merged_twin[name], base_twin[name]):
-            lost = " (below the quantization step: requantizing loses it; use --quantized dequantize)"
-            failures.append(
-                f"{name}: the merge left it unchanged although the adapter moves it by up to {delta:.3g}"
-                + (lost if delta <= float(budget.max()) else "")
-            )
-        elif result.ratio > 1:
-            failures.append(
-                f"{name}: merged weight off dequant(W)+ΔW by {result.max_abs:.3g}, beyond its rounding budget "
-                f"{result.tol:.3g} ({result.ratio:.3g}x; the adapter moves it by up to {delta:.3g})"
-            )
-        elif survival.get(name, 1.0) < MIN_SURVIVAL:
-            failures.append(
-                f"{name}: the merged weight carries {survival[name]:.0%} of the adapter's change (along ΔW); "
-                f"requantizing lost most of it (use --quantized dequantize)"
-            )
+        failures += [failure] if failure else []
+        if share is not None:
+            survival[name] = share
     for name, value in sorted(merged_twin.items()):
         if name not in expected and name in base_twin and not torch.equal(value, base_twin[name]):
             moved = float((value.double() - base_twin[name].double()).abs().max())
             failures.append(f"{name}: changed by up to {moved:.3g}, though no adapter tensor touches it")
     return results, failures, budgets, survival
+
+
+def requantized_tensor(
+    name: str, base: torch.Tensor, exact: torch.Tensor, merged: torch.Tensor, budget: torch.Tensor
+) -> tuple:
+    """One requantized weight against dequant(W) + ΔW (``exact``, float64) within its rounding ``budget``:
+    (its result, why it fails or None, the share of ΔW it carries along ΔW or None when ΔW is 0). A weight
+    that did not move although the adapter moves it, or that carries less than half of ΔW, fails."""
+    from safe_merge.verifier.weights import TensorResult
+
+    got, start = merged.double(), base.double()
+    delta = float((exact - start).abs().max())
+    residual = (got - exact).abs()
+    ratio_map = residual / budget.clamp(min=torch.finfo(torch.float64).tiny)
+    worst = int(torch.argmax(ratio_map))
+    result = TensorResult(
+        name,
+        float(residual.max()),
+        float(residual.max()) / delta if delta else 0.0,
+        float(ratio_map.flatten()[worst]),
+        float(budget.flatten()[worst]),
+        delta,
+    )
+    change = exact - start
+    norm2 = float((change * change).sum())
+    # how much of ΔW the merged weight carries, along ΔW: 1 exact, 0 nothing (rounding is unbiased)
+    share = float(((got - start) * change).sum()) / norm2 if norm2 > 0 else None
+    failure = None
+    if delta > 0 and torch.equal(merged, base.to(merged.dtype)):
+        lost = " (below the quantization step: requantizing loses it; use --quantized dequantize)"
+        failure = f"{name}: the merge left it unchanged although the adapter moves it by up to {delta:.3g}" + (
+            lost if delta <= float(budget.max()) else ""
+        )
+    elif result.ratio > 1:
+        failure = (
+            f"{name}: merged weight off dequant(W)+ΔW by {result.max_abs:.3g}, beyond its rounding budget "
+            f"{result.tol:.3g} ({result.ratio:.3g}x; the adapter moves it by up to {delta:.3g})"
+        )
+    elif share is not None and share < MIN_SURVIVAL:
+        failure = (
+            f"{name}: the merged weight carries {share:.0%} of the adapter's change (along ΔW); "
+            "requantizing lost most of it (use --quantized dequantize)"
+        )
+    return result, failure, share
 
 
 def verify(

@@ -43,6 +43,8 @@ class QuantizedBackend(PeftBackend):
     def offer(cls, job: Job, adapter: AdapterFiles) -> QuantizedBackend | list[str]:
         if job.quant is None:
             return ["the base is not quantized"]
+        if job.quant.stored is not None:
+            return [f"{job.quant.method} is read as stored and merged tensor by tensor by the stream backend"]
         return cls(job, adapter)
 
     def merge(self) -> None:

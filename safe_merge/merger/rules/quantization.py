@@ -18,7 +18,8 @@ def quantization_policy(
         return
     if policy == "refuse":
         formats.refuse(quant, base_dir / "config.json")
-    formats.require_library(quant, base_dir / "config.json")
+    if quant.stored is None:  # a format read as stored needs no library: quant/stored/ reads it
+        formats.require_library(quant, base_dir / "config.json")
     if combination is not None:
         raise BadInput(
             f"the base is quantized ({quant.describe()}); combining adapters on it is not supported",

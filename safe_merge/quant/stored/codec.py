@@ -55,6 +55,9 @@ class Codec(Protocol):
         ...
 
 
+CODEC_BITS = {"fp8_block": 8, "ct_float": 8, "mxfp4": 4, "ct_nvfp4": 4}
+
+
 @cache
 def table() -> dict:
     return json.loads(FORMATS_FILE.read_text(encoding="utf-8"))
@@ -68,6 +71,20 @@ def codec_name(quant: Mapping) -> str | None:
     if "by_format" in entry:
         return entry["by_format"].get(_ct_format(quant))
     return entry["codec"]
+
+
+def stored_scheme(quant: Mapping) -> str:
+    """One line on a stored format: what it is and its tiles, for --plan and the report."""
+    method = str(quant.get("quant_method"))
+    if method == "compressed-tensors":
+        weights = [g.get("weights") or {} for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)]
+        first = weights[0] if weights else {}
+        tile = first.get("group_size") or first.get("block_structure") or ""
+        kind = f"{first.get('type', '?')}{first.get('num_bits', '?')}"
+        return f"{_ct_format(quant)}, {kind} per {first.get('strategy', 'tensor')}" + (f" {tile}" if tile else "")
+    describe = table()["methods"].get(method, {}).get("describe", method)
+    block = quant.get("weight_block_size")
+    return describe + (f", blocks of {block[0]}x{block[1]}" if block else "")
 
 
 def _ct_format(quant: Mapping) -> str | None:

@@ -40,7 +40,7 @@ class StreamBackend:
         if early:
             return early
         view = stream_write.prepare(
-            job.base_dir, adapter, job.dtype, adapter_precision(job.dtype), job.request.rounding
+            job.base_dir, adapter, job.dtype, adapter_precision(job.dtype), job.request.rounding, job.policy
         )
         return blockers(job, view) or cls(job, adapter, view)
 
@@ -99,7 +99,7 @@ def blockers(job: Job, view: stream_write.StreamMerge | None) -> list[str]:
     """Why the stream backend cannot take this merge (empty: it can); ``view`` None asks only what the job says."""
     if job.combination is not None:
         return ["several adapters are combined with PEFT's add_weighted_adapter"]
-    if job.quant is not None:
+    if job.quant is not None and job.quant.stored is None:
         return ["the base is quantized; its layers are dequantized and requantized by PEFT"]
     release = job.peft_release
     first = History.load().boundary("stream_backend_matches")

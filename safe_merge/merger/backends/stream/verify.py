@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.merger.backends.stream import requantize
 from safe_merge.merger.backends.stream.layout import BaseView, vocab_rows
 from safe_merge.merger.backends.stream.write import StreamMerge
 from safe_merge.verifier.accounting import accounting_problems, factor_paths, ties_problems
@@ -60,6 +61,9 @@ class TensorChecks:
 
     def __call__(self, name: str, start: torch.Tensor, got: torch.Tensor) -> None:
         self.seen.add(name)
+        if self.prep.requantize and name in self.prep.stored.groups:
+            add_result(self.results, requantize.requantized_result(self.prep, name, start, got))
+            return
         add_result(self.results, check_tensor(self.prep, self.base, name, start, got))
 
 
@@ -161,8 +165,13 @@ def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks
     extra = sorted(set(written.tensors) - expected)
     if extra:
         check.failures.insert(0, f"not in the base model: {', '.join(extra[:5])}")
+    groups: set[str] = set()  # requantized weights not checked as they were written
     for name in sorted(expected & set(written.tensors)):
         info = written.tensors[name]
+        group = prep.part(name)
+        if group is not None:
+            _check_part(prep, written, name, group, seen, groups, check)
+            continue
         if name in seen:
             declared = (info.dtype, info.shape)
             if declared != (prep.out_dtype(name), prep.shape(name)):
@@ -181,8 +190,30 @@ def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks
         failure = untouched_failure(name, base[name], got)
         if failure:
             check.failures.append(failure)
+    for name in sorted(groups):
+        got = prep.stored.codec.dequantize(
+            prep.stored.groups[name], requantize.stored_parts(prep, name, written), prep.dtype
+        )
+        add_result(check, requantize.requantized_result(prep, name, base[name], got))
     check.finish()
     return check
+
+
+def _check_part(prep: StreamMerge, written: Checkpoint, name: str, group, seen: set[str], groups: set[str], check):
+    """A stored part of a quantized weight in a requantized output: a weight the adapter leaves alone is the
+    base's byte for byte; the parts of one it changes are checked together, as the weight they make."""
+    info, source = written.tensors[name], prep.source_info(name)
+    if (info.dtype, tuple(info.shape)) != (source.dtype, tuple(source.shape)):
+        check.failures.append(
+            f"{name}: stored as {info.dtype} {tuple(info.shape)}, the base's format has "
+            f"{source.dtype} {tuple(source.shape)}"
+        )
+    elif group.name in prep.touched:
+        if group.name not in seen:
+            groups.add(group.name)
+    elif not written.same_bytes(name, prep.stored.stored, name):
+        failure = untouched_failure(name, prep.stored.stored.read(name), written.read(name))
+        check.failures.append(failure or f"{name}: differs from the base's bytes")
 
 
 def _plain_linear(lora: ModuleLora) -> bool:
@@ -243,4 +274,8 @@ def _outputs(prep: StreamMerge, stage: Path, base_dir: Path, adapter_dir: Path, 
             "(--check-outputs always runs it anyway)",
             optional=True,
         )
+    if prep.stored is not None:
+        from safe_merge.merger.backends.stream.dequantized import stored_outputs
+
+        return stored_outputs(prep, stage, base_dir, adapter_dir)
     return check_outputs_dirs(base_dir, adapter_dir, stage)

@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 from safe_merge.compat.adapter_files import AdapterFiles, return_pages
-from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.io.checkpoint import Checkpoint, TensorInfo
 from safe_merge.io.model_dir import carry_files
 from safe_merge.io.shards import ShardWriter, Slot, parse_size, plan_shards, write_index
-from safe_merge.merger.backends.stream import arith, experts
+from safe_merge.merger.backends.stream import arith, experts, requantize
 from safe_merge.merger.backends.stream.buffers import Buffers
 from safe_merge.merger.backends.stream.layout import BaseView, Layout, LedgerView, infer_layout
+from safe_merge.quant.stored.codec import Group
+from safe_merge.quant.stored.view import StoredView, open_checkpoint
 from safe_merge.verifier.layer_kinds import expert_kind
 from safe_merge.verifier.ledger import Ledger, build_ledger
 from safe_merge.verifier.weights import touched_params
@@ -41,12 +43,30 @@ class StreamMerge:
     dtype: torch.dtype  # output dtype of every floating tensor
     factor_dtype: torch.dtype  # the precision the merging PEFT holds LoRA factors in
     rounding: str = "default"  # whose rounding the merge reproduces (compat/rounding.py)
+    policy: str = "dequantize"  # a quantized base read as stored: written as floats, or requantized in its format
     adapter_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # released as each tensor is done
     buffers: Buffers = field(default_factory=Buffers)  # the large temporaries, reused tensor after tensor
 
     def return_pages(self, name: str) -> None:
         """Give back the memory of the adapter tensors that went into ``name`` (mapped files only)."""
         return_pages(self.adapter_tensors, [e.key for e in self.ledger.entries if e.param == name])
+
+    @property
+    def stored(self) -> StoredView | None:
+        """The base's quantized checkpoint as stored, when it is one (quant/stored/)."""
+        return self.checkpoint if isinstance(self.checkpoint, StoredView) else None
+
+    @property
+    def requantize(self) -> bool:
+        """Write the base's format back: quantized weights the adapter changes are quantized again (fresh scales),
+        every other stored tensor is copied as it is."""
+        return self.stored is not None and self.policy == "requantize"
+
+    def part(self, name: str) -> Group | None:
+        """The quantized weight a stored tensor is part of, when the output keeps the base's format."""
+        if not self.requantize or name not in self.stored.part_of:
+            return None
+        return self.stored.groups[self.stored.part_of[name]]
 
     @functools.cached_property
     def touched(self) -> frozenset[str]:
@@ -59,13 +79,15 @@ class StreamMerge:
 
     def written_names(self) -> set[str]:
         """Every tensor the merged checkpoint holds: the base's, and an untied output embedding."""
-        return set(self.checkpoint.tensors) | ({self.layout.tied[0]} if self.untie else set())
+        names = set(self.stored.stored.tensors if self.requantize else self.checkpoint.tensors)
+        return names | ({self.layout.tied[0]} if self.untie else set())
 
     def output_names(self) -> dict[str, list[str]]:
         """Output tensors per base shard file name, in the base's order (an untied output embedding follows the
         tensor it shared)."""
         out: dict[str, list[str]] = {}
-        for shard, names in self.checkpoint.order.items():
+        order = self.stored.stored.order if self.requantize else self.checkpoint.order
+        for shard, names in order.items():
             row = out.setdefault(shard.name.replace(".bin", ".safetensors").replace("pytorch_model", "model"), [])
             for name in names:
                 row.append(name)
@@ -74,11 +96,21 @@ class StreamMerge:
         return out
 
     def out_dtype(self, name: str) -> torch.dtype:
+        if self.part(name) is not None:
+            return self.stored.stored.tensors[name].dtype
         info = self.checkpoint.tensors[BaseView(self.checkpoint, self.layout).source(name)]
         return self.dtype if info.floating else info.dtype
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if self.part(name) is not None:
+            return self.stored.stored.tensors[name].shape
         return self.checkpoint.tensors[BaseView(self.checkpoint, self.layout).source(name)].shape
+
+    def source_info(self, name: str) -> TensorInfo:
+        """Where an output tensor's bytes are in the base, when it is copied as stored."""
+        if self.part(name) is not None:
+            return self.stored.stored.tensors[name]
+        return self.checkpoint.tensors[BaseView(self.checkpoint, self.layout).source(name)]
 
 
 @dataclass
@@ -98,16 +130,21 @@ class Written:
 
 
 def prepare(
-    base_dir: Path, adapter: AdapterFiles, dtype: torch.dtype, factor_dtype: torch.dtype, rounding: str = "default"
+    base_dir: Path,
+    adapter: AdapterFiles,
+    dtype: torch.dtype,
+    factor_dtype: torch.dtype,
+    rounding: str = "default",
+    policy: str = "dequantize",
 ) -> StreamMerge:
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    checkpoint = Checkpoint(base_dir)
+    checkpoint = open_checkpoint(base_dir, config, dtype)
     layout = infer_layout(adapter, checkpoint, config)
     stacks = experts.find_stacks(checkpoint, str(config.get("model_type") or "")) if _on_params(adapter) else {}
     kinds = {**layout.kinds, **dict.fromkeys(stacks, expert_kind(transposed=False))}  # pieces are [out, in]
     ledger = build_ledger(adapter, LedgerView(checkpoint, layout, stacks), kinds, factor_dtype, precision=None)
     experts.split(ledger, stacks)  # a LoRA on a stack stored per expert: a plain Linear LoRA on each piece
-    return StreamMerge(checkpoint, layout, ledger, config, dtype, factor_dtype, rounding, adapter.tensors)
+    return StreamMerge(checkpoint, layout, ledger, config, dtype, factor_dtype, rounding, policy, adapter.tensors)
 
 
 def _on_params(adapter: AdapterFiles) -> bool:
@@ -136,6 +173,7 @@ def write(
     written = Written([])
     base = BaseView(prep.checkpoint, prep.layout)
     order = [slot.name for slots in declared.values() for slot in slots]
+    parts = requantize.Parts(prep, check)
     with ThreadPoolExecutor(max_workers=1) as reader:  # a tensor is read while the one before it is merged
         reads: dict[str, Future] = {}
         submitted = [0]
@@ -154,6 +192,9 @@ def write(
                 for slot in slots:
                     prefetch(position)
                     position += 1
+                    if prep.part(slot.name) is not None:
+                        parts.emit(writer, slot, written)
+                        continue
                     _emit(prep, writer, slot, written, reads.pop(slot.name, None), check)
             except BaseException:
                 writer.abort()
@@ -176,6 +217,8 @@ def write(
 
 def _needs_read(prep: StreamMerge, base: BaseView, name: str) -> bool:
     """Untouched tensors already in the output dtype are copied by the kernel, unread."""
+    if prep.part(name) is not None:
+        return False  # a part of a quantized weight: requantize.Parts reads what it needs
     info = prep.checkpoint.tensors[base.source(name)]
     return name in prep.touched or info.dtype != prep.out_dtype(name) or info.offset < 0
 
@@ -202,7 +245,7 @@ def _emit(
     name = slot.name
     counts = written.counts
     if read is None:
-        info = prep.checkpoint.tensors[BaseView(prep.checkpoint, prep.layout).source(name)]
+        info = prep.source_info(name)
         with written.timing("copy"):
             writer.copy(name, slot.dtype, slot.shape, info.file, info.offset)
         counts["copied"] = counts.get("copied", 0) + 1
@@ -248,6 +291,8 @@ def _config(prep: StreamMerge) -> dict:
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for key in keys:
         config[key] = dtype
+    if prep.stored is not None and not prep.requantize:  # written as a float model
+        config.pop("quantization_config", None)
     if prep.untie:
         config["tie_word_embeddings"] = False
         if isinstance(config.get("text_config"), dict):
