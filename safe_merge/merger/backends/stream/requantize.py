@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from safe_merge.merger.backends.stream.write import StreamMerge, Written
 
 ROUNDING_ULPS = 4  # the merge's own rounding in the model's dtype, before the quantizer's
+RULE = (
+    "requantized weights: dequantized, against dequant(W)+ΔW within the format's rounding budget per element "
+    f"(half a step of its grid at the tile's fresh scale, plus {ROUNDING_ULPS} ulps of the model's dtype), carrying "
+    "at least half of ΔW along ΔW; every other stored tensor byte for byte"
+)
 
 
 @dataclass

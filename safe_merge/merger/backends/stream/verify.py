@@ -154,8 +154,12 @@ def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks
     touched ones against their exact merge (unless ``checks`` already saw them written)."""
     check = checks.results if checks is not None else WeightCheck()
     check.rule = (
-        f"{WEIGHT_ULPS:g} ulps ({DORA_WEIGHT_ULPS:g} for DoRA) of the stored dtype on the magnitudes rounded per "
-        "element, plus r*eps*|s|*sum_k|B_ik|*max|A| per row for plain Linear weights (r*eps32*|s||B||A| elsewhere)"
+        requantize.RULE
+        if prep.requantize
+        else (
+            f"{WEIGHT_ULPS:g} ulps ({DORA_WEIGHT_ULPS:g} for DoRA) of the stored dtype on the magnitudes rounded per "
+            "element, plus r*eps*|s|*sum_k|B_ik|*max|A| per row for plain Linear weights (r*eps32*|s||B||A| elsewhere)"
+        )
     )
     seen = checks.seen if checks is not None else set()
     expected = prep.written_names()

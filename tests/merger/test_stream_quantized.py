@@ -1,0 +1,127 @@
+"""Quantized bases read as stored (quant/stored/): merged by the stream backend under --quantized dequantize (a
+float model, exact) and requantize (the base's format with fresh scales), verified, and read back by
+transformers as they were verified; a requantize that forgets the scales or folds ΔW into the raw codes fails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.quant.stored.fp8 import BlockFP8
+from safe_merge.quant.stored.view import StoredView
+from tests.quant.stored import checkpoints
+
+CT_INT4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+CT_INT4_ASYM = {**CT_INT4, "symmetric": False}
+CT_FP8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+CT_NVFP4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+            "scale_dtype": "float8_e4m3fn"}  # fmt: skip
+FORMATS = {
+    "fp8 blocks of 32": lambda f, out: checkpoints.fp8_block(f, out),
+    "fp8 blocks of 48 (ceil grid)": lambda f, out: checkpoints.fp8_block(f, out, (48, 48)),
+    "int4 groups of 32": lambda f, out: checkpoints.compressed(f, out, CT_INT4, "pack-quantized"),
+    "int4 groups of 32, zero points": lambda f, out: checkpoints.compressed(f, out, CT_INT4_ASYM, "pack-quantized"),
+    "fp8 per channel": lambda f, out: checkpoints.compressed(f, out, CT_FP8, "float-quantized"),
+    "nvfp4": lambda f, out: checkpoints.compressed(f, out, CT_NVFP4, "nvfp4-pack-quantized"),
+}
+# transformers reads these back as safe-merge does; it infers FP8 blocks from rows // scale rows (wrong for 48)
+TRANSFORMERS_READS = {"fp8 blocks of 32", "int4 groups of 32", "int4 groups of 32, zero points", "fp8 per channel",
+                      "nvfp4"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("float")
+    float_dir = checkpoints.float_model(root)
+    return float_dir, checkpoints.adapter_for(float_dir, root)
+
+
+def base_for(name, pair, tmp_path):
+    if name != "fp8 blocks of 32" and name != "fp8 blocks of 48 (ceil grid)":
+        pytest.importorskip("compressed_tensors", reason="compressed-tensors writes these (the quant extra)")
+    else:
+        pytest.importorskip("transformers.integrations.finegrained_fp8")
+    return FORMATS[name](pair[0], tmp_path / "base")
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_stored_quantized_base_merges_into_a_verified_float_model(name, pair, tmp_path, cli):
+    base = base_for(name, pair, tmp_path)
+    code, report, err = cli("merge", base, pair[1], "-o", tmp_path / "out", "--json")
+    assert code == 0, err
+    assert report["backend"] == "stream" and report["quantization"]["policy"] == "dequantize"
+    assert report["verification"]["weights"]["exact"] == {"merge_and_unload()": 6}
+    assert report["verification"]["outputs"]["passed"] is True
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+    written = Checkpoint(tmp_path / "out")
+    assert {i.dtype for i in written.tensors.values()} == {torch.bfloat16}
+    assert set(written.tensors) == set(load_file(str(pair[0] / "model.safetensors")))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_requantize_writes_the_base_format_with_fresh_scales_and_untouched_parts_as_stored(name, pair, tmp_path, cli):
+    base = base_for(name, pair, tmp_path)
+    out = tmp_path / "out"
+    code, report, err = cli("merge", base, pair[1], "-o", out, "--quantized", "requantize", "--json")
+    assert code == 0, err
+    weights = report["verification"]["weights"]
+    assert weights["checked_tensors"] == 6 and weights["passed"] and "rounding budget" in weights["tol_rule"]
+    assert report["stream"]["tensors"]["requantized"] == 6
+    stored, written = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert {k: (v.dtype, v.shape) for k, v in stored.items()} == {k: (v.dtype, v.shape) for k, v in written.items()}
+    for key, value in stored.items():  # k, o, gate and up projections: not targeted, copied as stored
+        if not any(t in key for t in checkpoints.TARGETS):
+            assert torch.equal(value.view(torch.uint8), written[key].view(torch.uint8)), key
+    assert (
+        json.loads((out / "config.json").read_text())["quantization_config"]
+        == json.loads((base / "config.json").read_text())["quantization_config"]
+    )
+    if name in TRANSFORMERS_READS:
+        from transformers import AutoModelForCausalLM
+
+        config = json.loads((out / "config.json").read_text())
+        kwargs = {}
+        if config["quantization_config"]["quant_method"] == "compressed-tensors":  # as the base loads on a CPU
+            from transformers import CompressedTensorsConfig
+
+            kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+        loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, **kwargs).state_dict()
+        view = StoredView(Checkpoint(out), config["quantization_config"], torch.bfloat16)
+        for group in view.groups:  # what transformers loads is what the verifier checked
+            assert torch.equal(loaded[group], view.read(group)), group
+
+
+def stale(monkeypatch, base, how):
+    """A broken requantize: fresh codes beside the base's old scales, or ΔW added to the raw e4m3 codes."""
+    tensors = load_file(str(base / "model.safetensors"))
+    original = BlockFP8.quantize
+
+    def broken(self, group, weight, stored):
+        old = {role: tensors[name] for role, name in group.parts.items()}
+        if how == "scales not updated":
+            return {**original(self, group, weight, stored), "scale": old["scale"]}
+        start = self.dequantize(group, old, weight.dtype)
+        codes = (old["weight"].float() + (weight.float() - start.float())).to(torch.float8_e4m3fn)
+        return {"weight": codes, "scale": old["scale"]}
+
+    monkeypatch.setattr(BlockFP8, "quantize", broken)
+
+
+@pytest.mark.parametrize("how", ["scales not updated", "delta folded into the raw fp8 codes"])
+def test_a_broken_fp8_requantize_fails_naming_the_tensor(how, pair, tmp_path, cli, monkeypatch):
+    base = base_for("fp8 blocks of 32", pair, tmp_path)
+    stale(monkeypatch, base, how)
+    code, report, err = cli("merge", base, pair[1], "-o", tmp_path / "out", "--quantized", "requantize", "--json")
+    assert code == 1
+    failures = " ".join(report["verification"]["weights"]["failures"])
+    assert "model.layers.0.self_attn.q_proj.weight" in failures
+    # stale scales put the values off their budget; ΔW in raw codes is shrunk by the scale, so it is lost
+    assert "beyond its rounding budget" in failures
+    if how != "scales not updated":
+        assert "left it unchanged" in failures or "relative 1" in failures
+    assert not (tmp_path / "out").exists()
