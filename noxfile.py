@@ -7,6 +7,7 @@ releases) come from matrix/matrix.toml; `python3 -m nox -l` lists them all.
 - matrix(peft, transformers): the whole suite in one cell; `-t smoke` (in CI) or `-t full` picks a tier.
 - demo: `safe-merge demo`, offline.
 - bench: the stream backend against the PEFT path on 1.1B- and 4.4B-parameter models (figures, not a test).
+- quant-formats: the stored quantization formats × policies table (figures, not a test).
 - bench-verify: `safe-merge verify` beside deltalint on 160M and 1.1B models (figures, not a test).
 - latest(pair): the whole suite on the newest PEFT and transformers on the index, each also beside the other's
   pinned current release (`-t latest`; resolved at run time, printed; LATEST_PRE=1 takes pre-releases too).
@@ -138,6 +139,13 @@ def bench(session: nox.Session) -> None:
     install_project(session, MATRIX["current"])
     cache = ROOT / ".nox" / "bench-models"
     session.run("python", "bench/stream.py", str(cache), *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session(name="quant-formats")
+def quant_formats(session: nox.Session) -> None:
+    """The stored quantization formats × policies table of docs/quantized.md (tiny models; figures, not a test)."""
+    install_project(session, MATRIX["current"], extras="test,quant")
+    session.run("python", "bench/quant_formats.py", env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
 @nox.session(name="bench-verify")

@@ -25,6 +25,7 @@ from safe_merge.merger.job import Job
 from safe_merge.merger.preflight import preflight
 from safe_merge.merger.request import MergeRequest
 from safe_merge.merger.weighted_adapter import build_and_check
+from safe_merge.quant.stored.view import open_checkpoint
 from safe_merge.verifier.combined_adapter import CombinationCheck
 from safe_merge.verifier.outputs import available_memory
 from safe_merge.verifier.probes import probe_inputs
@@ -239,6 +240,10 @@ def _base_report(job: Job) -> dict:
 
 
 def _size(job: Job) -> int | None:
+    if job.quant is not None and job.quant.stored is not None:  # codes are not floating: the codec counts
+        config = json.loads((job.base_dir / "config.json").read_text(encoding="utf-8"))
+        view = open_checkpoint(job.base_dir, config, job.dtype)
+        return view.stored.total_bytes() if job.policy == "requantize" else view.total_bytes()
     numel = job.base_numel
     return numel * torch.tensor([], dtype=job.dtype).element_size() if numel else None
 

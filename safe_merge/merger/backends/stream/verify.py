@@ -132,14 +132,21 @@ def verify_checkpoint(
     merged checkpoint does not hold the tensors the base does (the caller then loads the models)."""
     from safe_merge.compat.adapter_files import load_adapter
     from safe_merge.io import loading
+    from safe_merge.quant import formats
     from safe_merge.merger.backends.stream.backend import StreamBackend
     from safe_merge.merger.job import Job
     from safe_merge.merger.request import MergeRequest
 
-    dtype = str(loading.stored_dtype(merged_dir)).removeprefix("torch.")
+    merged_config = loading.read_config_json(merged_dir)
+    policy = "dequantize"
+    if formats.from_config(merged_config) is not None and formats.from_config(merged_config).stored:
+        # the base's format written back (--quantized requantize): the config names the dtype it loads in
+        policy, dtype = "requantize", str(loading.config_dtype(merged_config)).removeprefix("torch.")
+    else:
+        dtype = str(loading.stored_dtype(merged_dir)).removeprefix("torch.")
     if dtype not in ("float32", "bfloat16", "float16"):
         return [f"the merged checkpoint is stored in {dtype}"]
-    request = MergeRequest(str(base_dir), (str(adapter_dir),), merged_dir / "unused", dtype=dtype)
+    request = MergeRequest(str(base_dir), (str(adapter_dir),), merged_dir / "unused", dtype=dtype, quantized=policy)
     offered = StreamBackend.offer(Job(request), load_adapter(adapter_dir, mapped=True))
     if isinstance(offered, list):
         return offered
