@@ -125,3 +125,24 @@ def test_a_broken_fp8_requantize_fails_naming_the_tensor(how, pair, tmp_path, cl
     if how != "scales not updated":
         assert "left it unchanged" in failures or "relative 1" in failures
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-gptq-asym", "tiny-gptq-sym-descact", "tiny-awq-asym"])
+@pytest.mark.parametrize("policy", ["dequantize", "requantize"])
+def test_gptq_and_awq_checkpoints_merge_under_both_policies(name, policy, tmp_path, cli):
+    base, adapter = checkpoints.library_written(name, tmp_path)
+    out = tmp_path / "out"
+    code, report, err = cli("merge", base, adapter, "-o", out, "--quantized", policy, "--json")
+    assert code == 0, err
+    assert report["backend"] == "stream" and report["verification"]["outputs"]["passed"] is True
+    written = load_file(str(out / "model.safetensors"))
+    stored = load_file(str(base / "model.safetensors"))
+    if policy == "dequantize":
+        assert report["verification"]["weights"]["exact"] == {"merge_and_unload()": 6}
+        assert not any(k.endswith(".qweight") for k in written)
+        return
+    assert report["stream"]["tensors"]["requantized"] == 6
+    assert {k: (v.dtype, v.shape) for k, v in stored.items()} == {k: (v.dtype, v.shape) for k, v in written.items()}
+    for key, value in stored.items():
+        if not any(t in key for t in checkpoints.TARGETS) or key.endswith("g_idx"):
+            assert torch.equal(value, written[key]), key

@@ -55,7 +55,7 @@ class Codec(Protocol):
         ...
 
 
-CODEC_BITS = {"fp8_block": 8, "ct_float": 8, "mxfp4": 4, "ct_nvfp4": 4}
+CODEC_BITS = {"fp8_block": 8, "ct_float": 8, "mxfp4": 4, "ct_nvfp4": 4}  # the others say it in the config
 
 
 @cache
@@ -84,7 +84,10 @@ def stored_scheme(quant: Mapping) -> str:
         return f"{_ct_format(quant)}, {kind} per {first.get('strategy', 'tensor')}" + (f" {tile}" if tile else "")
     describe = table()["methods"].get(method, {}).get("describe", method)
     block = quant.get("weight_block_size")
-    return describe + (f", blocks of {block[0]}x{block[1]}" if block else "")
+    if block:
+        return f"{describe}, blocks of {block[0]}x{block[1]}"
+    group = quant.get("group_size")
+    return describe + (f", groups of {group}" if group else "")
 
 
 def _ct_format(quant: Mapping) -> str | None:

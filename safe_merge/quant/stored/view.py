@@ -15,10 +15,11 @@ from safe_merge.io.checkpoint import Checkpoint, TensorInfo
 from safe_merge.quant.stored.codec import Codec, Group, codec_name
 from safe_merge.quant.stored.fp4 import MXFP4Experts, NVFP4Packed
 from safe_merge.quant.stored.fp8 import BlockFP8, FloatQuantized
+from safe_merge.quant.stored.gptq import AWQ, GPTQ
 from safe_merge.quant.stored.integer import IntegerQuantized
 
 CODECS: dict[str, Codec] = {
-    c.name: c for c in (BlockFP8(), FloatQuantized(), IntegerQuantized(), MXFP4Experts(), NVFP4Packed())
+    c.name: c for c in (BlockFP8(), FloatQuantized(), IntegerQuantized(), MXFP4Experts(), NVFP4Packed(), GPTQ(), AWQ())
 }
 
 

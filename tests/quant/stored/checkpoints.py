@@ -1,7 +1,8 @@
 """Tiny quantized checkpoints written the way their libraries write them: a float Llama saved by transformers,
 its projection weights then quantized tensor by tensor with the library's own quantizer (transformers' FP8
 op, compressed-tensors' compressors), or by safe-merge's codec where the library cannot on a CPU (FP8 blocks a
-weight's shape does not divide, which transformers leaves unquantized; gpt-oss's MXFP4 needs triton kernels)."""
+weight's shape does not divide, which transformers leaves unquantized; gpt-oss's MXFP4 needs triton kernels).
+GPTQ and AWQ checkpoints are the ones gptqmodel wrote (tests/fixtures/gptq/)."""
 
 from __future__ import annotations
 
@@ -124,3 +125,21 @@ def compressed(float_dir: Path, out: Path, weights: dict, fmt: str) -> Path:
         "ignore": ["lm_head"],
     }  # fmt: skip
     return _rewrite(float_dir, out, quant, convert)
+
+
+GPTQ_FIXTURES = Path(__file__).parents[2] / "fixtures" / "gptq"
+
+
+def library_written(name: str, root: Path) -> tuple[Path, Path]:
+    """A checkpoint gptqmodel wrote (tests/fixtures/gptq/), and a LoRA for its architecture."""
+    from transformers import AutoConfig
+
+    base = GPTQ_FIXTURES / name
+    config = AutoConfig.from_pretrained(base)
+    config.quantization_config = None
+    del config.quantization_config
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(config)
+    float_dir = root / f"float-{name}"
+    model.save_pretrained(float_dir)
+    return base, adapter_for(float_dir, root)

@@ -4,6 +4,7 @@ transformers' dequantization (its quantizer needs triton kernels, which need a G
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -209,3 +210,31 @@ def test_mxfp4_experts_dequantize_as_transformers_does_and_requantize_within_hal
     value = weight(tuple(theirs.shape)).float()
     moved = MXFP4Experts().dequantize(group, MXFP4Experts().quantize(group, value, infos(stored)), torch.float32)
     assert ((moved.double() - value.double()).abs() <= MXFP4Experts().budget(group, value.double())).all()
+
+
+GPTQ_FIXTURES = Path(__file__).parents[2] / "fixtures" / "gptq"
+
+
+@pytest.mark.parametrize("name", ["tiny-gptq-asym", "tiny-gptq-sym-descact", "tiny-awq-asym"])
+def test_gptq_and_awq_checkpoints_written_by_gptqmodel_dequantize_as_the_library_does(name):
+    """The checkpoints and what gptqmodel dequantizes them to were written by gptqmodel 7.6.0 on a CPU
+    (tests/fixtures/gptq/generate.py); it does not install beside this torch, so the comparison is stored."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from safe_merge.io.checkpoint import Checkpoint
+    from safe_merge.quant.stored.view import StoredView
+
+    directory = GPTQ_FIXTURES / name
+    quant = json.loads((directory / "config.json").read_text())["quantization_config"]
+    view = StoredView(Checkpoint(directory), quant, torch.float16)
+    theirs = load_file(str(directory / "library_dequantized.safetensors"))
+    assert set(view.groups) == set(theirs) and len(theirs) == 14
+    for group in view.groups.values():
+        ours = view.read(group.name)
+        assert ours.dtype == theirs[group.name].dtype and torch.equal(ours, theirs[group.name]), group.name
+        # quantized again from its own values, every weight comes back within its budget
+        again = view.codec.quantize(group, ours.float(), view.stored.tensors)
+        back = view.codec.dequantize(group, {**view.parts(group), **again}, torch.float32)
+        assert ((back.double() - ours.double()).abs() <= view.codec.budget(group, ours.double())).all(), group.name
