@@ -146,3 +146,27 @@ def test_gptq_and_awq_checkpoints_merge_under_both_policies(name, policy, tmp_pa
     for key, value in stored.items():
         if not any(t in key for t in checkpoints.TARGETS) or key.endswith("g_idx"):
             assert torch.equal(value, written[key]), key
+
+
+@pytest.mark.parametrize("policy", ["dequantize", "requantize"])
+def test_gpt_oss_mxfp4_experts_are_dequantized_or_kept_as_stored_around_an_attention_lora(policy, tmp_path, cli):
+    pytest.importorskip("transformers.models.gpt_oss")
+    base, adapter = checkpoints.gpt_oss_mxfp4(tmp_path)
+    out = tmp_path / "out"
+    code, report, err = cli("merge", base, adapter, "-o", out, "--quantized", policy, "--json")
+    assert code == 0, err
+    assert report["verification"]["outputs"]["passed"] is True
+    stored, written = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    experts = [k for k in stored if k.endswith(("_blocks", "_scales"))]
+    assert len(experts) == 8
+    if policy == "requantize":  # the adapter leaves the experts alone: their blocks and scales are the base's
+        assert all(torch.equal(stored[k], written[k]) for k in experts)
+    else:
+        assert not any(k.endswith(("_blocks", "_scales")) for k in written)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).state_dict()
+    view = StoredView(Checkpoint(base), json.loads((base / "config.json").read_text())["quantization_config"],
+                      torch.bfloat16)  # fmt: skip
+    for group in view.groups:  # transformers reads the experts as the codec does (dequantize: as written)
+        assert torch.equal(loaded[group], view.read(group)), group

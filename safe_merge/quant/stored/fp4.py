@@ -36,7 +36,7 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
     pairs = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
 
 
 def round_levels(value: torch.Tensor) -> torch.Tensor:

@@ -143,3 +143,54 @@ def library_written(name: str, root: Path) -> tuple[Path, Path]:
     float_dir = root / f"float-{name}"
     model.save_pretrained(float_dir)
     return base, adapter_for(float_dir, root)
+
+
+GPT_OSS = {"hidden_size": 64, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+           "vocab_size": 96, "max_position_embeddings": 64, "layer_types": ["sliding_attention", "full_attention"],
+           "sliding_window": 16}  # fmt: skip
+GPT_OSS_FLOAT = ("self_attn", "router", "embed_tokens", "lm_head")
+
+
+def gpt_oss_mxfp4(root: Path) -> tuple[Path, Path]:
+    """A tiny gpt-oss whose experts are stored in MXFP4 as gpt-oss ships them (blocks and scales; quantized by
+    safe-merge's codec: transformers' MXFP4 quantizer needs triton kernels), and a LoRA on its attention."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from safe_merge.quant.stored.fp4 import MXFP4Experts
+
+    torch.manual_seed(6)
+    float_dir = root / "float-gpt-oss"
+    GptOssForCausalLM(GptOssConfig(**GPT_OSS)).to(torch.bfloat16).save_pretrained(float_dir)
+    codec = MXFP4Experts()
+
+    def convert(name, value):
+        experts, cols, rows = value.shape
+        blocks = (experts, rows, cols // 32, 16)
+        like = {"b": TensorInfo("b", None, torch.uint8, blocks, 0, 0),
+                "s": TensorInfo("s", None, torch.uint8, blocks[:3], 0, 0)}  # fmt: skip
+        parts = codec.quantize(Group(name, value.shape, {"blocks": "b", "scales": "s"}), value, like)
+        return {f"{name}_blocks": parts["blocks"], f"{name}_scales": parts["scales"]}
+
+    out = root / "gpt-oss-mxfp4"
+    out.mkdir()
+    tensors = load_file(str(float_dir / "model.safetensors"))
+    stored = {}
+    for name, value in tensors.items():
+        stored.update(
+            convert(name, value) if name.endswith(("experts.gate_up_proj", "experts.down_proj")) else {name: value}
+        )
+    save_file(stored, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((float_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    model = GptOssForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+    lora.save_pretrained(root / "gpt-oss-adapter")
+    return out, root / "gpt-oss-adapter"

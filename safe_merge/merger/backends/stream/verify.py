@@ -132,10 +132,10 @@ def verify_checkpoint(
     merged checkpoint does not hold the tensors the base does (the caller then loads the models)."""
     from safe_merge.compat.adapter_files import load_adapter
     from safe_merge.io import loading
-    from safe_merge.quant import formats
     from safe_merge.merger.backends.stream.backend import StreamBackend
     from safe_merge.merger.job import Job
     from safe_merge.merger.request import MergeRequest
+    from safe_merge.quant import formats
 
     merged_config = loading.read_config_json(merged_dir)
     policy = "dequantize"
