@@ -170,3 +170,35 @@ def test_gpt_oss_mxfp4_experts_are_dequantized_or_kept_as_stored_around_an_atten
                       torch.bfloat16)  # fmt: skip
     for group in view.groups:  # transformers reads the experts as the codec does (dequantize: as written)
         assert torch.equal(loaded[group], view.read(group)), group
+
+
+@pytest.mark.parametrize("policy", ["dequantize", "requantize"])
+def test_a_lora_on_fp8_experts_stored_per_expert_merges_expert_by_expert(policy, tmp_path, cli):
+    """DeepSeek-V3's layout: each expert's projections in block FP8; the LoRA on the fused stacks
+    (target_parameters) lands on every expert's pieces, dequantized, merged and (requantize) quantized again."""
+    import copy
+
+    import peft
+
+    from tests.helpers import save_model
+    from tests.moe import fused, tiny_moe
+    from tests.release import has_key
+
+    if not has_key("target_parameters") or not fused("qwen3_moe"):
+        pytest.skip("needs PEFT 0.17+ (target_parameters) and transformers 5 (fused experts)")
+    pytest.importorskip("transformers.integrations.finegrained_fp8")
+    base = tiny_moe("qwen3_moe").to(torch.bfloat16)
+    save_model(base, tmp_path / "float")
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False,
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
+    model = peft.get_peft_model(copy.deepcopy(base).float(), lora)
+    save_model(model, tmp_path / "adapter")
+    quantized = checkpoints.fp8_block(tmp_path / "float", tmp_path / "base", (8, 8))
+    out = tmp_path / "out"
+    code, report, err = cli("merge", quantized, tmp_path / "adapter", "-o", out, "--quantized", policy, "--json")
+    assert code == 0, err
+    weights = report["verification"]["weights"]
+    pieces = 2 * 4 * 3  # layers x experts x (gate, up, down)
+    assert weights["checked_tensors"] == pieces + 2 and weights["passed"]
+    if policy == "requantize":
+        assert report["stream"]["tensors"]["requantized"] == pieces + 2

@@ -20,7 +20,7 @@ from safe_merge.io.checkpoint import TensorInfo
 from safe_merge.quant.stored.codec import Group
 from safe_merge.quant.stored.fp8 import BlockFP8
 
-PROJECTIONS = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+PROJECTIONS = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.([\w.]+\.)?\w+_proj\.weight$")  # experts' too
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 64}  # fmt: skip
 TARGETS = ["q_proj", "v_proj", "down_proj"]
