@@ -67,7 +67,11 @@ def from_config(config) -> Quantization | None:
     codec = codec_name(quant)
     if codec is not None:
         groups = [g for g in (_get(quant, "config_groups") or {}).values() if isinstance(g, dict)]
-        bits = CODEC_BITS.get(codec) or next((g.get("weights", {}).get("num_bits") for g in groups), None)
+        bits = (
+            CODEC_BITS.get(codec)
+            or _get(quant, "bits")
+            or next((g.get("weights", {}).get("num_bits") for g in groups), None)
+        )
         return Quantization(method, bits, stored_scheme(quant), stored=codec)
     if method == "bitsandbytes":
         if _get(quant, "load_in_4bit") or _get(quant, "_load_in_4bit"):

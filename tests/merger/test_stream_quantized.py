@@ -202,3 +202,23 @@ def test_a_lora_on_fp8_experts_stored_per_expert_merges_expert_by_expert(policy,
     assert weights["checked_tensors"] == pieces + 2 and weights["passed"]
     if policy == "requantize":
         assert report["stream"]["tensors"]["requantized"] == pieces + 2
+
+
+def test_a_lora_on_mxfp4_expert_stacks_is_refused_before_any_work_saying_why(tmp_path, cli):
+    pytest.importorskip("transformers.models.gpt_oss")
+    from tests.release import has_key
+
+    if not has_key("target_parameters"):
+        pytest.skip("needs PEFT 0.17+ (target_parameters)")
+    import peft
+    from transformers import GptOssForCausalLM
+
+    base, _ = checkpoints.gpt_oss_mxfp4(tmp_path)
+    model = GptOssForCausalLM.from_pretrained(tmp_path / "float-gpt-oss", dtype=torch.float32)
+    lora = peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.down_proj"])
+    peft.get_peft_model(model, lora).save_pretrained(tmp_path / "experts-adapter")
+    code, _, err = cli("merge", base, tmp_path / "experts-adapter", "-o", tmp_path / "out")
+    assert code == 2
+    assert "mlp.experts.lora_A" in err and "only the stream backend reads" in err
+    assert "merge into the unquantized base" in err
+    assert not (tmp_path / "out").exists()

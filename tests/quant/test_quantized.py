@@ -270,8 +270,8 @@ def test_drawn_adapters_on_quantized_bases_warn_and_hold_their_budget(drawn):
 @pytest.mark.parametrize(
     ("quantization_config", "needle"),
     [
-        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq, 4-bit"),
-        ({"quant_method": "awq", "bits": 4, "group_size": 128}, "awq, 4-bit"),
+        ({"quant_method": "eetq", "bits": 8}, "eetq, 8-bit"),
+        ({"quant_method": "vptq", "bits": 2}, "vptq, 2-bit"),
     ],
 )
 def test_a_method_safe_merge_cannot_dequantize_is_refused_naming_it(tmp_path, cli, quantization_config, needle):
@@ -287,3 +287,17 @@ def test_a_method_safe_merge_cannot_dequantize_is_refused_naming_it(tmp_path, cl
         )
         assert code == 2 and needle in err and "cannot dequantize or merge into" in err, err
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "fp8"])
+def test_a_config_declaring_a_stored_format_over_float_weights_is_refused(tmp_path, cli, method):
+    case = Case("llama", SIZES, False, LORA, "float32", seed=3)
+    base = build_base(case)
+    save_model(base, tmp_path / "base")
+    save_adapter(case, base, tmp_path / "adapter")
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    quant = {"quant_method": method, "bits": 4, "group_size": 128}
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    code, _, err = cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out")
+    assert code == 2 and f"declares quant_method {method!r}" in err and "no tensor" in err, err
+    assert not (tmp_path / "out").exists()

@@ -42,7 +42,10 @@ def choose(job: Job, adapter: AdapterFiles) -> tuple[Backend, str]:
         return offered, f"the {name} backend cannot: {why[0]}"
     name, why = next((d for d in declined if d[0] == requested), declined[0])
     others = sorted({cls.name for cls in REGISTRY} - {name})
+    hint = f"use --backend {' or '.join(others)} (or auto)"
+    if job.quant is not None and job.quant.stored is not None:
+        hint = "merge into the unquantized base, then quantize the merged model"
     raise BadInput(
         f"the {name} backend cannot merge this: {why[0]}" + (f" (and {len(why) - 1} more)" if len(why) > 1 else ""),
-        hint=f"use --backend {' or '.join(others)} (or auto)",
+        hint=hint,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from safe_merge.errors import BadInput
 from safe_merge.io.checkpoint import Checkpoint, TensorInfo
 from safe_merge.quant.stored.codec import Codec, Group, codec_name
 from safe_merge.quant.stored.fp4 import MXFP4Experts, NVFP4Packed
@@ -33,6 +34,14 @@ class StoredView:
         self.dtype = dtype
         self.dir, self.shards, self.format = stored.dir, stored.shards, stored.format
         self.groups: dict[str, Group] = {g.name: g for g in self.codec.groups(stored.tensors, quant, stored.read)}
+        if not self.groups:
+            raise BadInput(
+                f"config.json declares quant_method {quant.get('quant_method')!r}, but no tensor of the checkpoint "
+                f"is stored that way ({self.codec.name})",
+                path=stored.dir / "config.json",
+                key="quantization_config",
+                hint="the config and the weights belong to different models: save them together again",
+            )
         self.part_of = {part: g.name for g in self.groups.values() for part in g.stored}
         self.tensors: dict[str, TensorInfo] = {}
         self.order: dict[Path, list[str]] = {}

@@ -42,7 +42,11 @@ class StreamBackend:
         view = stream_write.prepare(
             job.base_dir, adapter, job.dtype, adapter_precision(job.dtype), job.request.rounding, job.policy
         )
-        return blockers(job, view) or cls(job, adapter, view)
+        found = blockers(job, view)
+        if found and view.stored is not None:  # no other backend reads a stored format: say so, not "use peft"
+            stored = f"; the base is stored as {job.quant.method}, which only the stream backend reads"
+            return [f"{why.replace(' is merged by the PEFT backend', ' is not merged yet')}{stored}" for why in found]
+        return found or cls(job, adapter, view)
 
     def merge(self) -> None:
         """Nothing happens before writing: each tensor is merged as it is written."""
