@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.quant.stored.fp8 import BlockFP8
@@ -221,4 +221,39 @@ def test_a_lora_on_mxfp4_expert_stacks_is_refused_before_any_work_saying_why(tmp
     assert code == 2
     assert "mlp.experts.lora_A" in err and "only the stream backend reads" in err
     assert "merge into the unquantized base" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("policy", ["dequantize", "requantize"])
+def test_verify_checks_a_stored_format_merge_and_names_a_tampered_weight(policy, pair, tmp_path, cli):
+    base = base_for("int4 groups of 32", pair, tmp_path)
+    out = tmp_path / "out"
+    assert cli("merge", base, pair[1], "-o", out, "--quantized", policy)[0] == 0
+    code, report, err = cli("verify", base, pair[1], out, "--json")
+    assert code == 0, err
+    assert report["verification"]["weights"]["checked_tensors"] == 6
+    tensors = load_file(str(out / "model.safetensors"))
+    name = "model.layers.1.self_attn.v_proj." + ("weight_scale" if policy == "requantize" else "weight")
+    tensors[name] = tensors[name] * 1.25  # a scale (or a weight) off by a quarter
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    code, report, err = cli("verify", base, pair[1], out, "--json")
+    assert code == 1
+    assert "model.layers.1.self_attn.v_proj.weight" in " ".join(report["verification"]["weights"]["failures"])
+
+
+def test_plan_names_the_format_the_policy_and_the_output_size(pair, tmp_path, cli):
+    base = base_for("fp8 blocks of 32", pair, tmp_path)
+    sizes = {}
+    for policy in ("dequantize", "requantize"):
+        code, report, err = cli(
+            "merge", base, pair[1], "-o", tmp_path / "out", "--plan", "--quantized", policy, "--json"
+        )
+        assert code == 0, err
+        assert report["backend"] == "stream"
+        assert report["quantization"]["read_as_stored"] == "fp8_block" and report["quantization"]["policy"] == policy
+        assert "blocks of 32x32" in report["quantization"]["scheme"]
+        sizes[policy] = report["output"]["estimated_bytes"]
+    stored = sum(v.numel() * v.element_size() for v in load_file(str(base / "model.safetensors")).values())
+    floats = sum(v.numel() * 2 for v in load_file(str(pair[0] / "model.safetensors")).values())
+    assert sizes == {"requantize": stored, "dequantize": floats}
     assert not (tmp_path / "out").exists()

@@ -1,7 +1,7 @@
 """The output check on a base read as stored (quant/stored/): transformers cannot load every stored format on
 this machine (and reads some of them wrongly: FP8 blocks the weight's shape does not divide), so the check runs
 on float twins written for it, the base's (and a requantized output's) weights as the codec dequantizes them,
-in a temporary directory beside the staging one that is removed with it.
+in a temporary directory (TMPDIR) removed when the check ends, whatever ends it.
 
 The unmerged model is PeftModel on dequant(W), which is what the adapter was trained on. A dequantized output is
 held to the float tolerance. A requantized one adds what requantizing can explain: how far the outputs move when
@@ -44,7 +44,8 @@ def write_twin(view: StoredView, model_dir: Path, out: Path) -> Path:
 
 
 def stored_outputs(prep: StreamMerge, stage: Path, base_dir: Path, adapter_dir: Path) -> OutputCheck:
-    with tempfile.TemporaryDirectory(prefix=TWIN_PREFIX, dir=stage.parent) as tmp:
+    # in the system's temporary directory (TMPDIR), never beside an input: `verify` reads MERGED as one
+    with tempfile.TemporaryDirectory(prefix=TWIN_PREFIX) as tmp:
         base_twin = write_twin(prep.stored, base_dir, Path(tmp) / "base")
         if not prep.requantize:
             return check_outputs_dirs(base_twin, adapter_dir, stage)
