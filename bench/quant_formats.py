@@ -1,5 +1,6 @@
 """The stored quantization formats × policies table (docs/quantized.md): a tiny Llama (hidden 64, 2 layers,
-bfloat16) quantized by each format's own library where it can on a CPU, a LoRA on q/v/down, merged by
+bfloat16) quantized by each format's own library where it can on a CPU (GPTQ and AWQ: the checkpoints gptqmodel
+wrote, tests/fixtures/gptq; gpt-oss: MXFP4 experts), a LoRA on q/v/down (gpt-oss: q/v), merged by
 `safe-merge merge` under dequantize and requantize. Prints the weight error against dequant(W) + ΔW (largest,
 and as a share of the budget), the output difference from the unmerged model on the dequantized base with its
 budget and the adapter's effect, and the output's size against the base's. Figures, not a test."""
@@ -19,7 +20,7 @@ from tests.quant.stored import checkpoints  # noqa: E402
 
 
 def size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    return sum(p.stat().st_size for p in directory.glob("model*.safetensors"))  # the weights, not a reference
 
 
 def main() -> None:
@@ -29,8 +30,11 @@ def main() -> None:
         root = Path(tmp)
         float_dir = checkpoints.float_model(root)
         adapter = checkpoints.adapter_for(float_dir, root)
-        for i, (name, make) in enumerate(FORMATS.items()):
-            base = make(float_dir, root / f"base-{i}")
+        cases = [(name, make(float_dir, root / f"base-{i}"), adapter) for i, (name, make) in enumerate(FORMATS.items())]
+        for name in ("tiny-gptq-asym", "tiny-gptq-sym-descact", "tiny-awq-asym"):
+            cases.append((f"{name} (gptqmodel)", *checkpoints.library_written(name, root / name)))
+        cases.append(("gpt-oss MXFP4 experts (LoRA on attention)", *checkpoints.gpt_oss_mxfp4(root / "gpt-oss")))
+        for i, (name, base, adapter) in enumerate(cases):
             for policy in ("dequantize", "requantize"):
                 out = root / f"out-{i}-{policy}"
                 cmd = [sys.executable, "-m", "safe_merge", "merge", base, adapter, "-o", out, "--quantized", policy]

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("dequantize", "requantize", "refuse"),
         default="dequantize",
         help="a quantized base: merge into its dequantized weights and write a float model (default, exact), "
-        "merge into the quantized layers and keep them quantized (rounds again; measured), or refuse",
+        "merge into the quantized layers and keep them quantized (rounds again; measured; a format read as stored "
+        "is written back in that format), or refuse",
     )
     joint = merge.add_argument_group("several adapters (PEFT's add_weighted_adapter)")
     joint.add_argument(

@@ -141,6 +141,7 @@ def library_written(name: str, root: Path) -> tuple[Path, Path]:
     torch.manual_seed(2)
     model = LlamaForCausalLM(config)
     float_dir = root / f"float-{name}"
+    root.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(float_dir)
     return base, adapter_for(float_dir, root)
 
@@ -160,6 +161,7 @@ def gpt_oss_mxfp4(root: Path) -> tuple[Path, Path]:
     from safe_merge.quant.stored.fp4 import MXFP4Experts
 
     torch.manual_seed(6)
+    root.mkdir(parents=True, exist_ok=True)
     float_dir = root / "float-gpt-oss"
     GptOssForCausalLM(GptOssConfig(**GPT_OSS)).to(torch.bfloat16).save_pretrained(float_dir)
     codec = MXFP4Experts()
