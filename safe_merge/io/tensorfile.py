@@ -27,6 +27,7 @@ DTYPE_NAMES = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    **({"F8_E8M0": torch.float8_e8m0fnu} if hasattr(torch, "float8_e8m0fnu") else {}),  # power-of-two scales
 }
 NAME_OF = {dtype: name for name, dtype in DTYPE_NAMES.items()}
 FLOATING = {torch.float64, torch.float32, torch.float16, torch.bfloat16}

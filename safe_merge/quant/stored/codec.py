@@ -99,6 +99,13 @@ def _ct_format(quant: Mapping) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def tile(group: Group) -> tuple[int, int]:
+    """The rows × columns one scale covers in a group's weight (its ``block`` setting; None: the whole weight)."""
+    rows, cols = group.shape[-2:]
+    block = group.settings.get("block")
+    return (min(block[0], rows), min(block[1], cols)) if block else (rows, cols)
+
+
 def scale_grid(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
     """A block grid of scales spread over a [rows, cols] weight (leading dims kept): each scale covers a
     block[0] × block[1] tile, the last tiles cut at the edge (the ceil grid DeepSeek and vLLM store)."""

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from safe_merge.io.checkpoint import TensorInfo
-from safe_merge.quant.stored.codec import Group, Reader, block_amax, scale_grid
+from safe_merge.quant.stored.codec import Group, Reader, block_amax, scale_grid, tile
 from safe_merge.quant.stored.schemes import scheme_tiles
 
 E4M3_MAX = 448.0
@@ -35,12 +35,6 @@ def scale_to_float(scale: torch.Tensor) -> torch.Tensor:
     if scale.dtype == torch.uint8:
         return (scale.float() - 127.0).exp2()
     return scale.float()
-
-
-def tile(group: Group) -> tuple[int, int]:
-    rows, cols = group.shape[-2:]
-    block = group.settings.get("block")
-    return (min(block[0], rows), min(block[1], cols)) if block else (rows, cols)
 
 
 class BlockFP8:

@@ -16,17 +16,11 @@ from collections.abc import Mapping
 import torch
 
 from safe_merge.io.checkpoint import TensorInfo
-from safe_merge.quant.stored.codec import Group, Reader, block_amax, scale_grid
+from safe_merge.quant.stored.codec import Group, Reader, block_amax, scale_grid, tile
 from safe_merge.quant.stored.packing import pack_rows, require_bits, unpack_rows
 from safe_merge.quant.stored.schemes import scheme_tiles, weight_args
 
 INT_DTYPES = (torch.int8, torch.int16, torch.int32)
-
-
-def tile(group: Group) -> tuple[int, int]:
-    rows, cols = group.shape[-2:]
-    block = group.settings.get("block")
-    return (min(block[0], rows), min(block[1], cols)) if block else (rows, cols)
 
 
 class IntegerQuantized:

@@ -54,6 +54,26 @@ def test_block_fp8_quantizes_and_dequantizes_as_transformers_does(dtype):
     assert mine.dtype == back.dtype and torch.equal(mine, back)
 
 
+def test_block_fp8_with_power_of_two_scales_quantizes_and_dequantizes_as_transformers_does():
+    fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    from transformers import FineGrainedFP8Config
+
+    try:
+        config = FineGrainedFP8Config(weight_block_size=(128, 128), scale_fmt="ue8m0")
+    except TypeError:
+        pytest.skip("this transformers has no ue8m0 scales")
+    quantizer = SimpleNamespace(quantization_config=config)
+    value = weight((256, 384))
+    theirs = fp8.Fp8Quantize(quantizer)._quantize_one("m.weight", value)
+    scale = theirs["m.weight_scale_inv"]
+    group = Group("m.weight", (256, 384), {"weight": "m.weight", "scale": "m.weight_scale_inv"}, {"block": (128, 128)})
+    ours = BlockFP8().quantize(group, value, infos({"m.weight": theirs["m.weight"], "m.weight_scale_inv": scale}))
+    assert ours["scale"].dtype == scale.dtype and torch.equal(ours["scale"].float(), scale.float())
+    assert torch.equal(ours["weight"].view(torch.uint8), theirs["m.weight"].view(torch.uint8))
+    back = fp8.Fp8Dequantize(quantizer)._dequantize_one(theirs["m.weight"], scale, torch.bfloat16)
+    assert torch.equal(BlockFP8().dequantize(group, ours, torch.bfloat16), back)
+
+
 def test_block_fp8_reads_a_ragged_shape_on_the_ceil_grid_where_transformers_infers_another_block():
     _, dequantize = fp8_ops()
     value = weight((192, 128)).float()

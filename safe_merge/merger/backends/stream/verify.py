@@ -137,9 +137,10 @@ def verify_checkpoint(
     from safe_merge.merger.request import MergeRequest
     from safe_merge.quant import formats
 
-    merged_config = loading.read_config_json(merged_dir)
+    merged_config = loading.read_config_json(merged_dir) if (merged_dir / "config.json").is_file() else None
+    quant = formats.from_config(merged_config) if merged_config is not None else None
     policy = "dequantize"
-    if formats.from_config(merged_config) is not None and formats.from_config(merged_config).stored:
+    if quant is not None and quant.stored is not None:
         # the base's format written back (--quantized requantize): the config names the dtype it loads in
         policy, dtype = "requantize", str(loading.config_dtype(merged_config)).removeprefix("torch.")
     else:
