@@ -233,7 +233,7 @@ def verify_loaded(
         check.survival = min(survival.values(), default=None)
         weights = WeightCheck(tensors=tensors, failures=failures)
         weights.rule = "per block: half the largest gap between grid levels x the block's scale, plus 4 ulps"
-        check.sensitivity = _sensitivity(twin, expected, budgets, inputs)
+        check.sensitivity = sensitivity(twin, expected, budgets, inputs)
         check.float_tolerance = output_tolerance(out_q, dtype, model_depth(merged))
         result = Verification(ledger, weights, OutputCheck(False, reason="not run yet"))
     worst = max(tensors, key=lambda r: r.ratio, default=None)
@@ -252,7 +252,7 @@ def verify_loaded(
     return result
 
 
-def _sensitivity(twin: nn.Module, expected, budgets, inputs) -> float:
+def sensitivity(twin: nn.Module, expected, budgets, inputs) -> float:
     """How far the outputs move when every exact merged weight is pushed by its rounding budget (one seeded draw,
     uniform within ±budget): the output error requantizing can explain."""
     exact = copy.deepcopy(twin)

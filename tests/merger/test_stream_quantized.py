@@ -257,3 +257,30 @@ def test_plan_names_the_format_the_policy_and_the_output_size(pair, tmp_path, cl
     floats = sum(v.numel() * 2 for v in load_file(str(pair[0] / "model.safetensors")).values())
     assert sizes == {"requantize": stored, "dequantize": floats}
     assert not (tmp_path / "out").exists()
+
+
+def test_a_saved_copy_of_a_quantized_layer_is_requantized_from_the_copy(pair, tmp_path, cli):
+    """modules_to_save on a quantized projection: the adapter's full copy replaces the weight, and is what the
+    base's format gets written back from (and checked against)."""
+    import peft
+    from transformers import LlamaForCausalLM
+
+    base = base_for("fp8 blocks of 32", pair, tmp_path)
+    model = LlamaForCausalLM.from_pretrained(pair[0], dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["down_proj"])
+    lora = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "modules_to_save" in name and name.endswith("weight"):
+                param.add_(0.05)  # the copy was trained away from the base
+    lora.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    code, report, err = cli("merge", base, tmp_path / "adapter", "-o", out, "--quantized", "requantize", "--json")
+    assert code == 0, err
+    assert report["stream"]["tensors"]["requantized"] == 4  # two q_proj, two down_proj copies
+    view = StoredView(Checkpoint(out), json.loads((out / "config.json").read_text())["quantization_config"],
+                      torch.bfloat16)  # fmt: skip
+    copy = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    saved = next(v for k, v in copy.items() if "layers.0.mlp.down_proj" in k)
+    written = view.read("model.layers.0.mlp.down_proj.weight").float()
+    assert (written - saved.float()).abs().max() <= saved.abs().max() * 2**-3  # within e4m3 rounding of the copy

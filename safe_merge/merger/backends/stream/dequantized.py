@@ -20,13 +20,14 @@ from safetensors.torch import save_file
 
 from safe_merge.io import loading
 from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.merger.backends.stream import requantize
 from safe_merge.merger.backends.stream.layout import BaseView
 from safe_merge.merger.backends.stream.write import StreamMerge
 from safe_merge.quant.stored.view import StoredView
 from safe_merge.verifier.delta import merged_weight
 from safe_merge.verifier.outputs import OutputCheck
 from safe_merge.verifier.probes import probe_inputs
-from safe_merge.verifier.quantized import OUTPUT_FACTOR, _sensitivity
+from safe_merge.verifier.quantized import OUTPUT_FACTOR, sensitivity
 from safe_merge.verifier.verdict import check_outputs_dirs
 
 TWIN_PREFIX = ".safe-merge-dequantized-"
@@ -69,7 +70,7 @@ def _requantize_sensitivity(prep: StreamMerge, base_twin: Path) -> float:
         lora = prep.ledger.modules.get(name.removesuffix(".weight")) or prep.ledger.modules.get(name)
         if lora is None or name not in params:  # a stack the model fuses at load: not pushed (said in the docs)
             continue
-        origin = base[name].to(torch.float64)
+        origin = requantize.start_value(prep, base, name).to(torch.float64)
         expected[name] = merged_weight(origin, lora.widened())
         budgets[name] = prep.stored.codec.budget(prep.stored.groups[name], expected[name])
-    return _sensitivity(twin, expected, budgets, probe_inputs(twin.config, type(twin)))
+    return sensitivity(twin, expected, budgets, probe_inputs(twin.config, type(twin)))

@@ -60,7 +60,7 @@ class Parts:
         state = self.pending.get(group.name)
         if state is None:
             with written.timing("read"):
-                start = self.base[group.name]
+                start = start_value(prep, self.base, group.name)
             with written.timing("merge"):
                 merged = merged_tensor(prep, group.name, start)
                 state = _Pending(start, view.codec.quantize(group, merged, view.stored.tensors))
@@ -80,6 +80,13 @@ class Parts:
             with written.timing("verify"):
                 self.check(group.name, state.start, view.codec.dequantize(group, state.back, prep.dtype))
         prep.return_pages(group.name)
+
+
+def start_value(prep: StreamMerge, base: BaseView, name: str) -> torch.Tensor:
+    """What a quantized weight's merge starts from: the adapter's saved copy when it replaces the weight, else
+    dequant(W), in the model's dtype."""
+    saved = prep.ledger.replacements.get(name)
+    return saved.to(prep.dtype) if saved is not None else base[name]
 
 
 def requantized_result(prep: StreamMerge, name: str, start: torch.Tensor, got: torch.Tensor) -> TensorResult:

@@ -118,7 +118,8 @@ def verify(
     tieable = set(vocab_rows(prep.checkpoint, prep.config))
     if any(p in tieable or p not in prep.checkpoint.tensors for p in paths.values()):  # only embeddings tie
         weights.failures += ties_problems(tied_by_config(stage) or [], paths)
-    outputs = _outputs(prep, stage, base_dir, adapter_dir, output_check, written.total_bytes())
+    size = prep.checkpoint.total_bytes() if prep.stored is not None else written.total_bytes()  # float twins
+    outputs = _outputs(prep, stage, base_dir, adapter_dir, output_check, size)
     files = file_problems(base_dir, tokenizer_from or adapter_dir, stage)
     return Verification(prep.ledger, weights, outputs, config=files)
 
@@ -206,7 +207,8 @@ def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks
         got = prep.stored.codec.dequantize(
             prep.stored.groups[name], requantize.stored_parts(prep, name, written), prep.dtype
         )
-        add_result(check, requantize.requantized_result(prep, name, base[name], got))
+        start = requantize.start_value(prep, base, name)
+        add_result(check, requantize.requantized_result(prep, name, start, got))
     check.finish()
     return check
 
