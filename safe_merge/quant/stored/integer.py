@@ -53,6 +53,10 @@ class IntegerQuantized:
             else:
                 shape = tuple(int(v) for v in info.shape)
             settings = {"bits": bits, "packed": packed, "symmetric": bool(args.get("symmetric", True))}
+            if "g_idx" in parts:  # act-order: the group of each input column (-1 where unset: the plain groups)
+                g_idx = read(parts["g_idx"]).long()
+                if bool((g_idx >= 0).all()):
+                    settings["g_idx"] = g_idx
             out.append(Group(f"{module}.weight", shape, parts, {**settings, "block": scheme_tiles(quant, name, shape)}))
         return out
 
@@ -72,27 +76,21 @@ class IntegerQuantized:
 
     def dequantize(self, group: Group, parts: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         q, zero = self.codes(group, parts)
-        rows, cols = group.shape[-2:]
         scale = parts["scale"].reshape(1, 1) if parts["scale"].dim() < 2 else parts["scale"]
-        g_idx = parts.get("g_idx")
-        if g_idx is not None and bool((g_idx >= 0).all()):  # act-order: column j uses group g_idx[j]
-            spread = scale[:, g_idx.long()]
-            zeros = zero[:, g_idx.long()] if zero is not None else None
-        else:
-            spread = scale_grid(scale, rows, cols, tile(group))
-            zeros = scale_grid(zero, rows, cols, tile(group)) if zero is not None else None
+        spread = _spread(scale, group)
+        zeros = _spread(zero, group) if zero is not None else None
         value = q.to(scale.dtype)
         if zeros is not None:
             value = value - zeros.to(scale.dtype)
         return (value * spread).to(dtype)
 
     def quantize(self, group: Group, weight: torch.Tensor, stored: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
-        bits, rows, cols = group.settings["bits"], *group.shape[-2:]
+        bits = group.settings["bits"]
         kept = stored[group.parts["scale"]]
         value = weight.to(kept.dtype)
         q_min, q_max = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
         steps = torch.tensor(float(q_max - q_min), dtype=kept.dtype)
-        low, high = _tile_range(value, tile(group))
+        low, high = _ranges(value, group)
         if group.settings["symmetric"]:
             scale = torch.maximum(low.abs(), high.abs()) / (steps / 2)
             zero = None
@@ -102,9 +100,9 @@ class IntegerQuantized:
         scale = torch.where(scale == 0, torch.tensor(torch.finfo(kept.dtype).eps, dtype=kept.dtype), scale)
         if zero is not None:
             zero = torch.round(zero.clamp(-128, 127)).to(torch.int8)
-        scaled = value / scale_grid(scale, rows, cols, tile(group))
+        scaled = value / _spread(scale, group)
         if zero is not None:
-            scaled += scale_grid(zero, rows, cols, tile(group)).to(kept.dtype)
+            scaled += _spread(zero, group).to(kept.dtype)
         q = torch.round(torch.clamp(scaled, q_min, q_max)).to(torch.int32)
         offset = 1 << (bits - 1)
         out = {"scale": scale.reshape(kept.shape)}
@@ -119,20 +117,34 @@ class IntegerQuantized:
         return out
 
     def budget(self, group: Group, exact: torch.Tensor) -> torch.Tensor:
-        bits, rows, cols = group.settings["bits"], *exact.shape[-2:]
+        bits = group.settings["bits"]
         steps = (1 << bits) - 1
-        low, high = _tile_range(exact, tile(group))
+        low, high = _ranges(exact, group)
         if group.settings["symmetric"]:
             step, halves = torch.maximum(low.abs(), high.abs()) / (steps / 2), 0.5
         else:
             step, halves = (high - low) / steps, 1.0
         # the division and the scale are rounded to the scale's dtype first (2^-8 of up to 2^(b-1) steps)
         slack = halves + (1 << bits) * 2.0**-8
-        return scale_grid(step * slack, rows, cols, tile(group)) + exact.abs() * 2.0**-8
+        return _spread(step * slack, group) + exact.abs() * 2.0**-8
 
 
-def _tile_range(value: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(min, max) per tile, widened to include 0."""
-    high = block_amax(value.clamp(min=0), block)
-    low = -block_amax(value.clamp(max=0), block)
-    return low, high
+def _ranges(value: torch.Tensor, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) per tile (per row and act-order group), widened to include 0."""
+    g_idx = group.settings.get("g_idx")
+    if g_idx is not None:
+        count = int(g_idx.max()) + 1
+        index = g_idx.expand_as(value)
+        start = torch.zeros(value.shape[0], count, dtype=value.dtype)
+        return start.scatter_reduce(1, index, value, "amin"), start.scatter_reduce(1, index, value, "amax")
+    block = tile(group)
+    return -block_amax(value.clamp(max=0), block), block_amax(value.clamp(min=0), block)
+
+
+def _spread(per_tile: torch.Tensor, group: Group) -> torch.Tensor:
+    """Values per tile (or act-order group) spread over the weight's elements."""
+    g_idx = group.settings.get("g_idx")
+    if g_idx is not None:
+        return per_tile[:, g_idx]
+    rows, cols = group.shape[-2:]
+    return scale_grid(per_tile, rows, cols, tile(group))

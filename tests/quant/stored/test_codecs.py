@@ -109,6 +109,10 @@ def ct_compress(value: torch.Tensor, scheme, fmt: str, global_scale=None):
         low, high = tiles.amin(-1), tiles.amax(-1)
     elif args.strategy == "channel":
         low, high = value.amin(-1, keepdim=True), value.amax(-1, keepdim=True)
+    elif args.strategy == "block":
+        bh, bw = args.block_structure
+        tiles = value.reshape(rows // bh, bh, cols // bw, bw)
+        low, high = tiles.amin(dim=(1, 3)), tiles.amax(dim=(1, 3))
     else:
         low, high = value.amin(), value.amax()
     if global_scale is not None:
@@ -165,6 +169,7 @@ def test_compressed_tensors_integer_formats_round_trip_as_the_library_does(case,
 FLOAT_CASES = [
     ("channel", dict(num_bits=8, type="float", symmetric=True, strategy="channel")),
     ("tensor", dict(num_bits=8, type="float", symmetric=True, strategy="tensor")),
+    ("block", dict(num_bits=8, type="float", symmetric=True, strategy="block", block_structure=[32, 64])),
 ]
 
 
@@ -258,3 +263,34 @@ def test_gptq_and_awq_checkpoints_written_by_gptqmodel_dequantize_as_the_library
         again = view.codec.quantize(group, ours.float(), view.stored.tensors)
         back = view.codec.dequantize(group, {**view.parts(group), **again}, torch.float32)
         assert ((back.double() - ours.double()).abs() <= view.codec.budget(group, ours.double())).all(), group.name
+
+
+def test_act_ordered_compressed_tensors_groups_follow_g_idx_both_ways():
+    """Older compressed-tensors checkpoints (actorder "group") store weight_g_idx: column j is in group g_idx[j].
+    compressed-tensors 0.20 no longer reads them, so the grouping is checked by what it means: each group's
+    scale is its own columns' range, and requantizing keeps every element within half a step."""
+    bits, rows, cols, size = 4, 16, 128, 32
+    g_idx = torch.empty(cols, dtype=torch.int32)
+    g_idx[torch.randperm(cols, generator=torch.Generator().manual_seed(1))] = (
+        torch.arange(cols, dtype=torch.int32) // size
+    )
+    stored = {
+        "m.weight_packed": torch.zeros(rows, cols * bits // 32, dtype=torch.int32),
+        "m.weight_scale": torch.zeros(rows, cols // size, dtype=torch.bfloat16),
+        "m.weight_shape": torch.tensor([rows, cols]),
+        "m.weight_g_idx": g_idx,
+    }
+    quant = {"config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": bits, "type": "int",
+             "symmetric": True, "strategy": "group", "group_size": size, "actorder": "group"}}}}  # fmt: skip
+    (group,) = IntegerQuantized().groups(infos(stored), quant, lambda n: stored[n])
+    value = weight((rows, cols))
+    parts = {
+        **{r: stored[n] for r, n in group.parts.items()},
+        **IntegerQuantized().quantize(group, value, infos(stored)),
+    }
+    for g in range(cols // size):
+        columns = value[:, g_idx == g].float()
+        expected = (columns.abs().amax(dim=1) / 7.5).to(torch.bfloat16)
+        assert torch.equal(parts["scale"][:, g], expected), g
+    back = IntegerQuantized().dequantize(group, parts, torch.float32)
+    assert ((back.double() - value.double()).abs() <= IntegerQuantized().budget(group, value.double())).all()
