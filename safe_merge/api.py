@@ -65,10 +65,12 @@ def merge(
     card: bool = True,
     push_to_hub: str | None = None,
     private: bool = False,
+    workers: int | None = None,
 ) -> dict:
     """Merge one adapter (or combine several) into ``base``, verify what was written, publish ``out`` only if
     verification passed. A failed or unverifiable merge returns its report (exit_code 1 or 3), nothing written.
-    ``report`` also writes the report there as JSON (with OUT when it is published). ``base`` None: the base the
+    ``report`` also writes the report there as JSON (with OUT when it is published). ``workers``: processes the
+    stream backend merges output shards with (None: auto). ``base`` None: the base the
     adapters name in adapter_config.json (base_model_name_or_path), as AutoPeftModel finds it.
 
     Inputs may be hub repo ids (``ID@REVISION`` pins one); ``revision`` is the adapters' revision where they name
@@ -98,6 +100,7 @@ def merge(
         card=card,
         push_to_hub=push_to_hub,
         private=private,
+        workers=workers,
     )
     return merge_command(request)
 

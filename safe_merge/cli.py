@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="largest safetensors shard (default: the base's shards with --backend stream, else 5GB)",
     )
+    merge.add_argument(
+        "--workers",
+        default="auto",
+        help="stream backend: processes merging output shards at once (default auto: one per core while memory "
+        "allows, one for outputs under a GiB); the result is the same bytes whatever the number",
+    )
     merge.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
     merge.add_argument("--plan", action="store_true", help="print what would be done; write nothing")
     merge.add_argument(
@@ -218,7 +224,19 @@ def cmd_merge(args) -> dict:
         card=not args.no_card,
         push_to_hub=args.push_to_hub,
         private=args.private,
+        workers=_workers(args.workers),
     )
+
+
+def _workers(text: str) -> int | None:
+    from safe_merge.errors import BadInput
+
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise BadInput(f"--workers {text!r}: give a number of processes, or auto") from None
 
 
 def cmd_verify(args) -> dict:

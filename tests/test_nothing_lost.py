@@ -4,6 +4,7 @@ and a full disk says how much room the merge needs. Inputs are hashed before and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -195,6 +196,37 @@ def test_a_signal_during_the_write_removes_staging_and_says_so_in_one_line(input
     assert TRACEBACK not in err and f"interrupted by {name}; nothing was written" in err, err
     assert _leftovers(tmp_path) == [], "staging or scratch dirs were left beside OUT"
     assert digest(*inputs) == before
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+@pytest.mark.process
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc")
+def test_sigterm_while_workers_write_stops_them_and_leaves_nothing(inputs, tmp_path):
+    process = _start_merge(inputs, tmp_path / "out", "--workers", "2", "--max-shard-size", "4KB")
+    deadline, workers = time.monotonic() + 120, set()
+    while not workers and time.monotonic() < deadline and process.poll() is None:
+        workers = _children(process.pid)
+        time.sleep(0.001)
+    assert workers, f"no worker process appeared: {process.communicate()}"
+    process.send_signal(signal.SIGSTOP)
+    workers |= _children(process.pid)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and TRACEBACK not in err, err
+    assert _leftovers(tmp_path) == []
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlived the merge"
 
 
 @pytest.mark.process

@@ -48,6 +48,7 @@ class MergeRequest:
     card: bool = True  # write README.md, the model card, into OUT
     push_to_hub: str | None = None  # after a verified publish, upload OUT to this hub repo
     private: bool = False  # a repo --push-to-hub creates is private
+    workers: int | None = None  # stream backend: processes writing shards at once (None: auto, by cores and memory)
 
     def __post_init__(self) -> None:
         adapters = (self.adapters,) if isinstance(self.adapters, (str, Path)) else self.adapters
@@ -69,6 +70,8 @@ class MergeRequest:
             parse_size(self.max_shard_size)
         if self.combination is None and len(self.adapters) > 1:
             object.__setattr__(self, "combination", parse_combination("cat", None, len(self.adapters)))
+        if self.workers is not None and self.workers < 1:
+            raise BadInput(f"--workers {self.workers}: give a number of processes, 1 or more (or auto)")
         if self.private and self.push_to_hub is None:
             raise BadInput("--private applies to the repo --push-to-hub creates; pass --push-to-hub too")
         if self.combination is not None:

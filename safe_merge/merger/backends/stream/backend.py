@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -12,12 +13,14 @@ from packaging.version import Version
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.history import History
 from safe_merge.merger.backends.base import WEIGHT_CHECKS
+from safe_merge.merger.backends.stream import parallel
 from safe_merge.merger.backends.stream import verify as stream_verify
 from safe_merge.merger.backends.stream import write as stream_write
 from safe_merge.merger.backends.stream.layout import might_tie, vocab_rows
 from safe_merge.merger.job import Job
 from safe_merge.verifier.delta import LayerKind
 from safe_merge.verifier.ledger import Status
+from safe_merge.verifier.outputs import available_memory
 from safe_merge.verifier.replication import layer_sources
 from safe_merge.verifier.verdict import Verification, adapter_precision
 
@@ -51,7 +54,25 @@ class StreamBackend:
     def merge(self) -> None:
         """Nothing happens before writing: each tensor is merged as it is written."""
 
+    def workers(self) -> int:
+        """--workers, or auto: by the cores, the memory each worker needs and the output's size."""
+        declared = stream_write.declare(self.view, self.job.request.max_shard_size)
+        total = sum(s.nbytes for slots in declared.values() for s in slots)
+        peak = self.estimate_peak_memory(available_memory())["bytes"] or 0
+        return parallel.choose_workers(self.job.request.workers, len(declared), total, peak, available_memory())
+
     def write(self, stage: Path) -> list[str]:
+        workers = self.workers()
+        inputs = parallel.Inputs(
+            self.job.base_dir,
+            self.adapter.path,
+            self.view.dtype,
+            self.view.factor_dtype,
+            self.view.rounding,
+            self.view.policy,
+            check=True,
+            threads=max(1, (os.cpu_count() or 1) // workers),
+        )
         self.written = stream_write.write(
             self.view,
             stage,
@@ -59,6 +80,8 @@ class StreamBackend:
             self.adapter.path,
             self.job.request.max_shard_size,
             self.checks_as_written,
+            inputs,
+            workers,
         )
         self.notes = self.written.notes
         return self.written.files
@@ -77,7 +100,8 @@ class StreamBackend:
 
     def report(self) -> dict:
         assert self.written is not None, "write() first"
-        return {"stream": {"tensors": self.written.counts, "seconds": self.written.seconds}}
+        written = self.written
+        return {"stream": {"tensors": written.counts, "seconds": written.seconds, "workers": written.workers}}
 
     def estimate_peak_memory(self, free: int) -> dict:
         """The adapter, and per tensor the base tensor, its merge and (verifying a tensor that is not a plain

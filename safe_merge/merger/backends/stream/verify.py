@@ -59,6 +59,12 @@ class TensorChecks:
         self.results = WeightCheck()
         self.seen: set[str] = set()
 
+    def merge(self, results: list, seen: set[str]) -> None:
+        """Results a worker process checked as it wrote its shards (stream/parallel.py)."""
+        for result in results:
+            add_result(self.results, result)
+        self.seen |= seen
+
     def __call__(self, name: str, start: torch.Tensor, got: torch.Tensor) -> None:
         self.seen.add(name)
         if self.prep.requantize and name in self.prep.stored.groups:

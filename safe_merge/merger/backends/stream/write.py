@@ -22,7 +22,7 @@ from safe_merge.compat.adapter_files import AdapterFiles, return_pages
 from safe_merge.io.checkpoint import Checkpoint, TensorInfo
 from safe_merge.io.model_dir import carry_files
 from safe_merge.io.shards import ShardWriter, Slot, parse_size, plan_shards, write_index
-from safe_merge.merger.backends.stream import arith, experts, requantize
+from safe_merge.merger.backends.stream import arith, experts, parallel, requantize
 from safe_merge.merger.backends.stream.buffers import Buffers
 from safe_merge.merger.backends.stream.layout import BaseView, Layout, LedgerView, infer_layout
 from safe_merge.quant.stored.codec import Group
@@ -119,6 +119,7 @@ class Written:
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # merged / replaced / copied / cast tensors
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase: read, merge, write, copy
+    workers: int = 1  # processes that wrote the shards (their phase seconds are summed)
 
     @contextlib.contextmanager
     def timing(self, phase: str) -> Iterator[None]:
@@ -154,6 +155,18 @@ def _on_params(adapter: AdapterFiles) -> bool:
 Check = Callable[[str, torch.Tensor, torch.Tensor], None]  # (name, value before the merge, as written)
 
 
+def declare(prep: StreamMerge, max_shard_size: str | None) -> dict[str, list[Slot]]:
+    """The output shards and the tensors each holds, in order: the base's shards, or shards of at most
+    ``max_shard_size``."""
+    declared = {
+        file_name: [Slot(n, prep.out_dtype(n), prep.shape(n)) for n in names]
+        for file_name, names in prep.output_names().items()
+    }
+    if max_shard_size is not None:
+        declared = plan_shards([s for slots in declared.values() for s in slots], parse_size(max_shard_size))
+    return declared
+
+
 def write(
     prep: StreamMerge,
     out: Path,
@@ -161,16 +174,43 @@ def write(
     adapter_dir: Path,
     max_shard_size: str | None,
     check: Check | None = None,
+    parallel_inputs: parallel.Inputs | None = None,
+    workers: int = 1,
 ) -> Written:
     """Write the merged model into ``out`` (an empty staging directory). ``check`` sees every merged or replaced
-    tensor as soon as it is on disk, read back, with the value it started from (so nothing is read twice)."""
-    declared = {
-        file_name: [Slot(n, prep.out_dtype(n), prep.shape(n)) for n in names]
-        for file_name, names in prep.output_names().items()
-    }
-    if max_shard_size is not None:
-        declared = plan_shards([s for slots in declared.values() for s in slots], parse_size(max_shard_size))
+    tensor as soon as it is on disk, read back, with the value it started from (so nothing is read twice). With
+    ``workers`` > 1 the shards are shared among that many processes (stream/parallel.py), each checking its own."""
+    declared = declare(prep, max_shard_size)
     written = Written([])
+    if workers > 1 and len(declared) > 1 and parallel_inputs is not None:
+        with written.timing("workers"):
+            for done in parallel.run(parallel_inputs, out, declared, workers):
+                for key, count in done.counts.items():
+                    written.counts[key] = written.counts.get(key, 0) + count
+                for phase, seconds in done.seconds.items():  # summed over workers: CPU-side seconds
+                    written.seconds[phase] = round(written.seconds.get(phase, 0.0) + seconds, 3)
+                if check is not None:
+                    check.merge(done.results, done.seen)
+        written.workers = min(workers, len(declared))
+    else:
+        write_shards(prep, out, declared, written, check)
+    write_index(out, declared)
+    (out / "config.json").write_text(json.dumps(_config(prep), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    carry_files(out, base_dir, adapter_dir)
+    if prep.untie:
+        output, shared = prep.layout.tied
+        written.notes.append(
+            f"untied {output} from {shared}, so the merged model keeps the adapter's meaning (the merge would "
+            "otherwise change the tied side too)"
+        )
+    written.files = sorted(p.name for p in out.iterdir())
+    return written
+
+
+def write_shards(
+    prep: StreamMerge, out: Path, declared: dict[str, list[Slot]], written: Written, check: Check | None
+) -> None:
+    """Write ``declared`` shards into ``out``, a tensor at a time, each checked as soon as it is on disk."""
     base = BaseView(prep.checkpoint, prep.layout)
     order = [slot.name for slots in declared.values() for slot in slots]
     parts = requantize.Parts(prep, check)
@@ -202,17 +242,6 @@ def write(
                     future.cancel()
                 raise
             writer.close()
-    write_index(out, declared)
-    (out / "config.json").write_text(json.dumps(_config(prep), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    carry_files(out, base_dir, adapter_dir)
-    if prep.untie:
-        output, shared = prep.layout.tied
-        written.notes.append(
-            f"untied {output} from {shared}, so the merged model keeps the adapter's meaning (the merge would "
-            "otherwise change the tied side too)"
-        )
-    written.files = sorted(p.name for p in out.iterdir())
-    return written
 
 
 def _needs_read(prep: StreamMerge, base: BaseView, name: str) -> bool:
