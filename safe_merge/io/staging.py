@@ -9,6 +9,7 @@ name and marker and removes them (``sweep_stale``), and says so.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import secrets
@@ -19,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from safe_merge.errors import BadInput
+from safe_merge.io.journal import Journal, journal_dir
 from safe_merge.io.signals import deferred
 
 OWNER = ".owner"  # the marker file's suffix
@@ -79,6 +81,7 @@ def remove(path: Path) -> None:
     """Remove a temporary directory and its marker completely, even if a signal arrives meanwhile."""
     with deferred():
         shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(journal_dir(path), ignore_errors=True)
         _marker(path).unlink(missing_ok=True)
 
 
@@ -100,26 +103,103 @@ def temporary(parent: Path, name: str, kind: str = "scratch") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def staged(out: Path, force: bool, side_files: Mapping[Path, str] | None = None) -> Iterator[Path]:
+def staged(
+    out: Path,
+    force: bool,
+    side_files: Mapping[Path, str] | None = None,
+    resume_key: str | None = None,
+    notes: list[str] | None = None,
+) -> Iterator[Path]:
     """Yield a staging directory next to ``out``; on normal exit it replaces ``out``, on any exit it is gone.
 
     ``side_files`` (path -> text, filled in by the caller before the block ends) are written completely before
     the publish and moved into place with it: a report never describes an output that was not published, and a
     report that cannot be written stops the publish. Raising anything leaves ``out`` as it was.
+
+    ``resume_key`` (a writer that journals its shards, io/journal.py): an interrupted run's staging directory for
+    ``out`` whose journal has this key is continued instead of a new one; one with another key is removed. A
+    full disk then keeps the directory when some shards are complete (``kept`` on the exception says where), so
+    the same command continues once there is room. ``notes`` gets a line for each directory continued or removed.
     """
     out = Path(os.path.abspath(out))
     check_target(out, force)
     made = _missing_parents(out)
-    stage = make_temporary(out.parent, out.name, "staging")
+    notes = notes if notes is not None else []
+    stage = _interrupted(out, resume_key, notes)
+    fresh = stage is None
+    if fresh:
+        stage = make_temporary(out.parent, out.name, "staging")
+    keep = False
     try:
+        if fresh and resume_key is not None:
+            Journal(stage).start(resume_key)
         yield stage
         publish(stage, out, force, dict(side_files or {}))
+    except BaseException as exc:
+        done = len(Journal(stage).done()) if resume_key is not None and _no_space(exc) else 0
+        if done:
+            keep = True
+            exc.kept = (stage, done)  # read by whoever words the error
+        raise
     finally:
         with deferred():
-            if stage.exists():
+            if stage.exists() and not keep:
                 remove(stage)
-            if not out.exists():
+            if not out.exists() and not keep:
                 _remove_empty(made)
+
+
+def _interrupted(out: Path, key: str | None, notes: list[str]) -> Path | None:
+    """The staging directory an interrupted run on this host left for ``out`` with a journal of ``key``, claimed
+    for this run; the others it left for ``out`` with a journal are removed (not reused: other inputs)."""
+    chosen = None
+    host = socket.gethostname()
+    pattern = glob.escape(str(out.parent / f".{out.name}{TAG}staging-")) + f"*{OWNER}"
+    for marker in sorted(Path(p) for p in glob.glob(pattern)):
+        entry = marker.with_name(marker.name.removesuffix(OWNER))
+        try:
+            owner = json.loads(marker.read_text(encoding="utf-8"))
+            pid, machine = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if machine != host or _alive(pid) or not entry.is_dir() or not journal_dir(entry).is_dir():
+            continue
+        journal = Journal(entry)
+        if chosen is None and key is not None and journal.key() == key:
+            chosen = entry
+            continue
+        remove(entry)
+        notes.append(
+            f"removed {entry}: an interrupted merge into {out.name} made from other inputs, options or versions "
+            "(its journal does not match this command), not continued"
+        )
+    if chosen is not None:
+        claim = json.dumps({"pid": os.getpid(), "host": host, "started": time.time(), "for": out.name})
+        tmp = _marker(chosen).with_name(_marker(chosen).name + ".tmp")
+        tmp.write_text(claim + "\n", encoding="utf-8")
+        os.replace(tmp, _marker(chosen))
+        notes.append(
+            f"continued the interrupted merge in {chosen}: {len(Journal(chosen).done())} shard(s) were already "
+            "complete and checked (journal beside it)"
+        )
+    return chosen
+
+
+def no_space(exc: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT, from the OS or wrapped by a library (safetensors reports it as a string)."""
+    return _no_space(exc)
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    import errno
+
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def publish(stage: Path, out: Path, force: bool, side_files: dict[Path, str] | None = None) -> None:
@@ -146,6 +226,7 @@ def publish(stage: Path, out: Path, force: bool, side_files: dict[Path, str] | N
                     remove(old)
                 raise
             _marker(stage).unlink(missing_ok=True)
+            shutil.rmtree(journal_dir(stage), ignore_errors=True)
             _published.append(str(out))
             for tmp, final in pending:
                 if tmp is not None:
@@ -199,9 +280,10 @@ def write_file(path: Path, text: str, force: bool) -> None:
                 _remove_empty(made)
 
 
-def sweep_stale(parent: Path) -> list[str]:
+def sweep_stale(parent: Path, keep_for: str | None = None) -> list[str]:
     """Remove the temporary directories that interrupted runs on this host left in ``parent``; one line for each
-    removed, and one for each left alone because another host may still be writing it."""
+    removed, and one for each left alone because another host may still be writing it. A journaled staging
+    directory for ``keep_for`` is left to ``staged``, which continues it or removes it."""
     notes: list[str] = []
     if not parent.is_dir():
         return notes
@@ -223,6 +305,8 @@ def sweep_stale(parent: Path) -> list[str]:
         if _alive(pid):
             continue  # a run in progress
         name = str(owner.get("for", ""))
+        if keep_for is not None and name == keep_for and f"{TAG}staging-" in entry.name and journal_dir(entry).is_dir():
+            continue  # perhaps continued by this run: staged() decides
         moved_aside, target = entry / name, parent / name
         if f"{TAG}old-" in entry.name and name and moved_aside.exists() and not target.exists():
             with deferred():  # killed between moving the old OUT aside and publishing the new one

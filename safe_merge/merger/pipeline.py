@@ -4,7 +4,6 @@ publish, report. The backend is whichever ``backends.choose`` returns; nothing h
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -81,7 +80,7 @@ def run_merge(request: MergeRequest) -> dict:
     if request.plan:
         return plan(job)
     out = Path(os.path.abspath(job.out))
-    stale = staging.sweep_stale(out.parent)
+    stale = staging.sweep_stale(out.parent, keep_for=out.name)
     with staging.temporary(out.parent, out.name, "adapter") as scratch:
         with _disk_full_says_how_much(job):  # the migrated copies are written beside OUT too
             adapter_dirs = [source.materialize(Path(scratch) / f"migrated-{i}") for i, source in enumerate(job.sources)]
@@ -120,7 +119,12 @@ def _merge_and_publish(job: Job, adapter_dir: Path, notes: list[str], check: Com
         if not issubclass(r.category, (DeprecationWarning, FutureWarning))  # library housekeeping, not about this merge
     )
     side_files: dict[Path, str] = {}
-    with _disk_full_says_how_much(job), staging.staged(job.out, job.request.force, side_files) as stage:
+    resumed: list[str] = []
+    resume_key = backend.resume_key() if hasattr(backend, "resume_key") else None
+    with (
+        _disk_full_says_how_much(job),
+        staging.staged(job.out, job.request.force, side_files, resume_key, resumed) as stage,
+    ):
         progress.set_postfix_str("writing")
         files = backend.write(stage)
         progress.update()
@@ -136,7 +140,13 @@ def _merge_and_publish(job: Job, adapter_dir: Path, notes: list[str], check: Com
         if job.combination is not None:
             report["combination"] = {**job.combination.report(), "combined_rank": _rank(adapter)}
         report["warnings"] = (
-            pairs.declared_warnings() + job.revision_notes() + notes + backend.notes + body["warnings"] + caught
+            pairs.declared_warnings()
+            + job.revision_notes()
+            + notes
+            + resumed
+            + backend.notes
+            + body["warnings"]
+            + caught
         )
         report["output"]["files"] = files
         if verification.status != PASSED:
@@ -157,28 +167,24 @@ def _disk_full_says_how_much(job: Job):
     try:
         yield
     except Exception as exc:
-        if not _no_space(exc):
+        if not staging.no_space(exc):
             raise
         size, parent = _size(job), Path(os.path.abspath(job.out)).parent
         need = f"about {size / 1e9:.2f} GB" if size else "the size of the base in the output dtype"
         free = shutil.disk_usage(parent).free if parent.exists() else 0
+        hint = "free space there, or choose an -o on a filesystem with room; nothing was written"
+        kept = getattr(exc, "kept", None)
+        if kept is not None:
+            hint = (
+                f"free space there and run the same command again: it continues from the {kept[1]} complete "
+                f"shard(s) kept in {kept[0]} (or delete that directory; OUT was not written)"
+            )
         raise BadInput(
             f"no space left on the device while writing the merged model: it needs {need} (see --plan), "
             f"{free / 1e9:.2f} GB are free there",
             path=parent,
-            hint="free space there, or choose an -o on a filesystem with room; nothing was written",
+            hint=hint,
         ) from exc
-
-
-def _no_space(exc: BaseException) -> bool:
-    """ENOSPC or EDQUOT, from the OS or wrapped by a library (safetensors reports it as a string)."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def plan(job: Job) -> dict:

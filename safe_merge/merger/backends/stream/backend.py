@@ -12,6 +12,7 @@ from packaging.version import Version
 
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.history import History
+from safe_merge.io.journal import merge_key
 from safe_merge.merger.backends.base import WEIGHT_CHECKS
 from safe_merge.merger.backends.stream import parallel
 from safe_merge.merger.backends.stream import verify as stream_verify
@@ -61,6 +62,18 @@ class StreamBackend:
         peak = self.estimate_peak_memory(available_memory())["bytes"] or 0
         return parallel.choose_workers(self.job.request.workers, len(declared), total, peak, available_memory())
 
+    def resume_key(self) -> str:
+        """What this merge is made from (io/journal.py): an interrupted run with the same key is continued."""
+        request = self.job.request
+        options = {
+            "backend": self.name,
+            "dtype": str(self.view.dtype),
+            "max_shard_size": request.max_shard_size,
+            "rounding": request.rounding,
+            "quantized": self.view.policy,
+        }
+        return merge_key(self.job.base_dir, self.adapter.path, options)
+
     def write(self, stage: Path) -> list[str]:
         workers = self.workers()
         inputs = parallel.Inputs(
@@ -101,7 +114,8 @@ class StreamBackend:
     def report(self) -> dict:
         assert self.written is not None, "write() first"
         written = self.written
-        return {"stream": {"tensors": written.counts, "seconds": written.seconds, "workers": written.workers}}
+        stream = {"tensors": written.counts, "seconds": written.seconds, "workers": written.workers}
+        return {"stream": {**stream, "resumed_shards": written.resumed}}
 
     def estimate_peak_memory(self, free: int) -> dict:
         """The adapter, and per tensor the base tensor, its merge and (verifying a tensor that is not a plain

@@ -20,6 +20,7 @@ import torch
 
 from safe_merge.compat.adapter_files import AdapterFiles, return_pages
 from safe_merge.io.checkpoint import Checkpoint, TensorInfo
+from safe_merge.io.journal import Journal
 from safe_merge.io.model_dir import carry_files
 from safe_merge.io.shards import ShardWriter, Slot, parse_size, plan_shards, write_index
 from safe_merge.merger.backends.stream import arith, experts, parallel, requantize
@@ -29,7 +30,8 @@ from safe_merge.quant.stored.codec import Group
 from safe_merge.quant.stored.view import StoredView, open_checkpoint
 from safe_merge.verifier.layer_kinds import expert_kind
 from safe_merge.verifier.ledger import Ledger, build_ledger
-from safe_merge.verifier.weights import touched_params
+from safe_merge.verifier.systematic import Drift
+from safe_merge.verifier.weights import TensorResult, touched_params
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Written:
     counts: dict[str, int] = field(default_factory=dict)  # merged / replaced / copied / cast tensors
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase: read, merge, write, copy
     workers: int = 1  # processes that wrote the shards (their phase seconds are summed)
+    resumed: int = 0  # shards an interrupted run had completed (io/journal.py), kept
 
     @contextlib.contextmanager
     def timing(self, phase: str) -> Iterator[None]:
@@ -182,6 +185,19 @@ def write(
     ``workers`` > 1 the shards are shared among that many processes (stream/parallel.py), each checking its own."""
     declared = declare(prep, max_shard_size)
     written = Written([])
+    journal = Journal(out)
+    if journal.active:  # shards an interrupted run completed are kept, with what was checked in them
+        done = journal.done()
+        for path in out.iterdir():
+            if path.name not in done:
+                path.unlink()  # a shard the interrupted run had not finished
+        for record in done.values():
+            if check is not None:
+                check.merge([restore_result(r) for r in record["results"]], set(record["seen"]))
+            for key, count in record["counts"].items():
+                written.counts[key] = written.counts.get(key, 0) + count
+        written.resumed = len(done)
+        declared = {name: slots for name, slots in declared.items() if name not in done}
     if workers > 1 and len(declared) > 1 and parallel_inputs is not None:
         with written.timing("workers"):
             for done in parallel.run(parallel_inputs, out, declared, workers):
@@ -192,8 +208,9 @@ def write(
                 if check is not None:
                     check.merge(done.results, done.seen)
         written.workers = min(workers, len(declared))
-    else:
+    elif declared:
         write_shards(prep, out, declared, written, check)
+    declared = declare(prep, max_shard_size)  # every shard, for the index
     write_index(out, declared)
     (out / "config.json").write_text(json.dumps(_config(prep), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     carry_files(out, base_dir, adapter_dir)
@@ -214,6 +231,8 @@ def write_shards(
     base = BaseView(prep.checkpoint, prep.layout)
     order = [slot.name for slots in declared.values() for slot in slots]
     parts = requantize.Parts(prep, check)
+    journal = Journal(out)
+    before = _progress(written, check)
     with ThreadPoolExecutor(max_workers=1) as reader:  # a tensor is read while the one before it is merged
         reads: dict[str, Future] = {}
         submitted = [0]
@@ -242,6 +261,32 @@ def write_shards(
                     future.cancel()
                 raise
             writer.close()
+            if journal.active:
+                journal.record(file_name, _checked_since(before, written, check))
+            before = _progress(written, check)
+
+
+def _progress(written: Written, check: Check | None) -> tuple[dict, int, frozenset]:
+    """Where the counts and the checks stand: what a shard added is recorded in the journal."""
+    if check is None or not hasattr(check, "results"):
+        return dict(written.counts), 0, frozenset()
+    return dict(written.counts), len(check.results.tensors), frozenset(check.seen)
+
+
+def _checked_since(before: tuple, written: Written, check: Check | None) -> dict:
+    counts, results, seen = before
+    now = _progress(written, check)
+    return {
+        "counts": {k: v - counts.get(k, 0) for k, v in now[0].items() if v != counts.get(k, 0)},
+        "results": check.results.tensors[results:] if now[1] else [],
+        "seen": sorted(now[2] - seen),
+    }
+
+
+def restore_result(record: dict) -> TensorResult:
+    """A TensorResult as the journal holds it."""
+    drift = record.get("drift")
+    return TensorResult(**{**record, "drift": Drift(**drift) if drift else None})
 
 
 def _needs_read(prep: StreamMerge, base: BaseView, name: str) -> bool:

@@ -1,0 +1,81 @@
+"""Resume: a stream merge killed outright (SIGKILL) leaves its staging directory and journal; the same command
+continues with the missing shards only and publishes the bytes an uninterrupted run writes. A journal made from
+other inputs or options is never continued."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import digest
+from tests.quant.stored import checkpoints
+
+SHARDS = ("--max-shard-size", "4KB", "--no-card")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    float_dir = checkpoints.float_model(root)
+    return float_dir, checkpoints.adapter_for(float_dir, root)
+
+
+def _start(pair, out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "safe_merge", "merge", *map(str, pair), "-o", str(out), *SHARDS, *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _kill_after_shards(process: subprocess.Popen, parent: Path, shards: int) -> Path:
+    """SIGKILL the merge once its journal records ``shards`` complete shards; the journal's directory."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        journals = list(parent.glob(".*.journal"))
+        if journals and len(list(journals[0].glob("*.safetensors.json"))) >= shards:
+            process.send_signal(signal.SIGSTOP)
+            process.kill()
+            process.communicate()
+            return journals[0]
+        time.sleep(0.001)
+    pytest.fail(f"the merge ended before {shards} shards were journaled: {process.communicate()}")
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_a_merge_killed_midway_continues_with_the_missing_shards_and_writes_the_same_bytes(pair, tmp_path, cli):
+    code, _, err = cli("merge", *pair, "-o", tmp_path / "whole", *SHARDS)
+    assert code == 0, err
+    total = len(list((tmp_path / "whole").glob("*.safetensors")))
+    assert total >= 8
+    work = tmp_path / "work"
+    work.mkdir()
+    journal = _kill_after_shards(_start(pair, work / "out"), work, total // 2)
+    kept = len(list(journal.glob("*.safetensors.json")))
+    assert not (work / "out").exists()
+    code, report, err = cli("merge", *pair, "-o", work / "out", *SHARDS, "--json")
+    assert code == 0, err
+    assert report["stream"]["resumed_shards"] == kept
+    assert any("continued the interrupted merge" in w for w in report["warnings"])
+    assert report["verification"]["weights"]["checked_tensors"] == 6
+    assert digest(work / "out") == digest(tmp_path / "whole")
+    assert sorted(p.name for p in work.iterdir()) == ["out"]  # staging, marker and journal are gone
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_a_journal_from_other_options_is_removed_not_continued(pair, tmp_path, cli):
+    _kill_after_shards(_start(pair, tmp_path / "out", "--dtype", "float32"), tmp_path, 1)
+    code, report, err = cli("merge", *pair, "-o", tmp_path / "out", *SHARDS, "--json")
+    assert code == 0, err
+    assert report["stream"]["resumed_shards"] == 0
+    assert any("made from other inputs, options or versions" in w for w in report["warnings"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
