@@ -6,7 +6,9 @@ larger shapes cost only disk). Then it times `safe-merge merge --backend stream`
 (from_pretrained + PeftModel.from_pretrained + merge_and_unload() + save_pretrained), prints wall seconds and peak
 RSS of each, checks that the two outputs are bit-identical tensor by tensor (the stream backend writes the
 default merge_and_unload()'s bits), how many merged tensors the verifier's exact tier matched, and runs the
-stream backend on a model 4x larger to show that its peak RSS does not grow with the model.
+stream backend on a model 4x larger to show that its peak RSS does not grow with the model. Beside them: the
+floor (copying the base's shards with torch imported), --workers 1 and 2, and a run killed at half its shards
+and continued (its time against a full run's), with a 600 GB merge estimated from the measured rates.
 
     python bench/stream.py CACHE_DIR [--skip-large]
 """
@@ -199,12 +201,65 @@ def identical(a: Path, b: Path) -> tuple[int, list[str]]:
     return len(names), differ
 
 
-def stream_cmd(base: Path, adapter: Path, out: Path, check_outputs: str) -> list[str]:
+def stream_cmd(base: Path, adapter: Path, out: Path, check_outputs: str, *extra: str) -> list[str]:
     script = Path(sys.executable).parent / "safe-merge"  # the installed command, as a user runs it
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "safe_merge"]
     merge = [*command, "merge", str(base), str(adapter), "-o", str(out)]
     report = ["--report", str(out.parent / f"{out.name}.report.json")]
-    return merge + ["--backend", "stream", "--check-outputs", check_outputs, "--force", *report]
+    return merge + ["--backend", "stream", "--check-outputs", check_outputs, "--force", *report, *extra]
+
+
+FLOOR = """
+import shutil, sys, torch
+from pathlib import Path
+base, out = Path(sys.argv[1]), Path(sys.argv[2])
+shutil.rmtree(out, ignore_errors=True)
+out.mkdir()
+for shard in sorted(base.glob("*.safetensors")):
+    shutil.copyfile(shard, out / shard.name)
+"""
+PARALLEL_SHARDS = "256MB"  # the 1.1B model in 9 output shards: enough to share among workers and to resume
+
+
+def parallel_and_resume(base: Path, adapter: Path, work: Path) -> bool:
+    """The floor (copying the base's shards, torch imported), the stream backend with 1 and 2 workers, and a
+    run killed (SIGKILL) once half its shards are journaled, then continued; all with the output check off."""
+    size = Checkpoint(base).total_bytes()
+    rows = [("floor: copy the base's shards + import torch", *timed([sys.executable, "-c", FLOOR, str(base),
+            str(work / "floor")], (base, adapter)))]  # fmt: skip
+    for workers in (1, 2):
+        cmd = stream_cmd(base, adapter, work / f"w{workers}", "never", "--max-shard-size", PARALLEL_SHARDS,
+                         "--workers", str(workers))  # fmt: skip
+        rows.append((f"stream, {workers} worker(s), {PARALLEL_SHARDS} shards", *timed(cmd, (base, adapter))))
+    full = rows[1][1]
+    killed = work / "resumed"
+    cmd = stream_cmd(base, adapter, killed, "never", "--max-shard-size", PARALLEL_SHARDS, "--workers", "1")
+    warm(base, adapter)
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    total = len(list((work / "w1").glob("*.safetensors")))
+    while process.poll() is None:
+        journals = list(work.glob(f".{killed.name}.*.journal"))
+        if journals and len(list(journals[0].glob("*.safetensors.json"))) >= total // 2:
+            process.kill()
+            break
+        time.sleep(0.01)
+    process.wait()
+    rows.append(("continue after a SIGKILL at half the shards", *timed(cmd, (base, adapter), 1)))
+    for label, wall, rss, code in rows:
+        print(f"  {label:48s} {wall:7.2f} s  {rss:8.0f} MiB peak RSS (largest process)  {size / wall / 1e9:.2f} GB/s"
+              f"  exit {code}")  # fmt: skip
+    floor = rows[0][1]
+    print(f"  stream 1 worker / floor: {full / floor:.2f}x; 2 workers / 1: {rows[2][1] / full:.2f}x; "
+          f"continued / full run: {rows[3][1] / full:.2f}x")  # fmt: skip
+    resumed = json.loads((work / "resumed.report.json").read_text())["stream"]["resumed_shards"]
+    same = identical(work / "w1", work / "w2")[1] == [] and identical(work / "w1", killed)[1] == []
+    print(f"  continued from {resumed} of {total} shards; 1 worker, 2 workers and the continued run bit-identical: "
+          f"{same}")  # fmt: skip
+    rate, disk = size / full, size / floor
+    one, floor_600 = 600e9 / rate / 60, 600e9 / disk / 60
+    print(f"  600 GB on paper: one worker at {rate / 1e9:.2f} GB/s takes {one:.0f} min; the disk copies at "
+          f"{disk / 1e9:.2f} GB/s, so no number of workers beats {floor_600:.0f} min here")  # fmt: skip
+    return same and not any(code for *_, code in rows)
 
 
 def phases(report: Path) -> str:
@@ -247,6 +302,8 @@ def main() -> int:
     only = weights["tolerance_only"]
     print(f"  exact tier: {exact} tensors exact ({weights['exact']}), {only} within tolerance only")
     failed = bool(differ) or any(code for *_, code in rows)
+    print("tinyllama-1.1b: workers and resume")
+    failed = failed or not parallel_and_resume(base, adapter, work)
     if not args.skip_large:
         started = time.monotonic()
         big_base, big_adapter = build(args.cache, "llama-4x")

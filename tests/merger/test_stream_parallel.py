@@ -10,6 +10,9 @@ from safe_merge.io.shards import Slot
 from safe_merge.merger.backends.stream.parallel import AUTO_MIN_BYTES, balance, choose_workers
 from tests.helpers import digest
 from tests.quant.stored import checkpoints
+from tests.release import requires_release
+
+pytestmark = requires_release("stream_backend_matches")  # stored formats, workers and journals are its
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +45,13 @@ def test_workers_are_dealt_shards_by_size_and_auto_keeps_small_outputs_in_one_pr
     assert choose_workers(None, 8, AUTO_MIN_BYTES - 1, 0, 2**40) == 1
     assert choose_workers(None, 8, AUTO_MIN_BYTES, 2**30, 3 * 2**30) == 1  # memory for one worker only
     assert choose_workers(5, 3, 0, 0, 0) == 3  # at most one per shard
+
+
+def test_what_a_worker_raises_is_raised_by_the_coordinator_and_the_others_stop(pair, tmp_path):
+    from safe_merge.merger.backends.stream.parallel import Inputs, run
+
+    inputs = Inputs(tmp_path / "no-base", pair[1], torch.bfloat16, torch.float32, "default", "dequantize", True, 1)
+    declared = {f"s{i}.safetensors": [Slot("t", torch.float32, (4,))] for i in range(2)}
+    with pytest.raises(FileNotFoundError, match="no-base"):  # the worker's own exception, carried back
+        run(inputs, tmp_path / "out", declared, 2)
+    assert not (tmp_path / "out").exists()

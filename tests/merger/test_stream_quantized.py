@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safe_merge.io.checkpoint import Checkpoint
+from safe_merge.io.loading import _dtype_kwarg
 from safe_merge.quant.stored.fp8 import BlockFP8
 from safe_merge.quant.stored.view import StoredView
 from tests.quant.stored import checkpoints
+from tests.release import converted_at_load, requires_release
 
 CT_INT4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
 CT_INT4_ASYM = {**CT_INT4, "symmetric": False}
@@ -31,6 +33,8 @@ FORMATS = {
 # transformers reads these back as safe-merge does; it infers FP8 blocks from rows // scale rows (wrong for 48)
 TRANSFORMERS_READS = {"fp8 blocks of 32", "int4 groups of 32", "int4 groups of 32, zero points", "fp8 per channel",
                       "nvfp4"}  # fmt: skip
+
+pytestmark = requires_release("stream_backend_matches")  # stored formats, workers and journals are its
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +94,7 @@ def test_requantize_writes_the_base_format_with_fresh_scales_and_untouched_parts
             from transformers import CompressedTensorsConfig
 
             kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
-        loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, **kwargs).state_dict()
+        loaded = AutoModelForCausalLM.from_pretrained(out, **{_dtype_kwarg(): torch.bfloat16}, **kwargs).state_dict()
         view = StoredView(Checkpoint(out), config["quantization_config"], torch.bfloat16)
         for group in view.groups:  # what transformers loads is what the verifier checked
             assert torch.equal(loaded[group], view.read(group)), group
@@ -165,13 +169,14 @@ def test_gpt_oss_mxfp4_experts_are_dequantized_or_kept_as_stored_around_an_atten
         assert not any(k.endswith(("_blocks", "_scales")) for k in written)
     from transformers import AutoModelForCausalLM
 
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(out, **{_dtype_kwarg(): torch.bfloat16}).state_dict()
     view = StoredView(Checkpoint(base), json.loads((base / "config.json").read_text())["quantization_config"],
                       torch.bfloat16)  # fmt: skip
     for group in view.groups:  # transformers reads the experts as the codec does (dequantize: as written)
         assert torch.equal(loaded[group], view.read(group)), group
 
 
+@converted_at_load
 @pytest.mark.parametrize("policy", ["dequantize", "requantize"])
 def test_a_lora_on_fp8_experts_stored_per_expert_merges_expert_by_expert(policy, tmp_path, cli):
     """DeepSeek-V3's layout: each expert's projections in block FP8; the LoRA on the fused stacks
@@ -214,7 +219,7 @@ def test_a_lora_on_mxfp4_expert_stacks_is_refused_before_any_work_saying_why(tmp
     from transformers import GptOssForCausalLM
 
     base, _ = checkpoints.gpt_oss_mxfp4(tmp_path)
-    model = GptOssForCausalLM.from_pretrained(tmp_path / "float-gpt-oss", dtype=torch.float32)
+    model = GptOssForCausalLM.from_pretrained(tmp_path / "float-gpt-oss", **{_dtype_kwarg(): torch.float32})
     lora = peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.down_proj"])
     peft.get_peft_model(model, lora).save_pretrained(tmp_path / "experts-adapter")
     code, _, err = cli("merge", base, tmp_path / "experts-adapter", "-o", tmp_path / "out")
@@ -266,7 +271,7 @@ def test_a_saved_copy_of_a_quantized_layer_is_requantized_from_the_copy(pair, tm
     from transformers import LlamaForCausalLM
 
     base = base_for("fp8 blocks of 32", pair, tmp_path)
-    model = LlamaForCausalLM.from_pretrained(pair[0], dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(pair[0], **{_dtype_kwarg(): torch.float32})
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["down_proj"])
     lora = peft.get_peft_model(model, config)
     with torch.no_grad():

@@ -16,8 +16,11 @@ import pytest
 
 from tests.helpers import digest
 from tests.quant.stored import checkpoints
+from tests.release import requires_release
 
 SHARDS = ("--max-shard-size", "4KB", "--no-card")
+
+pytestmark = requires_release("stream_backend_matches")  # stored formats, workers and journals are its
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from safe_merge.io.checkpoint import TensorInfo
+from safe_merge.io.loading import _dtype_kwarg
 from safe_merge.quant.stored.codec import Group
 from safe_merge.quant.stored.fp8 import BlockFP8
 
@@ -37,7 +38,7 @@ def float_model(root: Path, intermediate: int = 128, seed: int = 5) -> Path:
 
 def adapter_for(float_dir: Path, root: Path, scale: float = 0.5, seed: int = 9) -> Path:
     """A LoRA on the float model with B filled in: ΔW about ``scale`` times each weight's spread."""
-    model = LlamaForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(float_dir, **{_dtype_kwarg(): torch.float32})
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -187,7 +188,7 @@ def gpt_oss_mxfp4(root: Path) -> tuple[Path, Path]:
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    model = GptOssForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    model = GptOssForCausalLM.from_pretrained(float_dir, **{_dtype_kwarg(): torch.float32})
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():

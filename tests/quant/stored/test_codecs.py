@@ -223,7 +223,11 @@ def test_mxfp4_experts_dequantize_as_transformers_does_and_requantize_within_hal
     gen = torch.Generator().manual_seed(3)
     blocks = torch.randint(0, 256, (2, 48, 2, 16), generator=gen, dtype=torch.uint8)
     scales = torch.randint(118, 126, (2, 48, 2), generator=gen, dtype=torch.uint8)
-    theirs = mxfp4._convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+    # transformers 5 names its arithmetic _convert_moe_packed_tensors; 4.5x had it as convert_moe_packed_tensors
+    convert = getattr(mxfp4, "_convert_moe_packed_tensors", None) or getattr(mxfp4, "convert_moe_packed_tensors", None)
+    if convert is None:
+        pytest.skip("this transformers has no MXFP4 dequantization")
+    theirs = convert(blocks, scales, dtype=torch.bfloat16)
     stored = {"e.down_proj_blocks": blocks, "e.down_proj_scales": scales}
     (group,) = MXFP4Experts().groups(infos(stored), {}, lambda n: stored[n])
     assert group.name == "e.down_proj" and group.shape == tuple(theirs.shape)

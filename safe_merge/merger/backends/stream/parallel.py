@@ -4,14 +4,19 @@ itself (from disk: nothing large crosses a process boundary), merges, writes and
 into the shared staging directory, and returns what it checked. The coordinator unions those results, then
 writes the index, config and tokenizer and runs the checks over the whole checkpoint, as with one process.
 
-Workers are fresh interpreters (spawn: no threads or locks inherited), each with its share of the cores for
-torch. A failure or signal in the coordinator terminates them; the staging directory goes with it.
+Workers are fresh interpreters (``python -m`` this module: no threads or locks inherited, nothing shared but
+files), each with its share of the cores for torch; a task goes in as a file and the result (or what the
+worker raised) comes back as one, its output is kept aside and shown only when it dies without a result. A
+failure or signal in the coordinator terminates them; the staging directory goes with it.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,18 +78,36 @@ def choose_workers(requested: int | None, shards: int, total_bytes: int, peak: i
 def run(inputs: Inputs, out: Path, declared: dict[str, list[Slot]], workers: int) -> list[Done]:
     """Each worker's share of ``declared`` merged and written into ``out``; raises what a worker raised."""
     plan = balance(declared, workers)
-    context = multiprocessing.get_context("spawn")
-    pool = context.Pool(processes=len(plan))
-    try:
-        pending = [pool.apply_async(_work, (inputs, out, {f: declared[f] for f in files})) for files in plan]
-        done = [p.get() for p in pending]
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
-    return done
+    with tempfile.TemporaryDirectory(prefix="safe-merge-workers-") as tmp:
+        started: list[tuple[subprocess.Popen, Path, Path]] = []
+        try:
+            for i, files in enumerate(plan):
+                task, result, log = (Path(tmp) / f"{i}.{kind}" for kind in ("task", "result", "log"))
+                task.write_bytes(pickle.dumps((inputs, out, {f: declared[f] for f in files})))
+                with open(log, "wb") as err:
+                    command = [sys.executable, "-m", __name__, str(task), str(result)]
+                    started.append(
+                        (subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err), result, log)
+                    )
+            return [_collect(process, result, log) for process, result, log in started]
+        finally:
+            for process, _, _ in started:  # a failure or signal here: the others stop too
+                if process.poll() is None:
+                    process.terminate()
+            for process, _, _ in started:
+                process.wait()
+
+
+def _collect(process: subprocess.Popen, result: Path, log: Path) -> Done:
+    """A worker's result, or what it raised (re-raised here), or its exit and its last words."""
+    process.wait()
+    if result.is_file():
+        status, value = pickle.loads(result.read_bytes())
+        if status == "error":
+            raise value
+        return value
+    tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+    raise RuntimeError(f"a merge worker exited with {process.returncode} before finishing: {' | '.join(tail)}")
 
 
 def _work(inputs: Inputs, out: Path, declared: dict[str, list[Slot]]) -> Done:
@@ -105,3 +128,18 @@ def _work(inputs: Inputs, out: Path, declared: dict[str, list[Slot]]) -> Done:
         checks.results.tensors if checks else [],
         checks.seen if checks else set(),
     )
+
+
+def _main(task: str, result: str) -> None:
+    """A worker process: the task from its file, the result (or the exception) into another."""
+    try:
+        value = ("done", _work(*pickle.loads(Path(task).read_bytes())))
+    except BaseException as exc:  # handed to the coordinator, which raises it
+        value = ("error", exc)
+    Path(result).write_bytes(pickle.dumps(value))
+
+
+if __name__ == "__main__":  # run as a script its classes would be __main__'s: use the module's own
+    from safe_merge.merger.backends.stream import parallel
+
+    parallel._main(*sys.argv[1:3])
