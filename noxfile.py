@@ -2,7 +2,7 @@
 releases) come from matrix/matrix.toml; `python3 -m nox -l` lists them all.
 
 - lint: ruff check and ruff format --check.
-- tests: the whole suite on the current pair, with the quantization libraries (`ci` hypothesis profile).
+- tests: the whole suite on the current pair, with the quantization libraries and Ray (`ci` hypothesis profile).
 - crosscheck(cell): the newest release's fixtures migrated down and loaded by each older real PEFT release.
 - matrix(peft, transformers): the whole suite in one cell; `-t smoke` (in CI) or `-t full` picks a tier.
 - demo: `safe-merge demo`, offline.
@@ -101,7 +101,7 @@ def install_project(session: nox.Session, cell: dict, extras: str = "test") -> N
 def tests(session: nox.Session) -> None:
     """The whole suite on the current PEFT × transformers pair, with the `ci` hypothesis profile, and the
     quantization libraries (the `quant` extra) so the quantized-base tests run too."""
-    install_project(session, MATRIX["current"], extras="test,quant")
+    install_project(session, MATRIX["current"], extras="test,quant,ray")
     session.run(
         "python",
         "-c",

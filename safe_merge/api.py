@@ -66,12 +66,16 @@ def merge(
     push_to_hub: str | None = None,
     private: bool = False,
     workers: int | None = None,
+    ray: str | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Merge one adapter (or combine several) into ``base``, verify what was written, publish ``out`` only if
     verification passed. A failed or unverifiable merge returns its report (exit_code 1 or 3), nothing written.
     ``report`` also writes the report there as JSON (with OUT when it is published). ``workers``: processes the
-    stream backend merges output shards with (None: auto). ``base`` None: the base the
-    adapters name in adapter_config.json (base_model_name_or_path), as AutoPeftModel finds it.
+    stream backend merges output shards with (None: auto); ``ray``: run them as Ray tasks on that cluster
+    address, or "local". ``device``: where the stream backend's arithmetic runs (cpu, cuda, cuda:N, auto).
+    ``base`` None: the base the adapters name in adapter_config.json (base_model_name_or_path), as AutoPeftModel
+    finds it.
 
     Inputs may be hub repo ids (``ID@REVISION`` pins one); ``revision`` is the adapters' revision where they name
     none, ``base_revision`` the base's (default: the revision adapter_config.json names, else main). ``card``
@@ -101,6 +105,8 @@ def merge(
         push_to_hub=push_to_hub,
         private=private,
         workers=workers,
+        ray=ray,
+        device=device,
     )
     return merge_command(request)
 

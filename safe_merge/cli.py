@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream backend: processes merging output shards at once (default auto: one per core while memory "
         "allows, one for outputs under a GiB); the result is the same bytes whatever the number",
     )
+    merge.add_argument(
+        "--device",
+        default="cpu",
+        help="stream backend: where the merge's arithmetic runs: cpu (default: bit for bit merge_and_unload() on a "
+        "CPU), cuda, cuda:N, or auto (a GPU where torch sees one); the checks always run on the CPU",
+    )
+    merge.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="stream backend: run the workers as Ray tasks on the cluster at ADDRESS (or 'local': start one here); "
+        "the inputs and OUT must be on a filesystem every node shares (pip install 'safe-merge[ray]')",
+    )
     merge.add_argument("--force", action="store_true", help="replace an existing OUT, only after success")
     merge.add_argument("--plan", action="store_true", help="print what would be done; write nothing")
     merge.add_argument(
@@ -225,6 +237,8 @@ def cmd_merge(args) -> dict:
         push_to_hub=args.push_to_hub,
         private=args.private,
         workers=_workers(args.workers),
+        ray=args.ray,
+        device=args.device,
     )
 
 

@@ -222,6 +222,11 @@ def plan(job: Job) -> dict:
         },
         **_push_plan(job.request),
         "peak_memory_estimate": memory,
+        **(
+            {"workers": backend.workers() if not job.request.ray else f"Ray ({job.request.ray})"}
+            if hasattr(backend, "workers")
+            else {}
+        ),  # fmt: skip
         "checks": [
             *combining,
             "ledger of every adapter tensor",

@@ -49,6 +49,10 @@ class MergeRequest:
     push_to_hub: str | None = None  # after a verified publish, upload OUT to this hub repo
     private: bool = False  # a repo --push-to-hub creates is private
     workers: int | None = None  # stream backend: processes writing shards at once (None: auto, by cores and memory)
+    ray: str | None = None  # stream backend: run the workers as Ray tasks on this cluster address, or "local"
+    device: str = (
+        "cpu"  # stream backend: where the merge's arithmetic runs (cpu, cuda, cuda:N, auto); checks stay on CPU
+    )
 
     def __post_init__(self) -> None:
         adapters = (self.adapters,) if isinstance(self.adapters, (str, Path)) else self.adapters
@@ -70,6 +74,9 @@ class MergeRequest:
             parse_size(self.max_shard_size)
         if self.combination is None and len(self.adapters) > 1:
             object.__setattr__(self, "combination", parse_combination("cat", None, len(self.adapters)))
+        if self.ray is not None and not ray_installed():
+            raise BadInput(f"--ray {self.ray} needs Ray, which is not installed", hint="pip install 'safe-merge[ray]'")
+        object.__setattr__(self, "device", resolve_device(self.device))
         if self.workers is not None and self.workers < 1:
             raise BadInput(f"--workers {self.workers}: give a number of processes, 1 or more (or auto)")
         if self.private and self.push_to_hub is None:
@@ -81,6 +88,34 @@ class MergeRequest:
     def torch_dtype(self):
         """The asked-for dtype as torch names it (None for auto: the preflight reads the base's)."""
         return None if self.dtype == "auto" else DTYPES[self.dtype]
+
+
+def resolve_device(name: str) -> str:
+    """--device as torch names it: auto is a CUDA device where torch sees one, else the CPU; a device torch
+    cannot use here is refused."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInput(f"--device {name!r} is not a device torch knows", hint="use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {name}: torch sees no CUDA device here", hint="use --device cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {name}: safe-merge runs its arithmetic on cpu or cuda", hint="use cpu, cuda or auto")
+    return str(device)
+
+
+def ray_installed() -> bool:
+    """Whether ``import ray`` would find it (without importing it: it is large)."""
+    import importlib.util
+    import sys
+
+    if "ray" in sys.modules:
+        return sys.modules["ray"] is not None
+    return importlib.util.find_spec("ray") is not None
 
 
 def combination_options(

@@ -64,6 +64,14 @@ class ModuleLora:
     def rank(self) -> int:
         return int(self.a.shape[0]) // self.num_experts
 
+    def on(self, device: torch.device) -> ModuleLora:
+        """The same module with its tensors on ``device`` (the merge's arithmetic; the checks stay on the CPU)."""
+
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(self, a=to(self.a), b=to(self.b), magnitude=to(self.magnitude), bias=to(self.bias))
+
     def widened(self, dtype: torch.dtype = torch.float64) -> ModuleLora:
         """The same module with its tensors in ``dtype`` (a ledger built without widening holds them as stored)."""
 

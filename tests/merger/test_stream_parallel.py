@@ -50,8 +50,47 @@ def test_workers_are_dealt_shards_by_size_and_auto_keeps_small_outputs_in_one_pr
 def test_what_a_worker_raises_is_raised_by_the_coordinator_and_the_others_stop(pair, tmp_path):
     from safe_merge.merger.backends.stream.parallel import Inputs, run
 
-    inputs = Inputs(tmp_path / "no-base", pair[1], torch.bfloat16, torch.float32, "default", "dequantize", True, 1)
+    inputs = Inputs(
+        tmp_path / "no-base", pair[1], torch.bfloat16, torch.float32, "default", "dequantize", "cpu", True, 1
+    )
     declared = {f"s{i}.safetensors": [Slot("t", torch.float32, (4,))] for i in range(2)}
     with pytest.raises(FileNotFoundError, match="no-base"):  # the worker's own exception, carried back
         run(inputs, tmp_path / "out", declared, 2)
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_workers_on_a_local_cluster_write_the_bytes_one_process_writes(pair, tmp_path, cli):
+    pytest.importorskip("ray", reason="Ray is the ray extra (installed in the tests session)")
+    outs = {}
+    for label, extra in (("one", ("--workers", "1")), ("ray", ("--ray", "local", "--workers", "2"))):
+        out = tmp_path / label
+        code, report, err = cli("merge", *pair, "-o", out, "--max-shard-size", "60KB", "--no-card", "--json", *extra)
+        assert code == 0, err
+        outs[label] = report
+    assert digest(tmp_path / "one") == digest(tmp_path / "ray")
+    assert outs["ray"]["stream"]["workers"] == 2
+    assert outs["ray"]["verification"]["weights"]["exact"] == {"merge_and_unload()": 6}
+
+
+def test_ray_without_ray_installed_is_refused_saying_how_to_install_it(pair, tmp_path, cli, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    code, _, err = cli("merge", *pair, "-o", tmp_path / "out", "--ray", "local", "--max-shard-size", "60KB")
+    assert code == 2 and "safe-merge[ray]" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_cpu_is_the_default_and_a_device_torch_cannot_use_is_refused_before_any_work(pair, tmp_path, cli):
+    code, report, err = cli("merge", *pair, "-o", tmp_path / "cpu", "--device", "cpu", "--no-card", "--json")
+    assert code == 0, err
+    code, _, err = cli("merge", *pair, "-o", tmp_path / "auto", "--device", "auto", "--no-card")
+    assert code == 0, err
+    assert digest(tmp_path / "cpu") == digest(tmp_path / "auto") or torch.cuda.is_available()
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: --device cuda would run")
+    code, _, err = cli("merge", *pair, "-o", tmp_path / "gpu", "--device", "cuda")
+    assert code == 2 and "torch sees no CUDA device" in err, err
+    code, _, err = cli("merge", *pair, "-o", tmp_path / "gpu", "--device", "tpu9")
+    assert code == 2 and "--device" in err, err
+    assert not (tmp_path / "gpu").exists()

@@ -44,7 +44,13 @@ class StreamBackend:
         if early:
             return early
         view = stream_write.prepare(
-            job.base_dir, adapter, job.dtype, adapter_precision(job.dtype), job.request.rounding, job.policy
+            job.base_dir,
+            adapter,
+            job.dtype,
+            adapter_precision(job.dtype),
+            job.request.rounding,
+            job.policy,
+            job.request.device,
         )
         found = blockers(job, view)
         if found and view.stored is not None:  # no other backend reads a stored format: say so, not "use peft"
@@ -75,7 +81,9 @@ class StreamBackend:
         return merge_key(self.job.base_dir, self.adapter.path, options)
 
     def write(self, stage: Path) -> list[str]:
-        workers = self.workers()
+        ray = self.job.request.ray
+        workers = self.job.request.workers if ray else self.workers()
+        share = workers or os.cpu_count() or 1
         inputs = parallel.Inputs(
             self.job.base_dir,
             self.adapter.path,
@@ -83,8 +91,9 @@ class StreamBackend:
             self.view.factor_dtype,
             self.view.rounding,
             self.view.policy,
+            str(self.view.device),
             check=True,
-            threads=max(1, (os.cpu_count() or 1) // workers),
+            threads=max(1, (os.cpu_count() or 1) // share),
         )
         self.written = stream_write.write(
             self.view,
@@ -95,6 +104,7 @@ class StreamBackend:
             self.checks_as_written,
             inputs,
             workers,
+            ray,
         )
         self.notes = self.written.notes
         return self.written.files

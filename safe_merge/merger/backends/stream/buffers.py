@@ -15,8 +15,9 @@ import torch
 
 
 class Buffers:
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         self._held: dict[str, torch.Tensor] = {}
+        self.device = torch.device(device)
 
     def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` and ``dtype`` over the buffer kept for ``role`` (its old contents are garbage);
@@ -25,5 +26,5 @@ class Buffers:
         held = self._held.get(role)
         if held is None or held.numel() < nbytes:
             self._held.pop(role, None)
-            held = self._held[role] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            held = self._held[role] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
         return held[:nbytes].view(dtype).view(shape)

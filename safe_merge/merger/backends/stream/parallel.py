@@ -12,6 +12,7 @@ failure or signal in the coordinator terminates them; the staging directory goes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
@@ -38,6 +39,7 @@ class Inputs:
     factor_dtype: torch.dtype
     rounding: str
     policy: str
+    device: str
     check: bool
     threads: int
 
@@ -98,6 +100,50 @@ def run(inputs: Inputs, out: Path, declared: dict[str, list[Slot]], workers: int
                 process.wait()
 
 
+def run_on_ray(
+    inputs: Inputs, out: Path, declared: dict[str, list[Slot]], workers: int | None, address: str
+) -> list[Done]:
+    """The same shares as ``run``, as Ray tasks: on a running cluster (``address``) or one started here and
+    stopped after (``local``). ``out`` must be on a filesystem every node sees (the inputs too)."""
+    ray = _ray()
+    started = not ray.is_initialized()
+    if started:
+        local = address == "local"
+        ray.init(
+            address=None if local else address,
+            num_cpus=os.cpu_count() if local else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    refs = []
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        count = workers or cpus
+        task = ray.remote(num_cpus=max(1, min(inputs.threads, cpus)), max_retries=0)(_work)
+        refs = [task.remote(inputs, out, {f: declared[f] for f in files}) for files in balance(declared, count)]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as exc:  # what the task raised, as itself
+            raise exc.as_instanceof_cause() from None
+    finally:
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        from safe_merge.errors import BadInput
+
+        raise BadInput("--ray needs Ray, which is not installed", hint="pip install 'safe-merge[ray]'") from None
+    return ray
+
+
 def _collect(process: subprocess.Popen, result: Path, log: Path) -> Done:
     """A worker's result, or what it raised (re-raised here), or its exit and its last words."""
     process.wait()
@@ -117,7 +163,9 @@ def _work(inputs: Inputs, out: Path, declared: dict[str, list[Slot]]) -> Done:
 
     torch.set_num_threads(inputs.threads)
     adapter = load_adapter(inputs.adapter_dir, mapped=True)
-    prep = write.prepare(inputs.base_dir, adapter, inputs.dtype, inputs.factor_dtype, inputs.rounding, inputs.policy)
+    prep = write.prepare(
+        inputs.base_dir, adapter, inputs.dtype, inputs.factor_dtype, inputs.rounding, inputs.policy, inputs.device
+    )
     checks = verify.TensorChecks(prep) if inputs.check else None
     written = write.Written([])
     write.write_shards(prep, out, declared, written, checks)

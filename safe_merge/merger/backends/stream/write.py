@@ -48,6 +48,13 @@ class StreamMerge:
     policy: str = "dequantize"  # a quantized base read as stored: written as floats, or requantized in its format
     adapter_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # released as each tensor is done
     buffers: Buffers = field(default_factory=Buffers)  # the large temporaries, reused tensor after tensor
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the merge's arithmetic runs
+    _device_buffers: Buffers | None = None
+
+    def device_buffers(self) -> Buffers:
+        if self._device_buffers is None:
+            self._device_buffers = Buffers(self.device)
+        return self._device_buffers
 
     def return_pages(self, name: str) -> None:
         """Give back the memory of the adapter tensors that went into ``name`` (mapped files only)."""
@@ -140,6 +147,7 @@ def prepare(
     factor_dtype: torch.dtype,
     rounding: str = "default",
     policy: str = "dequantize",
+    device: str = "cpu",
 ) -> StreamMerge:
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     checkpoint = open_checkpoint(base_dir, config, dtype)
@@ -148,7 +156,9 @@ def prepare(
     kinds = {**layout.kinds, **dict.fromkeys(stacks, expert_kind(transposed=False))}  # pieces are [out, in]
     ledger = build_ledger(adapter, LedgerView(checkpoint, layout, stacks), kinds, factor_dtype, precision=None)
     experts.split(ledger, stacks)  # a LoRA on a stack stored per expert: a plain Linear LoRA on each piece
-    return StreamMerge(checkpoint, layout, ledger, config, dtype, factor_dtype, rounding, policy, adapter.tensors)
+    merge = StreamMerge(checkpoint, layout, ledger, config, dtype, factor_dtype, rounding, policy, adapter.tensors)
+    merge.device = torch.device(device)
+    return merge
 
 
 def _on_params(adapter: AdapterFiles) -> bool:
@@ -178,7 +188,8 @@ def write(
     max_shard_size: str | None,
     check: Check | None = None,
     parallel_inputs: parallel.Inputs | None = None,
-    workers: int = 1,
+    workers: int | None = 1,
+    ray: str | None = None,
 ) -> Written:
     """Write the merged model into ``out`` (an empty staging directory). ``check`` sees every merged or replaced
     tensor as soon as it is on disk, read back, with the value it started from (so nothing is read twice). With
@@ -198,16 +209,21 @@ def write(
                 written.counts[key] = written.counts.get(key, 0) + count
         written.resumed = len(done)
         declared = {name: slots for name, slots in declared.items() if name not in done}
-    if workers > 1 and len(declared) > 1 and parallel_inputs is not None:
+    if parallel_inputs is not None and (ray is not None or (workers > 1 and len(declared) > 1)):
         with written.timing("workers"):
-            for done in parallel.run(parallel_inputs, out, declared, workers):
+            shares = (
+                parallel.run_on_ray(parallel_inputs, out, declared, workers, ray)
+                if ray is not None
+                else parallel.run(parallel_inputs, out, declared, workers)
+            )
+            for done in shares:
                 for key, count in done.counts.items():
                     written.counts[key] = written.counts.get(key, 0) + count
                 for phase, seconds in done.seconds.items():  # summed over workers: CPU-side seconds
                     written.seconds[phase] = round(written.seconds.get(phase, 0.0) + seconds, 3)
                 if check is not None:
                     check.merge(done.results, done.seen)
-        written.workers = min(workers, len(declared))
+        written.workers = len(shares)
     elif declared:
         write_shards(prep, out, declared, written, check)
     declared = declare(prep, max_shard_size)  # every shard, for the index
@@ -354,6 +370,11 @@ def merged_tensor(prep: StreamMerge, name: str, start: torch.Tensor) -> torch.Te
         return start
     if leaf == "bias":
         return arith.merge_bias(start, lora, prep.factor_dtype, start.dtype)
+    if prep.device.type != "cpu":  # --device: the arithmetic there, the result back for writing and checking
+        on = prep.device_buffers()
+        merged = arith.merge_weight(start.to(prep.device), lora.on(prep.device), prep.factor_dtype, buffers=on,
+                                    rounding=prep.rounding)  # fmt: skip
+        return merged.to("cpu")
     # NaN or Inf fail the verifier, naming the tensor
     return arith.merge_weight(start, lora, prep.factor_dtype, buffers=prep.buffers, rounding=prep.rounding)
 
