@@ -229,7 +229,7 @@ def run_suite(session: nox.Session, cell: dict, extra: Sequence[str] = ()) -> No
     env.update(WRITE_BYTECODE)
     # tests marked `process` (signals sent to real safe-merge processes) do not depend on the pair: the tests
     # session runs them once
-    args = session.posargs or ["tests", "-m", "not process"]
+    args = session.posargs or ["tests", "-m", "not process", *(f"--ignore={t}" for t in cell.get("skip_tests", []))]
     # worksteal: a worker that runs out of tests takes some of the other's (measured: 105 s -> 75 s a cell)
     session.run("pytest", "-p", "no:cacheprovider", "-q", "-n", "auto", "--dist", "worksteal", *args, *extra, env=env)
 

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--workers",
         default="auto",
-        help="stream backend: processes merging output shards at once (default auto: one per core while memory "
+        help="stream backend: processes merging output shards at once (default auto: one per 4 cores while memory "
         "allows, one for outputs under a GiB); the result is the same bytes whatever the number",
     )
     merge.add_argument(

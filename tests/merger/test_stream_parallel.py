@@ -12,7 +12,8 @@ from tests.helpers import digest
 from tests.quant.stored import checkpoints
 from tests.release import requires_release
 
-pytestmark = requires_release("stream_backend_matches")  # stored formats, workers and journals are its
+# workers are real processes, whatever the pair: run once, by the tests session (the process marker)
+pytestmark = [requires_release("stream_backend_matches"), pytest.mark.process]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,10 @@ def test_two_workers_write_the_bytes_one_process_writes(pair, tmp_path, cli):
 def test_workers_are_dealt_shards_by_size_and_auto_keeps_small_outputs_in_one_process():
     slots = {f"s{i}": [Slot("t", torch.float32, (n,))] for i, n in enumerate([100, 10, 60, 50])}
     assert balance(slots, 2) == [["s0", "s1"], ["s2", "s3"]]  # 110 and 110 bytes
-    assert choose_workers(None, 8, AUTO_MIN_BYTES - 1, 0, 2**40) == 1
-    assert choose_workers(None, 8, AUTO_MIN_BYTES, 2**30, 3 * 2**30) == 1  # memory for one worker only
+    assert choose_workers(None, 8, AUTO_MIN_BYTES - 1, 0, 2**40, cores=64) == 1
+    assert choose_workers(None, 8, AUTO_MIN_BYTES, 2**30, 3 * 2**30, cores=64) == 2  # memory for two workers
+    assert choose_workers(None, 8, AUTO_MIN_BYTES, 0, 2**40, cores=16) == 4  # four cores each
+    assert choose_workers(None, 8, AUTO_MIN_BYTES, 0, 2**40, cores=2) == 1  # measured: two were no faster
     assert choose_workers(5, 3, 0, 0, 0) == 3  # at most one per shard
 
 

@@ -209,7 +209,12 @@ def test_a_lora_on_fp8_experts_stored_per_expert_merges_expert_by_expert(policy,
         assert report["stream"]["tensors"]["requantized"] == pieces + 2
 
 
-def test_a_lora_on_mxfp4_expert_stacks_is_refused_before_any_work_saying_why(tmp_path, cli):
+@converted_at_load
+@pytest.mark.parametrize("policy", ["dequantize", "requantize"])
+def test_a_lora_on_gpt_oss_expert_stacks_merges_into_float_and_mxfp4_stacks(policy, tmp_path, cli):
+    """gpt-oss stores each expert stack whole ([E, in, out]); the stream backend merges a target_parameters LoRA
+    there with PEFT's own einsum: bit for bit the PEFT backend on the float model, and into MXFP4 stacks under
+    both policies (requantized stacks checked against their budget)."""
     pytest.importorskip("transformers.models.gpt_oss")
     from tests.release import has_key
 
@@ -219,14 +224,29 @@ def test_a_lora_on_mxfp4_expert_stacks_is_refused_before_any_work_saying_why(tmp
     from transformers import GptOssForCausalLM
 
     base, _ = checkpoints.gpt_oss_mxfp4(tmp_path)
-    model = GptOssForCausalLM.from_pretrained(tmp_path / "float-gpt-oss", **{_dtype_kwarg(): torch.float32})
-    lora = peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.down_proj"])
+    float_dir = tmp_path / "float-gpt-oss"
+    model = GptOssForCausalLM.from_pretrained(float_dir, **{_dtype_kwarg(): torch.float32})
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=targets, init_lora_weights=False)
     peft.get_peft_model(model, lora).save_pretrained(tmp_path / "experts-adapter")
-    code, _, err = cli("merge", base, tmp_path / "experts-adapter", "-o", tmp_path / "out")
-    assert code == 2
-    assert "mlp.experts.lora_A" in err and "only the stream backend reads" in err
-    assert "merge into the unquantized base" in err
-    assert not (tmp_path / "out").exists()
+    adapter = tmp_path / "experts-adapter"
+    code, report, err = cli("merge", base, adapter, "-o", tmp_path / "out", "--quantized", policy, "--json")
+    assert code == 0, err
+    assert report["backend"] == "stream" and report["verification"]["weights"]["checked_tensors"] == 6
+    stored, written = load_file(str(base / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    if policy == "requantize":
+        assert report["stream"]["tensors"]["requantized"] == 4
+        assert not torch.equal(stored["model.layers.0.mlp.experts.down_proj_blocks"],
+                               written["model.layers.0.mlp.experts.down_proj_blocks"])  # fmt: skip
+        return
+    outs = {}
+    for backend in ("stream", "peft"):
+        out = tmp_path / f"float-{backend}"
+        code, _, err = cli("merge", float_dir, adapter, "-o", out, "--backend", backend, "--no-card")
+        assert code == 0, err
+        outs[backend] = load_file(str(out / "model.safetensors"))
+    assert outs["stream"].keys() == outs["peft"].keys()
+    assert all(torch.equal(outs["stream"][k], outs["peft"][k]) for k in outs["peft"])
 
 
 @pytest.mark.parametrize("policy", ["dequantize", "requantize"])

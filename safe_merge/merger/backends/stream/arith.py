@@ -106,3 +106,16 @@ def merge_bias(
 ) -> torch.Tensor:
     """b + b_B·s, rounded to the weight's dtype (PEFT rounds the new bias to the weight's dtype)."""
     return (bias + lora.bias.to(factor_dtype) * lora.scale).to(weight_dtype)
+
+
+def merge_stack(weight: torch.Tensor, lora: ModuleLora, factor_dtype: torch.dtype) -> torch.Tensor:
+    """A LoRA on an expert stack the checkpoint stores whole ([E, out, in], or [E, in, out]: EXPERTS_T), as
+    PEFT's ParamWrapper merges it (0.19 on): the per-expert products by one einsum in the factors' precision,
+    scaled, rounded to the stack's dtype and added."""
+    a, b = factors(lora, factor_dtype)
+    experts = lora.num_experts
+    per_a = a.reshape(experts, -1, a.shape[-1])  # experts x rank x in
+    per_b = b.reshape(b.shape[0], -1, experts)  # out x rank x experts
+    layout = "o r e, e r i -> e i o" if lora.kind is LayerKind.EXPERTS_T else "o r e, e r i -> e o i"
+    delta = torch.einsum(layout, per_b, per_a) * lora.scale
+    return weight + delta.to(weight.dtype)

@@ -18,6 +18,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,13 @@ import torch
 from safe_merge.io.shards import Slot
 
 AUTO_MIN_BYTES = 2**30  # below about a GiB of output, starting a worker costs more than it saves
-WORKER_OVERHEAD = 600 * 2**20  # an interpreter with torch, transformers and PEFT imported (measured: ~550 MiB)
+# auto gives each worker this many cores: one process already runs its matrix products on every core it has, and
+# on 2 cores two workers were no faster than one (bench/stream.py); workers pay where cores outnumber that
+CORES_PER_WORKER = 4
+POLL_SECONDS = 0.05
+RAY_START_SECONDS = 180  # a worker of a fresh cluster imports Ray in a few seconds; far longer means it cannot start
+RAY_TEMP = "/tmp/ray"  # Ray's own default, where TMPDIR would put its sockets inside the virtualenv
+WORKER_OVERHEAD = 300 * 2**20  # an interpreter: 219 MiB with torch alone (the bench's floor run), and the rest
 
 
 @dataclass(frozen=True)
@@ -66,15 +73,18 @@ def balance(declared: dict[str, list[Slot]], workers: int) -> list[list[str]]:
     return [sorted(files, key=order.index) for _, files in loads if files]
 
 
-def choose_workers(requested: int | None, shards: int, total_bytes: int, peak: int, free: int) -> int:
-    """--workers N as given (at most one per shard); auto: one per core while memory allows (each worker holds
-    its own buffers, ``peak``, and an interpreter), one for small outputs."""
+def choose_workers(
+    requested: int | None, shards: int, total_bytes: int, peak: int, free: int, cores: int | None = None
+) -> int:
+    """--workers N as given (at most one per shard); auto: one per CORES_PER_WORKER cores while memory allows
+    (each worker holds its own buffers, ``peak``, and an interpreter), one for small outputs."""
     if requested is not None:
         return max(1, min(requested, shards))
     if total_bytes < AUTO_MIN_BYTES:
         return 1
     by_memory = max(1, free // max(1, peak + WORKER_OVERHEAD))
-    return max(1, min(os.cpu_count() or 1, shards, by_memory))
+    by_cores = max(1, (cores or os.cpu_count() or 1) // CORES_PER_WORKER)
+    return max(1, min(by_cores, shards, by_memory))
 
 
 def run(inputs: Inputs, out: Path, declared: dict[str, list[Slot]], workers: int) -> list[Done]:
@@ -88,16 +98,28 @@ def run(inputs: Inputs, out: Path, declared: dict[str, list[Slot]], workers: int
                 task.write_bytes(pickle.dumps((inputs, out, {f: declared[f] for f in files})))
                 with open(log, "wb") as err:
                     command = [sys.executable, "-m", __name__, str(task), str(result)]
-                    started.append(
-                        (subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err), result, log)
-                    )
-            return [_collect(process, result, log) for process, result, log in started]
+                    worker = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=_env())
+                    started.append((worker, result, log))
+            done: dict[int, Done] = {}
+            while len(done) < len(started):  # the first failure is raised at once; the others are stopped below
+                for i, (process, result, log) in enumerate(started):
+                    if i not in done and process.poll() is not None:
+                        done[i] = _collect(process, result, log)
+                time.sleep(POLL_SECONDS)
+            return [done[i] for i in range(len(started))]
         finally:
             for process, _, _ in started:  # a failure or signal here: the others stop too
                 if process.poll() is None:
                     process.terminate()
             for process, _, _ in started:
                 process.wait()
+
+
+def _env() -> dict[str, str]:
+    """The coordinator's environment, with the directory safe_merge was imported from first on the path."""
+    package = str(Path(__file__).resolve().parents[4])
+    paths = [package, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
 def run_on_ray(
@@ -109,15 +131,21 @@ def run_on_ray(
     started = not ray.is_initialized()
     if started:
         local = address == "local"
+        options = {}
+        temp = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()).resolve()
+        if local and Path(sys.prefix).resolve() in (temp, *temp.parents):
+            options["_temp_dir"] = RAY_TEMP  # Ray's workers refuse a temporary directory inside the virtualenv
         ray.init(
             address=None if local else address,
             num_cpus=os.cpu_count() if local else None,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
+            **options,
         )
     refs = []
     try:
+        _probe(ray)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         count = workers or cpus
         task = ray.remote(num_cpus=max(1, min(inputs.threads, cpus)), max_retries=0)(_work)
@@ -132,6 +160,23 @@ def run_on_ray(
                 ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
+
+
+def _probe(ray) -> None:
+    """One empty task: a cluster whose workers cannot start says so instead of waiting for ever."""
+    try:
+        ray.get(ray.remote(_alive).remote(), timeout=RAY_START_SECONDS)
+    except ray.exceptions.GetTimeoutError:
+        from safe_merge.errors import BadInput
+
+        raise BadInput(
+            f"Ray started no worker within {RAY_START_SECONDS} s",
+            hint="see the Ray session's logs (raylet.err); with --ray local, is the temporary directory usable?",
+        ) from None
+
+
+def _alive() -> bool:
+    return True
 
 
 def _ray():

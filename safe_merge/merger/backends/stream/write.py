@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from safe_merge.compat.adapter_files import AdapterFiles, return_pages
+from safe_merge.compat.expert_stacks import stored_in_out
 from safe_merge.io.checkpoint import Checkpoint, TensorInfo
 from safe_merge.io.journal import Journal
 from safe_merge.io.model_dir import carry_files
@@ -154,6 +155,10 @@ def prepare(
     layout = infer_layout(adapter, checkpoint, config)
     stacks = experts.find_stacks(checkpoint, str(config.get("model_type") or "")) if _on_params(adapter) else {}
     kinds = {**layout.kinds, **dict.fromkeys(stacks, expert_kind(transposed=False))}  # pieces are [out, in]
+    if _on_params(adapter):  # stacks stored whole, under the parameter's own name (gpt-oss)
+        model_type = str(config.get("model_type") or "")
+        whole = [n for n, i in checkpoint.tensors.items() if len(i.shape) == 3 and i.floating and n not in stacks]
+        kinds.update(dict.fromkeys(whole, expert_kind(transposed=stored_in_out(model_type))))
     ledger = build_ledger(adapter, LedgerView(checkpoint, layout, stacks), kinds, factor_dtype, precision=None)
     experts.split(ledger, stacks)  # a LoRA on a stack stored per expert: a plain Linear LoRA on each piece
     merge = StreamMerge(checkpoint, layout, ledger, config, dtype, factor_dtype, rounding, policy, adapter.tensors)
@@ -364,6 +369,9 @@ def _emit(
 def merged_tensor(prep: StreamMerge, name: str, start: torch.Tensor) -> torch.Tensor:
     """One touched tensor as PEFT's merge leaves it, from its starting value (the base's, or a saved copy's) in
     the output dtype."""
+    stack = prep.ledger.modules.get(name)
+    if stack is not None and stack.kind.experts:  # a fused stack the checkpoint stores whole (gpt-oss)
+        return arith.merge_stack(start, stack, prep.factor_dtype)
     module, _, leaf = name.rpartition(".")
     lora = prep.ledger.modules.get(module)
     if lora is None or leaf not in ("weight", "bias") or (leaf == "bias" and lora.bias is None):
