@@ -3,7 +3,8 @@
 Every temporary thing safe-merge makes is a directory named ``.NAME.safe-merge-KIND-XXXX`` with a marker file
 beside it, ``….owner`` (which process on which host made it; beside, so that the directory holds exactly what will
 be published). A run killed with SIGKILL leaves both behind; the next run into the same parent recognises them by
-name and marker and removes them (``sweep_stale``), and says so.
+name and marker and removes them (``sweep_stale``), and says so; except a staging directory with a journal
+(io/journal.py), which the same command continues (``staged``).
 """
 
 from __future__ import annotations
@@ -136,10 +137,11 @@ def staged(
         yield stage
         publish(stage, out, force, dict(side_files or {}))
     except BaseException as exc:
-        done = len(Journal(stage).done()) if resume_key is not None and _no_space(exc) else 0
+        done = len(Journal(stage).done()) if resume_key is not None and no_space(exc) else 0
         if done:
             keep = True
             exc.kept = (stage, done)  # read by whoever words the error
+            _release(stage)
         raise
     finally:
         with deferred():
@@ -162,7 +164,8 @@ def _interrupted(out: Path, key: str | None, notes: list[str]) -> Path | None:
             pid, machine = int(owner["pid"]), str(owner["host"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if machine != host or _alive(pid) or not entry.is_dir() or not journal_dir(entry).is_dir():
+        busy = _alive(pid) and not owner.get("released")
+        if machine != host or busy or not entry.is_dir() or not journal_dir(entry).is_dir():
             continue
         journal = Journal(entry)
         if chosen is None and key is not None and journal.key() == key:
@@ -185,12 +188,17 @@ def _interrupted(out: Path, key: str | None, notes: list[str]) -> Path | None:
     return chosen
 
 
+def _release(stage: Path) -> None:
+    """Mark a staging directory kept for a later run as no longer this process's (which may live on: the API)."""
+    marker = _marker(stage)
+    owner = json.loads(marker.read_text(encoding="utf-8"))
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps({**owner, "released": True}) + "\n", encoding="utf-8")
+    os.replace(tmp, marker)
+
+
 def no_space(exc: BaseException | None) -> bool:
     """ENOSPC or EDQUOT, from the OS or wrapped by a library (safetensors reports it as a string)."""
-    return _no_space(exc)
-
-
-def _no_space(exc: BaseException | None) -> bool:
     import errno
 
     while exc is not None:
@@ -302,7 +310,7 @@ def sweep_stale(parent: Path, keep_for: str | None = None) -> list[str]:
         if machine != host:
             notes.append(f"left alone: {entry} (made by a run on host {machine}, which may still be writing it)")
             continue
-        if _alive(pid):
+        if _alive(pid) and not owner.get("released"):
             continue  # a run in progress
         name = str(owner.get("for", ""))
         if keep_for is not None and name == keep_for and f"{TAG}staging-" in entry.name and journal_dir(entry).is_dir():

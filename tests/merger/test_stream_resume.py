@@ -82,3 +82,32 @@ def test_a_journal_from_other_options_is_removed_not_continued(pair, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_a_full_disk_keeps_the_complete_shards_and_the_same_command_continues(pair, tmp_path, cli, monkeypatch):
+    import errno
+
+    from safe_merge.io import shards
+
+    code, _, err = cli("merge", *pair, "-o", tmp_path / "whole", *SHARDS)
+    assert code == 0, err
+    original, calls = shards.ShardWriter.close, []
+
+    def full_after_three(self):
+        calls.append(self.path.name)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return original(self)
+
+    monkeypatch.setattr(shards.ShardWriter, "close", full_after_three)
+    work = tmp_path / "work"
+    code, _, err = cli("merge", *pair, "-o", work / "out", *SHARDS)
+    assert code == 2 and "no space left" in err and "run the same command again" in err, err
+    kept = [p for p in work.iterdir() if p.name.endswith(".journal")]
+    assert len(kept) == 1 and len(list(kept[0].glob("*.safetensors.json"))) == 3
+    monkeypatch.setattr(shards.ShardWriter, "close", original)
+    code, report, err = cli("merge", *pair, "-o", work / "out", *SHARDS, "--json")
+    assert code == 0, err
+    assert report["stream"]["resumed_shards"] == 3
+    assert digest(work / "out") == digest(tmp_path / "whole")
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
