@@ -214,20 +214,20 @@ def write(
                 written.counts[key] = written.counts.get(key, 0) + count
         written.resumed = len(done)
         declared = {name: slots for name, slots in declared.items() if name not in done}
-    if parallel_inputs is not None and (ray is not None or (workers > 1 and len(declared) > 1)):
+    if declared and parallel_inputs is not None and (ray is not None or (workers > 1 and len(declared) > 1)):
         with written.timing("workers"):
             shares = (
                 parallel.run_on_ray(parallel_inputs, out, declared, workers, ray)
                 if ray is not None
                 else parallel.run(parallel_inputs, out, declared, workers)
             )
-            for done in shares:
-                for key, count in done.counts.items():
+            for share in shares:
+                for key, count in share.counts.items():
                     written.counts[key] = written.counts.get(key, 0) + count
-                for phase, seconds in done.seconds.items():  # summed over workers: CPU-side seconds
+                for phase, seconds in share.seconds.items():  # summed over workers: CPU-side seconds
                     written.seconds[phase] = round(written.seconds.get(phase, 0.0) + seconds, 3)
                 if check is not None:
-                    check.merge(done.results, done.seen)
+                    check.merge(share.results, share.seen)
         written.workers = len(shares)
     elif declared:
         write_shards(prep, out, declared, written, check)
