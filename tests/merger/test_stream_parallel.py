@@ -23,21 +23,29 @@ def pair(tmp_path_factory):
     return float_dir, checkpoints.adapter_for(float_dir, root)
 
 
-def test_two_workers_write_the_bytes_one_process_writes(pair, tmp_path, cli):
-    reports = {}
-    for workers in ("1", "2"):
-        out = tmp_path / f"out-{workers}"
-        code, report, err = cli(
-            "merge", *pair, "-o", out, "--max-shard-size", "60KB", "--workers", workers, "--no-card", "--json"
-        )
-        assert code == 0, err
-        reports[workers] = report
-    assert digest(tmp_path / "out-1") == digest(tmp_path / "out-2")
-    assert len(list((tmp_path / "out-2").glob("model-*.safetensors"))) >= 3
-    assert reports["1"]["stream"]["workers"] == 1 and reports["2"]["stream"]["workers"] == 2
-    one, two = (reports[w]["verification"]["weights"] for w in ("1", "2"))
-    assert one["exact"] == two["exact"] == {"merge_and_unload()": 6}
-    assert reports["2"]["stream"]["tensors"] == reports["1"]["stream"]["tensors"]
+@pytest.fixture(scope="module")
+def one_process(pair, tmp_path_factory):
+    """The merge in one process (in shards of 60 KB), and its report."""
+    from safe_merge.api import merge
+
+    out = tmp_path_factory.mktemp("one") / "out"
+    report = merge(pair[0], pair[1], out, max_shard_size="60KB", card=False, workers=1)
+    assert report["exit_code"] == 0 and report["stream"]["workers"] == 1
+    return out, report
+
+
+def test_two_workers_write_the_bytes_one_process_writes(pair, one_process, tmp_path, cli):
+    out = tmp_path / "two"
+    code, report, err = cli(
+        "merge", *pair, "-o", out, "--max-shard-size", "60KB", "--workers", "2", "--no-card", "--json"
+    )
+    assert code == 0, err
+    assert digest(one_process[0]) == digest(out)
+    assert len(list(out.glob("model-*.safetensors"))) >= 3
+    assert report["stream"]["workers"] == 2
+    assert report["verification"]["weights"]["exact"] == one_process[1]["verification"]["weights"]["exact"]
+    assert one_process[1]["verification"]["weights"]["exact"] == {"merge_and_unload()": 6}
+    assert report["stream"]["tensors"] == one_process[1]["stream"]["tensors"]
 
 
 def test_workers_are_dealt_shards_by_size_and_auto_keeps_small_outputs_in_one_process():
@@ -62,17 +70,15 @@ def test_what_a_worker_raises_is_raised_by_the_coordinator_and_the_others_stop(p
     assert not (tmp_path / "out").exists()
 
 
-def test_ray_workers_on_a_local_cluster_write_the_bytes_one_process_writes(pair, tmp_path, cli):
+def test_ray_workers_on_a_local_cluster_write_the_bytes_one_process_writes(pair, one_process, tmp_path, cli):
     pytest.importorskip("ray", reason="Ray is the ray extra (installed in the tests session)")
-    outs = {}
-    for label, extra in (("one", ("--workers", "1")), ("ray", ("--ray", "local", "--workers", "2"))):
-        out = tmp_path / label
-        code, report, err = cli("merge", *pair, "-o", out, "--max-shard-size", "60KB", "--no-card", "--json", *extra)
-        assert code == 0, err
-        outs[label] = report
-    assert digest(tmp_path / "one") == digest(tmp_path / "ray")
-    assert outs["ray"]["stream"]["workers"] == 2
-    assert outs["ray"]["verification"]["weights"]["exact"] == {"merge_and_unload()": 6}
+    out = tmp_path / "ray"
+    extra = ("--ray", "local", "--workers", "2")
+    code, report, err = cli("merge", *pair, "-o", out, "--max-shard-size", "60KB", "--no-card", "--json", *extra)
+    assert code == 0, err
+    assert digest(one_process[0]) == digest(out)
+    assert report["stream"]["workers"] == 2
+    assert report["verification"]["weights"]["exact"] == {"merge_and_unload()": 6}
 
 
 def test_ray_without_ray_installed_is_refused_saying_how_to_install_it(pair, tmp_path, cli, monkeypatch):

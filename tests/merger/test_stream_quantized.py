@@ -216,10 +216,14 @@ def test_a_lora_on_gpt_oss_expert_stacks_merges_into_float_and_mxfp4_stacks(poli
     there with PEFT's own einsum: bit for bit the PEFT backend on the float model, and into MXFP4 stacks under
     both policies (requantized stacks checked against their budget)."""
     pytest.importorskip("transformers.models.gpt_oss")
+    from safe_merge.compat.history import History
+    from safe_merge.io.loading import installed_peft
     from tests.release import has_key
 
     if not has_key("target_parameters"):
         pytest.skip("needs PEFT 0.17+ (target_parameters)")
+    if History.load().affected("param_wrapper_assumes_in_out", installed_peft()):
+        pytest.skip("PEFT before 0.19 reads a stack the other way round: the stream backend leaves it to PEFT's")
     import peft
     from transformers import GptOssForCausalLM
 

@@ -30,6 +30,16 @@ def pair(tmp_path_factory):
     return float_dir, checkpoints.adapter_for(float_dir, root)
 
 
+@pytest.fixture(scope="module")
+def whole(pair, tmp_path_factory):
+    """The uninterrupted merge, for the bytes a continued one must write."""
+    from safe_merge.api import merge
+
+    out = tmp_path_factory.mktemp("whole") / "out"
+    assert merge(pair[0], pair[1], out, max_shard_size="4KB", card=False)["exit_code"] == 0
+    return out
+
+
 def _start(pair, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "safe_merge", "merge", *map(str, pair), "-o", str(out), *SHARDS, *extra]
@@ -52,10 +62,8 @@ def _kill_after_shards(process: subprocess.Popen, parent: Path, shards: int) -> 
 
 @pytest.mark.process
 @pytest.mark.slow
-def test_a_merge_killed_midway_continues_with_the_missing_shards_and_writes_the_same_bytes(pair, tmp_path, cli):
-    code, _, err = cli("merge", *pair, "-o", tmp_path / "whole", *SHARDS)
-    assert code == 0, err
-    total = len(list((tmp_path / "whole").glob("*.safetensors")))
+def test_a_merge_killed_midway_continues_with_the_missing_shards_and_writes_the_same_bytes(pair, whole, tmp_path, cli):
+    total = len(list(whole.glob("*.safetensors")))
     assert total >= 8
     work = tmp_path / "work"
     work.mkdir()
@@ -67,7 +75,7 @@ def test_a_merge_killed_midway_continues_with_the_missing_shards_and_writes_the_
     assert report["stream"]["resumed_shards"] == kept
     assert any("continued the interrupted merge" in w for w in report["warnings"])
     assert report["verification"]["weights"]["checked_tensors"] == 6
-    assert digest(work / "out") == digest(tmp_path / "whole")
+    assert digest(work / "out") == digest(whole)
     assert sorted(p.name for p in work.iterdir()) == ["out"]  # staging, marker and journal are gone
 
 
@@ -84,13 +92,11 @@ def test_a_journal_from_other_options_is_removed_not_continued(pair, tmp_path, c
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
 
-def test_a_full_disk_keeps_the_complete_shards_and_the_same_command_continues(pair, tmp_path, cli, monkeypatch):
+def test_a_full_disk_keeps_the_complete_shards_and_the_same_command_continues(pair, whole, tmp_path, cli, monkeypatch):
     import errno
 
     from safe_merge.io import shards
 
-    code, _, err = cli("merge", *pair, "-o", tmp_path / "whole", *SHARDS)
-    assert code == 0, err
     original, calls = shards.ShardWriter.close, []
 
     def full_after_three(self):
@@ -109,5 +115,5 @@ def test_a_full_disk_keeps_the_complete_shards_and_the_same_command_continues(pa
     code, report, err = cli("merge", *pair, "-o", work / "out", *SHARDS, "--json")
     assert code == 0, err
     assert report["stream"]["resumed_shards"] == 3
-    assert digest(work / "out") == digest(tmp_path / "whole")
+    assert digest(work / "out") == digest(whole)
     assert sorted(p.name for p in work.iterdir()) == ["out"]

@@ -143,7 +143,7 @@ def run_on_ray(
             configure_logging=False,
             **options,
         )
-    refs = []
+    refs, finished = [], False
     try:
         _probe(ray)
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -151,13 +151,17 @@ def run_on_ray(
         task = ray.remote(num_cpus=max(1, min(inputs.threads, cpus)), max_retries=0)(_work)
         refs = [task.remote(inputs, out, {f: declared[f] for f in files}) for files in balance(declared, count)]
         try:
-            return ray.get(refs)
+            done = ray.get(refs)
         except ray.exceptions.RayTaskError as exc:  # what the task raised, as itself
             raise exc.as_instanceof_cause() from None
+        finished = True
+        return done
     finally:
-        for ref in refs:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
+        if refs and not finished:  # only tasks still running: cancelling a finished one crashed Ray 2.60's driver
+            _, running = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for ref in running:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
 
