@@ -37,25 +37,18 @@ TRANSFORMERS_READS = {"fp8 blocks of 32", "int4 groups of 32", "int4 groups of 3
 pytestmark = requires_release("stream_backend_matches")  # stored formats, workers and journals are its
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("float")
-    float_dir = checkpoints.float_model(root)
-    return float_dir, checkpoints.adapter_for(float_dir, root)
-
-
-def base_for(name, pair, tmp_path):
+def base_for(name, llama_pair, tmp_path):
     if name != "fp8 blocks of 32" and name != "fp8 blocks of 48 (ceil grid)":
         pytest.importorskip("compressed_tensors", reason="compressed-tensors writes these (the quant extra)")
     else:
         pytest.importorskip("transformers.integrations.finegrained_fp8")
-    return FORMATS[name](pair[0], tmp_path / "base")
+    return FORMATS[name](llama_pair[0], tmp_path / "base")
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_a_stored_quantized_base_merges_into_a_verified_float_model(name, pair, tmp_path, cli):
-    base = base_for(name, pair, tmp_path)
-    code, report, err = cli("merge", base, pair[1], "-o", tmp_path / "out", "--json")
+def test_a_stored_quantized_base_merges_into_a_verified_float_model(name, llama_pair, tmp_path, cli):
+    base = base_for(name, llama_pair, tmp_path)
+    code, report, err = cli("merge", base, llama_pair[1], "-o", tmp_path / "out", "--json")
     assert code == 0, err
     assert report["backend"] == "stream" and report["quantization"]["policy"] == "dequantize"
     assert report["verification"]["weights"]["exact"] == {"merge_and_unload()": 6}
@@ -64,14 +57,16 @@ def test_a_stored_quantized_base_merges_into_a_verified_float_model(name, pair, 
     assert "quantization_config" not in config
     written = Checkpoint(tmp_path / "out")
     assert {i.dtype for i in written.tensors.values()} == {torch.bfloat16}
-    assert set(written.tensors) == set(load_file(str(pair[0] / "model.safetensors")))
+    assert set(written.tensors) == set(load_file(str(llama_pair[0] / "model.safetensors")))
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_requantize_writes_the_base_format_with_fresh_scales_and_untouched_parts_as_stored(name, pair, tmp_path, cli):
-    base = base_for(name, pair, tmp_path)
+def test_requantize_writes_the_base_format_with_fresh_scales_and_untouched_parts_as_stored(
+    name, llama_pair, tmp_path, cli
+):
+    base = base_for(name, llama_pair, tmp_path)
     out = tmp_path / "out"
-    code, report, err = cli("merge", base, pair[1], "-o", out, "--quantized", "requantize", "--json")
+    code, report, err = cli("merge", base, llama_pair[1], "-o", out, "--quantized", "requantize", "--json")
     assert code == 0, err
     weights = report["verification"]["weights"]
     assert weights["checked_tensors"] == 6 and weights["passed"] and "rounding budget" in weights["tol_rule"]
@@ -117,10 +112,10 @@ def stale(monkeypatch, base, how):
 
 
 @pytest.mark.parametrize("how", ["scales not updated", "delta folded into the raw fp8 codes"])
-def test_a_broken_fp8_requantize_fails_naming_the_tensor(how, pair, tmp_path, cli, monkeypatch):
-    base = base_for("fp8 blocks of 32", pair, tmp_path)
+def test_a_broken_fp8_requantize_fails_naming_the_tensor(how, llama_pair, tmp_path, cli, monkeypatch):
+    base = base_for("fp8 blocks of 32", llama_pair, tmp_path)
     stale(monkeypatch, base, how)
-    code, report, err = cli("merge", base, pair[1], "-o", tmp_path / "out", "--quantized", "requantize", "--json")
+    code, report, err = cli("merge", base, llama_pair[1], "-o", tmp_path / "out", "--quantized", "requantize", "--json")
     assert code == 1
     failures = " ".join(report["verification"]["weights"]["failures"])
     assert "model.layers.0.self_attn.q_proj.weight" in failures
@@ -254,28 +249,28 @@ def test_a_lora_on_gpt_oss_expert_stacks_merges_into_float_and_mxfp4_stacks(poli
 
 
 @pytest.mark.parametrize("policy", ["dequantize", "requantize"])
-def test_verify_checks_a_stored_format_merge_and_names_a_tampered_weight(policy, pair, tmp_path, cli):
-    base = base_for("int4 groups of 32", pair, tmp_path)
+def test_verify_checks_a_stored_format_merge_and_names_a_tampered_weight(policy, llama_pair, tmp_path, cli):
+    base = base_for("int4 groups of 32", llama_pair, tmp_path)
     out = tmp_path / "out"
-    assert cli("merge", base, pair[1], "-o", out, "--quantized", policy)[0] == 0
-    code, report, err = cli("verify", base, pair[1], out, "--json")
+    assert cli("merge", base, llama_pair[1], "-o", out, "--quantized", policy)[0] == 0
+    code, report, err = cli("verify", base, llama_pair[1], out, "--json")
     assert code == 0, err
     assert report["verification"]["weights"]["checked_tensors"] == 6
     tensors = load_file(str(out / "model.safetensors"))
     name = "model.layers.1.self_attn.v_proj." + ("weight_scale" if policy == "requantize" else "weight")
     tensors[name] = tensors[name] * 1.25  # a scale (or a weight) off by a quarter
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    code, report, err = cli("verify", base, pair[1], out, "--json")
+    code, report, err = cli("verify", base, llama_pair[1], out, "--json")
     assert code == 1
     assert "model.layers.1.self_attn.v_proj.weight" in " ".join(report["verification"]["weights"]["failures"])
 
 
-def test_plan_names_the_format_the_policy_and_the_output_size(pair, tmp_path, cli):
-    base = base_for("fp8 blocks of 32", pair, tmp_path)
+def test_plan_names_the_format_the_policy_and_the_output_size(llama_pair, tmp_path, cli):
+    base = base_for("fp8 blocks of 32", llama_pair, tmp_path)
     sizes = {}
     for policy in ("dequantize", "requantize"):
         code, report, err = cli(
-            "merge", base, pair[1], "-o", tmp_path / "out", "--plan", "--quantized", policy, "--json"
+            "merge", base, llama_pair[1], "-o", tmp_path / "out", "--plan", "--quantized", policy, "--json"
         )
         assert code == 0, err
         assert report["backend"] == "stream"
@@ -283,19 +278,19 @@ def test_plan_names_the_format_the_policy_and_the_output_size(pair, tmp_path, cl
         assert "blocks of 32x32" in report["quantization"]["scheme"]
         sizes[policy] = report["output"]["estimated_bytes"]
     stored = sum(v.numel() * v.element_size() for v in load_file(str(base / "model.safetensors")).values())
-    floats = sum(v.numel() * 2 for v in load_file(str(pair[0] / "model.safetensors")).values())
+    floats = sum(v.numel() * 2 for v in load_file(str(llama_pair[0] / "model.safetensors")).values())
     assert sizes == {"requantize": stored, "dequantize": floats}
     assert not (tmp_path / "out").exists()
 
 
-def test_a_saved_copy_of_a_quantized_layer_is_requantized_from_the_copy(pair, tmp_path, cli):
+def test_a_saved_copy_of_a_quantized_layer_is_requantized_from_the_copy(llama_pair, tmp_path, cli):
     """modules_to_save on a quantized projection: the adapter's full copy replaces the weight, and is what the
     base's format gets written back from (and checked against)."""
     import peft
     from transformers import LlamaForCausalLM
 
-    base = base_for("fp8 blocks of 32", pair, tmp_path)
-    model = LlamaForCausalLM.from_pretrained(pair[0], **{_dtype_kwarg(): torch.float32})
+    base = base_for("fp8 blocks of 32", llama_pair, tmp_path)
+    model = LlamaForCausalLM.from_pretrained(llama_pair[0], **{_dtype_kwarg(): torch.float32})
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["down_proj"])
     lora = peft.get_peft_model(model, config)
     with torch.no_grad():

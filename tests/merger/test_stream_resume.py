@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import digest
-from tests.quant.stored import checkpoints
 from tests.release import requires_release
 
 SHARDS = ("--max-shard-size", "4KB", "--no-card")
@@ -24,25 +23,18 @@ pytestmark = requires_release("stream_backend_matches")  # stored formats, worke
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    float_dir = checkpoints.float_model(root)
-    return float_dir, checkpoints.adapter_for(float_dir, root)
-
-
-@pytest.fixture(scope="module")
-def whole(pair, tmp_path_factory):
+def whole(llama_pair, tmp_path_factory):
     """The uninterrupted merge, for the bytes a continued one must write."""
     from safe_merge.api import merge
 
     out = tmp_path_factory.mktemp("whole") / "out"
-    assert merge(pair[0], pair[1], out, max_shard_size="4KB", card=False)["exit_code"] == 0
+    assert merge(llama_pair[0], llama_pair[1], out, max_shard_size="4KB", card=False)["exit_code"] == 0
     return out
 
 
-def _start(pair, out: Path, *extra: str) -> subprocess.Popen:
+def _start(llama_pair, out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "safe_merge", "merge", *map(str, pair), "-o", str(out), *SHARDS, *extra]
+    command = [sys.executable, "-m", "safe_merge", "merge", *map(str, llama_pair), "-o", str(out), *SHARDS, *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -62,15 +54,17 @@ def _kill_after_shards(process: subprocess.Popen, parent: Path, shards: int) -> 
 
 @pytest.mark.process
 @pytest.mark.slow
-def test_a_merge_killed_midway_continues_with_the_missing_shards_and_writes_the_same_bytes(pair, whole, tmp_path, cli):
+def test_a_merge_killed_midway_continues_with_the_missing_shards_and_writes_the_same_bytes(
+    llama_pair, whole, tmp_path, cli
+):
     total = len(list(whole.glob("*.safetensors")))
     assert total >= 8
     work = tmp_path / "work"
     work.mkdir()
-    journal = _kill_after_shards(_start(pair, work / "out"), work, total // 2)
+    journal = _kill_after_shards(_start(llama_pair, work / "out"), work, total // 2)
     kept = len(list(journal.glob("*.safetensors.json")))
     assert not (work / "out").exists()
-    code, report, err = cli("merge", *pair, "-o", work / "out", *SHARDS, "--json")
+    code, report, err = cli("merge", *llama_pair, "-o", work / "out", *SHARDS, "--json")
     assert code == 0, err
     assert report["stream"]["resumed_shards"] == kept
     assert any("continued the interrupted merge" in w for w in report["warnings"])
@@ -81,9 +75,9 @@ def test_a_merge_killed_midway_continues_with_the_missing_shards_and_writes_the_
 
 @pytest.mark.process
 @pytest.mark.slow
-def test_a_journal_from_other_options_is_removed_not_continued(pair, tmp_path, cli):
-    _kill_after_shards(_start(pair, tmp_path / "out", "--dtype", "float32"), tmp_path, 1)
-    code, report, err = cli("merge", *pair, "-o", tmp_path / "out", *SHARDS, "--json")
+def test_a_journal_from_other_options_is_removed_not_continued(llama_pair, tmp_path, cli):
+    _kill_after_shards(_start(llama_pair, tmp_path / "out", "--dtype", "float32"), tmp_path, 1)
+    code, report, err = cli("merge", *llama_pair, "-o", tmp_path / "out", *SHARDS, "--json")
     assert code == 0, err
     assert report["stream"]["resumed_shards"] == 0
     assert any("made from other inputs, options or versions" in w for w in report["warnings"])
@@ -92,7 +86,9 @@ def test_a_journal_from_other_options_is_removed_not_continued(pair, tmp_path, c
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
 
-def test_a_full_disk_keeps_the_complete_shards_and_the_same_command_continues(pair, whole, tmp_path, cli, monkeypatch):
+def test_a_full_disk_keeps_the_complete_shards_and_the_same_command_continues(
+    llama_pair, whole, tmp_path, cli, monkeypatch
+):
     import errno
 
     from safe_merge.io import shards
@@ -107,12 +103,12 @@ def test_a_full_disk_keeps_the_complete_shards_and_the_same_command_continues(pa
 
     monkeypatch.setattr(shards.ShardWriter, "close", full_after_three)
     work = tmp_path / "work"
-    code, _, err = cli("merge", *pair, "-o", work / "out", *SHARDS)
+    code, _, err = cli("merge", *llama_pair, "-o", work / "out", *SHARDS)
     assert code == 2 and "no space left" in err and "run the same command again" in err, err
     kept = [p for p in work.iterdir() if p.name.endswith(".journal")]
     assert len(kept) == 1 and len(list(kept[0].glob("*.safetensors.json"))) == 3
     monkeypatch.setattr(shards.ShardWriter, "close", original)
-    code, report, err = cli("merge", *pair, "-o", work / "out", *SHARDS, "--json")
+    code, report, err = cli("merge", *llama_pair, "-o", work / "out", *SHARDS, "--json")
     assert code == 0, err
     assert report["stream"]["resumed_shards"] == 3
     assert digest(work / "out") == digest(whole)

@@ -86,36 +86,47 @@ def fp8_block(float_dir: Path, out: Path, block: tuple[int, int] = (32, 32)) -> 
     return _rewrite(float_dir, out, quant, convert)
 
 
-def compressed(float_dir: Path, out: Path, weights: dict, fmt: str) -> Path:
-    """compressed-tensors: qparams from its min-max arithmetic, then its compressor, per projection."""
+def ct_compress(value: torch.Tensor, args, fmt: str) -> tuple[dict, torch.Tensor]:
+    """compressed-tensors' own pipeline for one weight: its min-max quantization parameters per tile (a global
+    scale first for NVFP4), its compressor; (the stored tensors by local name, the library's decompression)."""
     from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
-    args = QuantizationArgs(**weights)
+    rows, cols = value.shape
+    if args.strategy in ("group", "tensor_group"):
+        tiles = value.reshape(rows, cols // args.group_size, args.group_size)
+        low, high = tiles.amin(-1), tiles.amax(-1)
+    elif args.strategy == "channel":
+        low, high = value.amin(-1, keepdim=True), value.amax(-1, keepdim=True)
+    elif args.strategy == "block":
+        bh, bw = args.block_structure
+        tiles = value.reshape(rows // bh, bh, cols // bw, bw)
+        low, high = tiles.amin(dim=(1, 3)), tiles.amax(dim=(1, 3))
+    else:
+        low, high = value.amin(), value.amax()
+    state = {"weight": value}
+    if fmt == "nvfp4-pack-quantized":
+        state["weight_global_scale"] = generate_gparam(value.amin(), value.amax())
+        scale, zero = calculate_qparams(low, high, args, global_scale=state["weight_global_scale"])
+    else:
+        scale, zero = calculate_qparams(low, high, args)
+    state.update(weight_scale=scale, weight_zero_point=zero)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     compressor = BaseCompressor.get_value_from_registry(fmt)
+    packed = compressor.compress(state, scheme)
+    return packed, compressor.decompress(dict(packed), scheme)["weight"]
+
+
+def compressed(float_dir: Path, out: Path, weights: dict, fmt: str) -> Path:
+    """compressed-tensors: each projection through the library's own pipeline (ct_compress)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    args = QuantizationArgs(**weights)
 
     def convert(name, value):
-        rows, cols = value.shape
-        if args.strategy in ("group", "tensor_group"):
-            tiles = value.reshape(rows, cols // args.group_size, args.group_size)
-            low, high = tiles.amin(-1), tiles.amax(-1)
-        elif args.strategy == "channel":
-            low, high = value.amin(-1, keepdim=True), value.amax(-1, keepdim=True)
-        else:
-            low, high = value.amin(), value.amax()
-        extra = {}
-        if fmt == "nvfp4-pack-quantized":
-            extra["weight_global_scale"] = generate_gparam(value.amin(), value.amax())
-            scale, zero = calculate_qparams(low, high, args, global_scale=extra["weight_global_scale"])
-        else:
-            scale, zero = calculate_qparams(low, high, args)
-        state = compressor.compress(
-            {"weight": value, "weight_scale": scale, "weight_zero_point": zero, **extra}, scheme
-        )
         module = name.removesuffix(".weight")
-        return {f"{module}.{k}": v for k, v in state.items()}
+        return {f"{module}.{k}": v for k, v in ct_compress(value, args, fmt)[0].items()}
 
     quant = {
         "quant_method": "compressed-tensors",

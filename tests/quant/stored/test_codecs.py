@@ -15,6 +15,7 @@ from safe_merge.quant.stored.codec import Group
 from safe_merge.quant.stored.fp4 import MXFP4Experts, NVFP4Packed
 from safe_merge.quant.stored.fp8 import BlockFP8, FloatQuantized
 from safe_merge.quant.stored.integer import IntegerQuantized
+from tests.quant.stored import checkpoints
 
 
 def infos(parts: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
@@ -91,40 +92,14 @@ def ct():
     return pytest.importorskip("compressed_tensors", reason="compressed-tensors is in the quant extra")
 
 
+def ct_compress(value: torch.Tensor, scheme, fmt: str):
+    return checkpoints.ct_compress(value, scheme.weights, fmt)
+
+
 def ct_scheme(**weights):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
-
-
-def ct_compress(value: torch.Tensor, scheme, fmt: str, global_scale=None):
-    """compressed-tensors' own pipeline: the min-max observer's qparams, then its compressor."""
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    args = scheme.weights
-    rows, cols = value.shape
-    if args.strategy in ("group", "tensor_group"):
-        tiles = value.reshape(rows, cols // args.group_size, args.group_size)
-        low, high = tiles.amin(-1), tiles.amax(-1)
-    elif args.strategy == "channel":
-        low, high = value.amin(-1, keepdim=True), value.amax(-1, keepdim=True)
-    elif args.strategy == "block":
-        bh, bw = args.block_structure
-        tiles = value.reshape(rows // bh, bh, cols // bw, bw)
-        low, high = tiles.amin(dim=(1, 3)), tiles.amax(dim=(1, 3))
-    else:
-        low, high = value.amin(), value.amax()
-    if global_scale is not None:
-        scale, zero = calculate_qparams(low, high, args, global_scale=global_scale)
-    else:
-        scale, zero = calculate_qparams(low, high, args)
-    state = {"weight": value, "weight_scale": scale, "weight_zero_point": zero}
-    if global_scale is not None:
-        state["weight_global_scale"] = global_scale
-    compressor = BaseCompressor.get_value_from_registry(fmt)
-    packed = compressor.compress(state, scheme)
-    return packed, compressor.decompress(dict(packed), scheme)["weight"]
 
 
 INT_CASES = [
@@ -192,8 +167,6 @@ def test_compressed_tensors_fp8_round_trips_as_the_library_does(case, args):
 
 def test_compressed_tensors_nvfp4_round_trips_as_the_library_does():
     ct()
-    from compressed_tensors.quantization.utils import generate_gparam
-
     args = dict(
         num_bits=4,
         type="float",
@@ -204,8 +177,7 @@ def test_compressed_tensors_nvfp4_round_trips_as_the_library_does():
     )
     scheme = ct_scheme(**args)
     value = weight((64, 128))
-    global_scale = generate_gparam(value.amin(), value.amax())
-    packed, theirs = ct_compress(value, scheme, "nvfp4-pack-quantized", global_scale)
+    packed, theirs = ct_compress(value, scheme, "nvfp4-pack-quantized")
     stored = {f"m.{n}": t for n, t in packed.items()}
     (group,) = NVFP4Packed().groups(infos(stored), {}, lambda n: stored[n])
     parts = {role: stored[name] for role, name in group.parts.items()}
