@@ -99,6 +99,18 @@ def _ct_format(quant: Mapping) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def sibling_parts(
+    tensors: Mapping[str, TensorInfo], name: str, required: Mapping[str, str], optional: Mapping[str, str] = {}
+) -> dict[str, str] | None:
+    """The stored tensors of ``name``'s module that make one quantized weight, by role (role → the name after
+    the module's): None when a required one is missing; optional ones where present."""
+    module = name.rpartition(".")[0]
+    parts = {role: f"{module}.{leaf}" for role, leaf in required.items()}
+    if not all(p in tensors for p in parts.values()):
+        return None
+    return {**parts, **{role: f"{module}.{leaf}" for role, leaf in optional.items() if f"{module}.{leaf}" in tensors}}
+
+
 def tile(group: Group) -> tuple[int, int]:
     """The rows × columns one scale covers in a group's weight (its ``block`` setting; None: the whole weight)."""
     rows, cols = group.shape[-2:]

@@ -17,11 +17,12 @@ from collections.abc import Mapping
 import torch
 
 from safe_merge.io.checkpoint import TensorInfo
-from safe_merge.quant.stored.codec import Group, Reader, block_amax, scale_grid
+from safe_merge.quant.stored.codec import Group, Reader, block_amax, scale_grid, sibling_parts
 
 LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP4_MAX = 6.0
 E4M3_MAX = 448.0
+NVFP4_PARTS = {"codes": "weight_packed", "scale": "weight_scale", "global": "weight_global_scale"}
 
 
 def lut(dtype: torch.dtype) -> torch.Tensor:
@@ -120,13 +121,9 @@ class NVFP4Packed:
         out = []
         for name, info in tensors.items():
             module, _, leaf = name.rpartition(".")
-            if leaf != "weight_packed" or info.dtype != torch.uint8:
+            parts = sibling_parts(tensors, name, NVFP4_PARTS, {"input": "input_global_scale"})
+            if leaf != "weight_packed" or info.dtype != torch.uint8 or parts is None:
                 continue
-            parts = {"codes": name, "scale": f"{module}.weight_scale", "global": f"{module}.weight_global_scale"}
-            if not all(p in tensors for p in parts.values()):
-                continue
-            if f"{module}.input_global_scale" in tensors:
-                parts["input"] = f"{module}.input_global_scale"
             rows, half = info.shape
             group_cols = 2 * half // tensors[parts["scale"]].shape[-1]
             out.append(Group(f"{module}.weight", (rows, 2 * half), parts, {"block": (1, group_cols)}))

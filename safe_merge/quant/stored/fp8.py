@@ -21,13 +21,15 @@ from collections.abc import Mapping
 import torch
 
 from safe_merge.io.checkpoint import TensorInfo
-from safe_merge.quant.stored.codec import Group, Reader, block_amax, scale_grid, tile
+from safe_merge.quant.stored.codec import Group, Reader, block_amax, scale_grid, sibling_parts, tile
 from safe_merge.quant.stored.schemes import scheme_tiles
 
 E4M3_MAX = 448.0
 HALF_STEP = 2.0**-4  # half the gap between neighbouring normal e4m3 values, relative to the value
 SUBNORMAL_HALF_STEP = 2.0**-10  # half the subnormal gap (2^-9), in units of the scale
 E8M0 = getattr(torch, "float8_e8m0fnu", None)
+FP8_PARTS = {"weight": "weight", "scale": "weight_scale_inv"}  # role → the name after the module's
+CT_FP8_PARTS = {"weight": "weight", "scale": "weight_scale"}
 
 
 def scale_to_float(scale: torch.Tensor) -> torch.Tensor:
@@ -46,12 +48,11 @@ class BlockFP8:
         block = quant.get("weight_block_size")
         out = []
         for name, info in tensors.items():
-            scale = name.removesuffix(".weight") + ".weight_scale_inv"
-            if name.endswith(".weight") and info.dtype == torch.float8_e4m3fn and scale in tensors:
-                parts = {"weight": name, "scale": scale}
-                activation = name.removesuffix(".weight") + ".activation_scale"
-                if activation in tensors:
-                    parts["activation_scale"] = activation  # static activations: kept as stored
+            if not name.endswith(".weight") or info.dtype != torch.float8_e4m3fn:
+                continue
+            # static activations' scale: kept as stored
+            parts = sibling_parts(tensors, name, FP8_PARTS, {"activation_scale": "activation_scale"})
+            if parts is not None:
                 out.append(Group(name, info.shape, parts, {"block": tuple(block) if block else None}))
         return out
 
@@ -91,15 +92,11 @@ class FloatQuantized:
     def groups(self, tensors: Mapping[str, TensorInfo], quant: Mapping, read: Reader) -> list[Group]:
         out = []
         for name, info in tensors.items():
-            scale = name.removesuffix(".weight") + ".weight_scale"
-            if name.endswith(".weight") and info.dtype == torch.float8_e4m3fn and scale in tensors:
-                parts = {"weight": name, "scale": scale}
-                for extra in ("input_scale", "weight_zero_point"):
-                    other = name.removesuffix(".weight") + "." + extra
-                    if other in tensors:
-                        parts[extra] = other
-                block = scheme_tiles(quant, name, info.shape)
-                out.append(Group(name, info.shape, parts, {"block": block}))
+            if not name.endswith(".weight") or info.dtype != torch.float8_e4m3fn:
+                continue
+            parts = sibling_parts(tensors, name, CT_FP8_PARTS, {e: e for e in ("input_scale", "weight_zero_point")})
+            if parts is not None:
+                out.append(Group(name, info.shape, parts, {"block": scheme_tiles(quant, name, info.shape)}))
         return out
 
     def dequantize(self, group: Group, parts: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

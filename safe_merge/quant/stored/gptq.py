@@ -24,11 +24,12 @@ import torch
 
 from safe_merge.errors import BadInput
 from safe_merge.io.checkpoint import TensorInfo
-from safe_merge.quant.stored.codec import Group, Reader
+from safe_merge.quant.stored.codec import Group, Reader, sibling_parts
 from safe_merge.quant.stored.packing import pack_rows, require_bits, unpack_rows
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column each successive nibble of an AWQ word holds, within its eight
 AWQ_MIN_RANGE = 1e-5
+PACKED_PARTS = {"codes": "qweight", "zero": "qzeros", "scale": "scales"}  # role → the name after the module's
 
 
 def _ones(bits: int) -> int:
@@ -63,13 +64,9 @@ class _Packed:
         out = []
         for name, info in tensors.items():
             module, _, leaf = name.rpartition(".")
-            if leaf != "qweight" or info.dtype != torch.int32:
+            parts = sibling_parts(tensors, name, PACKED_PARTS, {"g_idx": "g_idx"})
+            if leaf != "qweight" or info.dtype != torch.int32 or parts is None:
                 continue
-            parts = {"codes": name, "zero": f"{module}.qzeros", "scale": f"{module}.scales"}
-            if not all(p in tensors for p in parts.values()):
-                continue
-            if f"{module}.g_idx" in tensors:
-                parts["g_idx"] = f"{module}.g_idx"
             require_bits(bits, name)
             self.check(quant, name)
             settings = self.settings(quant, bits, size)

@@ -16,11 +16,12 @@ from collections.abc import Mapping
 import torch
 
 from safe_merge.io.checkpoint import TensorInfo
-from safe_merge.quant.stored.codec import Group, Reader, block_amax, scale_grid, tile
+from safe_merge.quant.stored.codec import Group, Reader, block_amax, scale_grid, sibling_parts, tile
 from safe_merge.quant.stored.packing import pack_rows, require_bits, unpack_rows
 from safe_merge.quant.stored.schemes import scheme_tiles, weight_args
 
 INT_DTYPES = (torch.int8, torch.int16, torch.int32)
+OPTIONAL_PARTS = {"zero": "weight_zero_point", "g_idx": "weight_g_idx", "input": "input_scale"}
 
 
 class IntegerQuantized:
@@ -32,19 +33,13 @@ class IntegerQuantized:
         out = []
         for name, info in tensors.items():
             module, _, leaf = name.rpartition(".")
-            scale = f"{module}.weight_scale"
-            if scale not in tensors:
+            packed = leaf == "weight_packed" and info.dtype == torch.int32
+            if not packed and not (leaf == "weight" and info.dtype in INT_DTYPES):
                 continue
-            if leaf == "weight_packed" and info.dtype == torch.int32 and f"{module}.weight_shape" in tensors:
-                parts = {"codes": name, "scale": scale, "shape": f"{module}.weight_shape"}
-                packed = True
-            elif leaf == "weight" and info.dtype in INT_DTYPES:
-                parts, packed = {"codes": name, "scale": scale}, False
-            else:
+            required = {"codes": leaf, "scale": "weight_scale", **({"shape": "weight_shape"} if packed else {})}
+            parts = sibling_parts(tensors, name, required, OPTIONAL_PARTS)
+            if parts is None:
                 continue
-            for extra, role in (("weight_zero_point", "zero"), ("weight_g_idx", "g_idx"), ("input_scale", "input")):
-                if f"{module}.{extra}" in tensors:
-                    parts[role] = f"{module}.{extra}"
             args = weight_args(quant, f"{module}.weight")
             bits = int(args.get("num_bits") or 8)
             if packed:
