@@ -15,8 +15,9 @@ way, naming what to install.
 
 from __future__ import annotations
 
-import importlib
+import ast
 import importlib.metadata
+import importlib.util
 import json
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -69,13 +70,22 @@ def installed_version(package: str) -> str | None:
 
 def min_peft_for_adapter_api() -> str | None:
     """The PEFT release the installed transformers' adapter API asks for (None: it names none, or transformers is
-    missing). Read from the module transformers itself checks against."""
-    try:
-        module = importlib.import_module("transformers.integrations.peft")
-    except Exception:  # an old transformers without the integration, or one that does not import here
+    missing). Read from the source of the module transformers itself checks against, not imported: importing it
+    pulls in transformers' model-loading code, seconds and a hundred MiB a merge that builds no model never pays."""
+    spec = importlib.util.find_spec("transformers")  # a top-level spec: transformers is not imported
+    if spec is None or not spec.submodule_search_locations:
         return None
-    value = getattr(module, "MIN_PEFT_VERSION", None)
-    return str(value) if value else None
+    source = Path(next(iter(spec.submodule_search_locations))) / "integrations" / "peft.py"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):  # an old transformers without the integration
+        return None
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(getattr(t, "id", None) == "MIN_PEFT_VERSION" for t in targets):
+            value = node.value
+            return value.value if isinstance(value, ast.Constant) and isinstance(value.value, str) else None
+    return None
 
 
 def adapter_api_declaration() -> Declaration | None:

@@ -23,6 +23,7 @@ from safe_merge.merger.card import input_name, write_card
 from safe_merge.merger.job import Job
 from safe_merge.merger.preflight import preflight
 from safe_merge.merger.request import MergeRequest
+from safe_merge.merger.rules import base_config, rule
 from safe_merge.merger.weighted_adapter import build_and_check
 from safe_merge.quant.stored.view import open_checkpoint
 from safe_merge.verifier.combined_adapter import CombinationCheck
@@ -96,6 +97,7 @@ def run_merge(request: MergeRequest) -> dict:
 def _merge_and_publish(job: Job, adapter_dir: Path, notes: list[str], check: CombinationCheck | None = None) -> dict:
     adapter = load_adapter(adapter_dir, mapped=job.request.backend != "peft" and job.combination is None)
     backend, reason = backends.choose(job, adapter)
+    _models_readable(job, backend)
     progress = tqdm(total=3, desc="safe-merge", unit="stage", disable=None, leave=False)
     report = {
         "status": None,
@@ -187,9 +189,18 @@ def _disk_full_says_how_much(job: Job):
         ) from exc
 
 
+def _models_readable(job: Job, backend: backends.Backend) -> None:
+    """The base-readable rule's last part, once the backend is known: a merge that builds a model from the base's
+    config.json (rules/base_config.py) refuses one the installed transformers cannot read, before any work."""
+    if backend.builds_models():
+        with rule("base-readable"):
+            base_config.transformers_reads(job.base_dir)
+
+
 def plan(job: Job) -> dict:
     """What `merge` would do, read from headers and configs only: nothing is loaded or written."""
     backend, reason = backends.choose(job, job.sources[0].files)
+    _models_readable(job, backend)
     free = available_memory()
     memory = {"free_now": free, **backend.estimate_peak_memory(free)}
     if memory["bytes"] and job.combination is not None:  # combining holds the base in float32 with every adapter

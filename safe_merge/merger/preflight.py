@@ -65,7 +65,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "base-readable",
-        "a base whose config.json this transformers cannot read, or with a damaged safetensors header",
+        "a base whose config.json has sizes that are not whole numbers, or with damaged weight files; once the "
+        "backend is chosen, one whose config.json this transformers cannot read when a model is built from it",
         lambda job: (base_config.readable(job.base_dir, job.base_config), job.base_numel),
     ),
     Rule("combinable", "adapters a weighted combination cannot join", _combination),

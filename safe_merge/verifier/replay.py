@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 from safe_merge.compat import rounding
+from safe_merge.io.buffers import Buffers
 from safe_merge.io.loading import installed_peft
+from safe_merge.verifier.bits import same_bits
 from safe_merge.verifier.delta import LayerKind, ModuleLora, merged_bias, merged_weight
 
 SAVED = "the saved tensor"
@@ -34,6 +36,7 @@ def exact_match(
     leaf: str = "weight",
     copy: torch.Tensor | None = None,
     stored: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+    buffers: Buffers | None = None,
 ) -> str | None:
     """The name of the arithmetic whose bits ``got`` holds, or None. ``start``: the tensor's value before the
     merge in ``got``'s dtype, as every merge starts from it; ``lora``: the LoRA that merges here (its tensors as
@@ -41,10 +44,10 @@ def exact_match(
     tensor as stored, or a function that reads it, when its dtype is not the merged one (a float64 merge may start
     from it; read only when the cheaper replays did not match)."""
     if copy is not None:
-        return SAVED if torch.equal(copy.to(got.dtype), got) else None
+        return SAVED if same_bits(copy.to(got.dtype), got) else None
     if lora is None or tuple(got.shape) != tuple(start.shape):
         return None
-    for label, replay in arithmetics(start, lora, leaf, stored):
+    for label, replay in arithmetics(start, lora, leaf, stored, buffers):
         if replay.matches(got):
             return label
     return None
@@ -55,6 +58,7 @@ def arithmetics(
     lora: ModuleLora,
     leaf: str = "weight",
     stored: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+    buffers: Buffers | None = None,
 ) -> Iterator[tuple[str, _Whole | _Blocks]]:
     """(name, replay) for every correct arithmetic known for this tensor, cheapest first; each replay is
     computed only when it is compared."""
@@ -78,7 +82,7 @@ def arithmetics(
 
     def peft_delta() -> torch.Tensor:
         if not delta:
-            delta.append(_peft_delta(lora, release))
+            delta.append(_peft_delta(lora, release, buffers))
         return delta[0]
 
     if lora.magnitude is not None:
@@ -100,7 +104,7 @@ class _Whole:
         self.make = make
 
     def matches(self, got: torch.Tensor) -> bool:
-        return torch.equal(self.make(), got)
+        return same_bits(self.make(), got)
 
 
 class _Blocks:
@@ -115,23 +119,26 @@ class _Blocks:
     def matches(self, got: torch.Tensor) -> bool:
         delta = self.delta()
         if delta.dim() != 2:
-            return torch.equal(_peft_add(self.start, delta, self.first), got)
+            return same_bits(_peft_add(self.start, delta, self.first), got)
         rows = max(1, self.rows_bytes // max(1, delta.shape[1] * delta.element_size()))
         for i in range(0, delta.shape[0], rows):
             j = min(i + rows, delta.shape[0])
-            if not torch.equal(_peft_add(self.start[i:j], delta[i:j], self.first), got[i:j]):
+            if not same_bits(_peft_add(self.start[i:j], delta[i:j], self.first), got[i:j]):
                 return False
         return True
 
 
-def _peft_delta(lora: ModuleLora, release: str) -> torch.Tensor:
+def _peft_delta(lora: ModuleLora, release: str, buffers: Buffers | None = None) -> torch.Tensor:
     """get_delta_weight: the factors in the precision PEFT holds them, multiplied in float32 where the release
     widens half precision, laid out like the weight, scaled, in the factors' precision."""
     held = lora.compute_dtype
     a, b = lora.a.to(held), lora.b.to(held)
     if rounding.widened(release, held):
         a, b = a.to(torch.float32), b.to(torch.float32)
-    product = b @ a
+    if buffers is not None and a.dim() == b.dim() == 2:  # b @ a, into memory already faulted in
+        product = torch.mm(b, a, out=buffers.take("replayed product", (b.shape[0], a.shape[1]), a.dtype))
+    else:
+        product = b @ a
     if lora.kind in (LayerKind.LINEAR_FIFO, LayerKind.EMBEDDING):
         product = product.T
     return product.mul_(lora.scale).to(held)

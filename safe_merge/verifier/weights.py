@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from safe_merge.verifier.bits import finite, same_bits
 from safe_merge.verifier.delta import (
     ModuleLora,
     dora_factor,
@@ -314,7 +315,10 @@ def exact_result(name: str, label: str, got: torch.Tensor, start: torch.Tensor, 
     """A tensor whose bits a known arithmetic writes: nothing off. Only when it did not move at all is the exact
     change computed (``exact_change()``), to tell an adapter that asked for no change from one whose change is
     below the dtype's resolution; ``delta`` is then its size (left 0 for a tensor that moved: not measured)."""
-    if not got.numel() or not torch.equal(got, start):
+    if not finite(got):  # equal bits to a merge that overflowed are still no usable weight
+        inf = float("inf")
+        return TensorResult(name, inf, inf, inf, 0.0, 0.0, problem="holds NaN or Inf")
+    if not got.numel() or not same_bits(got, start):
         return TensorResult(name, 0.0, 0.0, 0.0, 0.0, 0.0, exact=label)
     delta = float(exact_change().abs().max())
     return TensorResult(name, 0.0, 0.0, 0.0, 0.0, delta, resolvable=delta == 0, exact=label)

@@ -72,3 +72,53 @@ def test_a_revision_for_the_hub_given_with_local_inputs_is_said_not_dropped(tmp_
     assert "--revision v1 is for hub adapters; every adapter is a local directory" in report["warnings"]
     assert "--base-revision v2 is for a hub base; the base is a local directory" in report["warnings"]
     assert not any("revision" in w for w in cli(*args)[1]["warnings"])
+
+
+MERGE_AND_LIST_MODULES = """
+import json, sys
+from safe_merge import api
+report = api.merge(sys.argv[1], sys.argv[2], sys.argv[3], backend="stream", check_outputs=sys.argv[4])
+loaded = sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("transformers", "peft")})
+print(json.dumps({"exit": report["exit_code"], "loaded": loaded}))
+"""
+
+
+def _merge_in_a_fresh_process(base: Path, adapter: Path, out: Path, check_outputs: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-c", MERGE_AND_LIST_MODULES, str(base), str(adapter), str(out), check_outputs]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_stream_merge_that_builds_no_model_never_imports_transformers_or_peft(tmp_path):
+    base, adapter = small_pair(tmp_path / "inputs")
+    without = _merge_in_a_fresh_process(base, adapter, tmp_path / "out", "never")
+    assert without == {"exit": 0, "loaded": []}
+    checked = _merge_in_a_fresh_process(base, adapter, tmp_path / "checked", "always")  # the output check builds
+    assert checked["exit"] == 0 and checked["loaded"] == ["peft", "transformers"]
+
+
+def test_a_config_transformers_cannot_read_is_refused_only_when_a_model_is_built_from_it(tmp_path, cli):
+    import json
+
+    base, adapter = small_pair(tmp_path / "inputs")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "released-after-this-transformers"}))
+    code, _, err = cli("merge", base, adapter, "-o", tmp_path / "checked", "--backend", "stream")  # auto: it runs
+    assert code == 2 and "base-readable" in err and "config.json" in err and not (tmp_path / "checked").exists()
+    code, _, err = cli("merge", base, adapter, "-o", tmp_path / "peft", "--backend", "peft")
+    assert code == 2 and "base-readable" in err and not (tmp_path / "peft").exists()
+    # the stream backend reads the checkpoint and the config as data: a model type newer than the installed
+    # transformers merges, every weight checked, and the config is the base's (dtype aside)
+    code, report, err = cli("merge", base, adapter, "-o", tmp_path / "out", "--backend", "stream",
+                            "--check-outputs", "never", "--json")  # fmt: skip
+    assert code == 0, err
+    assert report["verification"]["weights"]["tolerance_only"] == 0
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == "released-after-this-transformers"

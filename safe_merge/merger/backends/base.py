@@ -36,6 +36,11 @@ class Backend(Protocol):
         """Whatever is done before anything is written (loading and merging in memory); may do nothing."""
         ...
 
+    def builds_models(self) -> bool:
+        """Whether this merge builds a model from the base's config.json (to merge, or to check outputs): the
+        pipeline then has the installed transformers read that config before anything is written."""
+        ...
+
     def write(self, stage: Path) -> list[str]:
         """Write the merged model into ``stage`` (an empty directory); the names of the files written."""
         ...

@@ -90,6 +90,9 @@ class PeftBackend:
             return [f"the base is quantized ({job.quant.describe()}): the quantized backend merges it"]
         return cls(job, adapter)
 
+    def builds_models(self) -> bool:
+        return True
+
     def merge(self) -> None:
         self.model, self.notes = merge(self.job.base_dir, self.adapter, self.job.dtype, self.job.request.rounding)
 

@@ -1,6 +1,10 @@
-"""The base before any work: the installed transformers can read its config.json, the fields that set tensor
-shapes are sizes (older transformers accept `"vocab_size": "32"` and fail much later, deep in model building), and
-its weight files are what they claim to be."""
+"""The base before any work: the fields of its config.json that set tensor shapes are sizes (older transformers
+accept `"vocab_size": "32"` and fail much later, deep in model building), its weight files are what they claim to
+be, and, when the merge builds a model from it, the installed transformers can read that config.
+
+A merge that builds no model (the stream backend without its output check) never asks transformers: importing the
+config classes of a 2026 transformers costs seconds and over a hundred MiB, more than the rest of a 1B merge's
+fixed costs, and the merged config is the base's with its dtype changed."""
 
 from __future__ import annotations
 
@@ -34,11 +38,10 @@ BIN_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def readable(base_dir: Path, config) -> None:
-    """Refuse a config whose shape fields are not sizes, or that this transformers cannot read, and a .bin shard
-    that is not a PyTorch checkpoint at all (safetensors headers are checked as they are read)."""
+    """Refuse a config whose shape fields are not sizes, and a .bin shard that is not a PyTorch checkpoint at all
+    (safetensors headers are checked as they are read)."""
     path = base_dir / "config.json"
     _sizes(config.to_dict(), path, "")
-    loading.read_model_config(base_dir)
     for shard in shard_files(base_dir):
         if shard.suffix == ".bin":
             with open(shard, "rb") as fh:
@@ -62,3 +65,9 @@ def _sizes(data: dict, path: Path, prefix: str) -> None:
                 key=f"{prefix}{key}",
                 hint="fix config.json (sizes are whole numbers), or save the model again",
             )
+
+
+def transformers_reads(base_dir: Path) -> None:
+    """Refuse a config the installed transformers cannot read, once the merge is known to build a model from it
+    (backend.builds_models()): still before anything is written."""
+    loading.read_model_config(base_dir)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from safe_merge.compat import rounding as facts
+from safe_merge.io.buffers import Buffers
 from safe_merge.io.loading import installed_peft
-from safe_merge.merger.backends.stream.buffers import Buffers
 from safe_merge.verifier.delta import LayerKind, ModuleLora
 
 BLOCK_BYTES = 2**21  # rows per block of the plain merge: about 2 MiB of the product, inside a core's cache

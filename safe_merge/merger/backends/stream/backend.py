@@ -37,6 +37,7 @@ class StreamBackend:
         self.checks_as_written = stream_verify.TensorChecks(view)
         self.written: stream_write.Written | None = None
         self.notes: list[str] = []
+        self.outputs = stream_verify.plan_outputs(view, job.request.check_outputs)
 
     @classmethod
     def offer(cls, job: Job, adapter: AdapterFiles) -> StreamBackend | list[str]:
@@ -57,6 +58,10 @@ class StreamBackend:
             stored = f"; the base is stored as {job.quant.method}, which only the stream backend reads"
             return [f"{why.replace(' is merged by the PEFT backend', ' is not merged yet')}{stored}" for why in found]
         return found or cls(job, adapter, view)
+
+    def builds_models(self) -> bool:
+        """Only the output check builds models (the base, the merged one and the unmerged PeftModel)."""
+        return self.outputs.runs
 
     def merge(self) -> None:
         """Nothing happens before writing: each tensor is merged as it is written."""
@@ -117,7 +122,7 @@ class StreamBackend:
                 stage,
                 self.job.base_dir,
                 self.adapter.path,
-                self.job.request.check_outputs,
+                self.outputs,
                 self.checks_as_written,
             )
 
@@ -134,13 +139,11 @@ class StreamBackend:
         largest = max((i.shape for i in tensors), key=math.prod, default=())
         item = torch.tensor([], dtype=self.view.dtype).element_size()
         peak = self.adapter.weight_file.stat().st_size + math.prod(largest) * (3 * item + 5 * 8)
-        need = stream_verify.MODELS_IN_MEMORY * sum(math.prod(i.shape) * item for i in tensors)
-        mode = self.job.request.check_outputs
-        runs = mode == "always" or (mode == "auto" and need <= free // 2)
+        outputs = stream_verify.plan_outputs(self.view, self.job.request.check_outputs, free)
         return {
-            "bytes": max(peak, need) if runs else peak,
+            "bytes": max(peak, outputs.need) if outputs.runs else peak,
             "float64_noise_twin": False,
-            "output_check": f"{'runs' if runs else 'skipped'} ({mode})",
+            "output_check": f"{'runs' if outputs.runs else 'skipped'} ({outputs.mode})",
         }
 
     def checks(self) -> list[str]:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from safe_merge.io.buffers import Buffers
 from safe_merge.io.checkpoint import Checkpoint
 from safe_merge.merger.backends.stream import requantize
 from safe_merge.merger.backends.stream.layout import BaseView, vocab_rows
@@ -49,6 +51,36 @@ BLOCK_ELEMENTS = 2**18  # about 1 MiB per float32 temporary
 MODELS_IN_MEMORY = 3  # the output check holds the merged model, the base and the unmerged model at once
 
 
+@dataclass(frozen=True)
+class OutputsPlan:
+    """Whether the output check runs, decided once, before anything is written: `merge --plan` states the same
+    rule and figure, the pipeline has transformers read the config only when it runs, and the memory it may hold
+    is the one said (never re-measured later, when the page cache has grown)."""
+
+    mode: str  # --check-outputs: auto, always or never
+    need: int  # bytes the check holds: MODELS_IN_MEMORY models of the output's size in floats
+    free: int  # bytes free when it was decided
+
+    @property
+    def runs(self) -> bool:
+        return self.mode == "always" or (self.mode == "auto" and self.need <= self.free // 2)
+
+    def why_not(self) -> str:
+        if self.mode == "never":
+            return "not asked for (--check-outputs never)"
+        return (
+            f"it would hold about {self.need / 2**30:.1f} GiB of models and {self.free / 2**30:.1f} GiB is free "
+            "(--check-outputs always runs it anyway)"
+        )
+
+
+def plan_outputs(prep: StreamMerge, mode: str, free: int | None = None) -> OutputsPlan:
+    """The output check for ``mode``, given ``free`` bytes (measured now when not given)."""
+    item = torch.tensor([], dtype=prep.dtype).element_size()
+    size = sum(math.prod(i.shape) * item for i in prep.checkpoint.tensors.values())  # float twins when stored
+    return OutputsPlan(mode, MODELS_IN_MEMORY * size, available_memory() if free is None else free)
+
+
 class TensorChecks:
     """Checks each merged or replaced tensor as soon as it is written (read back from its shard), against the
     exact merge of the value it started from: the base is not read a second time."""
@@ -58,6 +90,7 @@ class TensorChecks:
         self.base = BaseView(prep.checkpoint, prep.layout)
         self.results = WeightCheck()
         self.seen: set[str] = set()
+        self.buffers = Buffers()  # the verifier's own: it shares no memory with the merge it checks
 
     def merge(self, results: list, seen: set[str]) -> None:
         """Results a worker process checked as it wrote its shards (stream/parallel.py)."""
@@ -70,19 +103,28 @@ class TensorChecks:
         if self.prep.requantize and name in self.prep.stored.groups:
             add_result(self.results, requantize.requantized_result(self.prep, name, start, got))
             return
-        add_result(self.results, check_tensor(self.prep, self.base, name, start, got))
+        add_result(self.results, check_tensor(self.prep, self.base, name, start, got, self.buffers))
 
 
-def check_tensor(prep: StreamMerge, base: BaseView, name: str, start: torch.Tensor | None, got: torch.Tensor):
+def check_tensor(
+    prep: StreamMerge,
+    base: BaseView,
+    name: str,
+    start: torch.Tensor | None,
+    got: torch.Tensor,
+    buffers: Buffers | None = None,
+):
     """One touched tensor against its exact value after the merge; ``start`` is the base's value in the merged
-    dtype when the caller has it (a plain Linear weight is then compared a block of rows at a time)."""
+    dtype when the caller has it (a plain Linear weight is then compared a block of rows at a time); ``buffers``
+    keep the replay's large temporaries from one tensor to the next."""
     lora = prep.ledger.modules.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
     plain = lora is not None and _plain_linear(lora) and name not in prep.ledger.replacements
     if plain and start is not None:
         if tuple(got.shape) != tuple(start.shape):
             return mismatched(name, tuple(got.shape), tuple(start.shape))
         stored_dtype = prep.checkpoint.tensors[base.source(name)].dtype
-        label = exact_match(got, start, lora, stored=(lambda: base[name]) if stored_dtype != got.dtype else None)
+        stored = (lambda: base[name]) if stored_dtype != got.dtype else None
+        label = exact_match(got, start, lora, stored=stored, buffers=buffers)
         if label:
             return exact_result(name, label, got, start, lambda: _exact_change(lora, start))
         checked = compare_blocks(name, _linear_blocks(lora, start, got))
@@ -104,7 +146,7 @@ def verify(
     stage: Path,
     base_dir: Path,
     adapter_dir: Path,
-    output_check: str,
+    outputs: OutputsPlan,
     checks: TensorChecks | None = None,
     tokenizer_from: Path | None = None,
 ) -> Verification:
@@ -124,10 +166,9 @@ def verify(
     tieable = set(vocab_rows(prep.checkpoint, prep.config))
     if any(p in tieable or p not in prep.checkpoint.tensors for p in paths.values()):  # only embeddings tie
         weights.failures += ties_problems(tied_by_config(stage) or [], paths)
-    size = prep.checkpoint.total_bytes() if prep.stored is not None else written.total_bytes()  # float twins
-    outputs = _outputs(prep, stage, base_dir, adapter_dir, output_check, size)
+    checked = _outputs(prep, stage, base_dir, adapter_dir, outputs)
     files = file_problems(base_dir, tokenizer_from or adapter_dir, stage)
-    return Verification(prep.ledger, weights, outputs, config=files)
+    return Verification(prep.ledger, weights, checked, config=files)
 
 
 def verify_checkpoint(
@@ -161,7 +202,8 @@ def verify_checkpoint(
     prep = offered.view
     if set(Checkpoint(merged_dir).tensors) != prep.written_names():
         return ["the merged checkpoint does not hold the tensors the base does (the model-loading check names them)"]
-    return verify(prep, merged_dir, base_dir, adapter_dir, output_check, tokenizer_from=tokenizer_from)
+    outputs = plan_outputs(prep, output_check)
+    return verify(prep, merged_dir, base_dir, adapter_dir, outputs, tokenizer_from=tokenizer_from)
 
 
 def check_weights(prep: StreamMerge, base: BaseView, written: Checkpoint, checks: TensorChecks | None = None):
@@ -282,18 +324,10 @@ def _linear_blocks(lora: ModuleLora, start: torch.Tensor, got: torch.Tensor) -> 
         )
 
 
-def _outputs(prep: StreamMerge, stage: Path, base_dir: Path, adapter_dir: Path, mode: str, size: int) -> OutputCheck:
+def _outputs(prep: StreamMerge, stage: Path, base_dir: Path, adapter_dir: Path, plan: OutputsPlan) -> OutputCheck:
     """Run the output check when asked, or (auto) when the models it loads fit in half the free memory."""
-    if mode == "never":
-        return OutputCheck(False, reason="not asked for (--check-outputs never)", optional=True)
-    need, free = MODELS_IN_MEMORY * size, available_memory()
-    if mode == "auto" and need > free // 2:
-        return OutputCheck(
-            False,
-            reason=f"it would hold about {need / 2**30:.1f} GiB of models and {free / 2**30:.1f} GiB is free "
-            "(--check-outputs always runs it anyway)",
-            optional=True,
-        )
+    if not plan.runs:
+        return OutputCheck(False, reason=plan.why_not(), optional=True)
     if prep.stored is not None:
         from safe_merge.merger.backends.stream.dequantized import stored_outputs
 

@@ -20,12 +20,12 @@ import torch
 
 from safe_merge.compat.adapter_files import AdapterFiles, return_pages
 from safe_merge.compat.expert_stacks import stored_in_out
+from safe_merge.io.buffers import Buffers
 from safe_merge.io.checkpoint import Checkpoint, TensorInfo
 from safe_merge.io.journal import Journal
 from safe_merge.io.model_dir import carry_files
 from safe_merge.io.shards import ShardWriter, Slot, parse_size, plan_shards, write_index
 from safe_merge.merger.backends.stream import arith, experts, parallel, requantize
-from safe_merge.merger.backends.stream.buffers import Buffers
 from safe_merge.merger.backends.stream.layout import BaseView, Layout, LedgerView, infer_layout
 from safe_merge.quant.stored.codec import Group
 from safe_merge.quant.stored.view import StoredView, open_checkpoint
@@ -254,7 +254,10 @@ def write_shards(
     parts = requantize.Parts(prep, check)
     journal = Journal(out)
     before = _progress(written, check)
-    with ThreadPoolExecutor(max_workers=1) as reader:  # a tensor is read while the one before it is merged
+    recorded: list[Future] = []
+    # a tensor is read while the one before it is merged; a shard is made durable and journaled while the next
+    # one is written (fsync waits on the disk, not the CPU)
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as recorder:
         reads: dict[str, Future] = {}
         submitted = [0]
 
@@ -283,8 +286,10 @@ def write_shards(
                 raise
             writer.close()
             if journal.active:
-                journal.record(file_name, _checked_since(before, written, check))
+                recorded.append(recorder.submit(journal.record, file_name, _checked_since(before, written, check)))
             before = _progress(written, check)
+    for record in recorded:
+        record.result()  # a shard that could not be made durable fails the merge
 
 
 def _progress(written: Written, check: Check | None) -> tuple[dict, int, frozenset]:

@@ -1,5 +1,6 @@
-"""Reusable buffers for the stream backend's large temporaries (a tensor read, its product, its merge, its read
-back): allocated once at the size of the largest tensor and reused for every tensor after it.
+"""Reusable buffers for large temporaries made once per tensor (the stream backend's read, product, merge and read
+back; the verifier's replayed product): allocated at the size of the largest tensor and reused for every tensor
+after it.
 
 Allocating and freeing buffers of tens of MB per tensor costs twice over: freed blocks above glibc's mmap
 threshold go back to the system and are faulted in again for the next tensor (slow on a virtual machine), and
