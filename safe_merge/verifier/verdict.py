@@ -193,13 +193,14 @@ def verify_dirs(
     return result
 
 
-def check_outputs_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> OutputCheck:
-    """The output-space check alone, for a merged checkpoint on disk (the stream backend checks weights itself)."""
-    loaded = _load_models(base_dir, adapter_dir, merged_dir)
+def check_outputs_dirs(base_dir: Path, adapter_dir: Path, merged_dir: Path, twin: bool | None = None) -> OutputCheck:
+    """The output-space check alone, for a merged checkpoint on disk (the stream backend checks weights itself);
+    ``twin`` as check_outputs takes it."""
+    loaded = _load_models(base_dir, adapter_dir, merged_dir, keep_base=False)
     if loaded.inputs is None:
         return OutputCheck(False, reason="no probe inputs for this model type")
     dtype = next(loaded.merged.parameters()).dtype
-    return check_outputs(loaded.reference, loaded.merged, loaded.inputs, dtype)
+    return check_outputs(loaded.reference, loaded.merged, loaded.inputs, dtype, twin)
 
 
 @dataclass
@@ -220,11 +221,13 @@ def _load_models(
     merged_dir: Path,
     sources: list[int] | None = None,
     head: dict | None = None,
+    keep_base: bool = True,
 ) -> _Loaded:
     """The merged model as stored, the base as stored (its parameters and layer kinds) and the unmerged PeftModel
     in the merged model's dtype. ``sources``: the base layer each layer of a deeper stack copies
     (layer_replication); the base's parameters and kinds are then named as that stack names them. ``head``: how
-    the adapter's task loads the base (compat.heads.load_kwargs)."""
+    the adapter's task loads the base (compat.heads.load_kwargs). ``keep_base`` False (the output check alone):
+    the base's parameters are not kept beside the PeftModel built on them, so two models are held, not three."""
     head = head or {}
     merged_config = loading.read_model_config(merged_dir)
     merged_dtype = loading.stored_dtype(merged_dir, merged_config)
@@ -239,27 +242,20 @@ def _load_models(
     ties = shared_groups(base_native)
     if next(base_native.parameters()).dtype == merged_dtype:
         # Reuse the loaded base as the reference; clone first, since some inits rewrite base weights at load.
-        base_params = {k: v.clone() for k, v in base_native.state_dict().items()}
+        base_params = {k: v.clone() for k, v in base_native.state_dict().items()} if keep_base else {}
         reference_base = base_native
     else:
-        base_params = base_native.state_dict()
+        base_params = base_native.state_dict() if keep_base else {}
         reference_base = loading.load_model(base_dir, merged_dtype, **head)
     if sources is not None:
         prefix = layer_prefix(base_params)
         if prefix is not None:
             base_params, kinds = expand(base_params, sources, prefix), expand(kinds, sources, prefix)
-    reference = loading.load_peft(reference_base, adapter_dir)
     # the base's config sets the probe's length: a merged config cannot shorten what it is checked on
-    return _Loaded(
-        merged,
-        reference,
-        base_params,
-        kinds,
-        probe_inputs(base_native.config, type(base_native)),
-        missing,
-        ties,
-        type(base_native).__name__,
-    )
+    inputs, base_class = probe_inputs(base_native.config, type(base_native)), type(base_native).__name__
+    del base_native  # the reference's base, or (another dtype) released once its parameters are not kept
+    reference = loading.load_peft(reference_base, adapter_dir)
+    return _Loaded(merged, reference, base_params, kinds, inputs, missing, ties, base_class)
 
 
 def adapter_precision(model_dtype: torch.dtype) -> torch.dtype:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from packaging.version import Version
 
 from safe_merge.compat.adapter_files import AdapterFiles
 from safe_merge.compat.history import History
+from safe_merge.io.buffers import Buffers
 from safe_merge.io.journal import merge_key
 from safe_merge.merger.backends.base import WEIGHT_CHECKS
 from safe_merge.merger.backends.stream import parallel
@@ -21,7 +21,7 @@ from safe_merge.merger.backends.stream.layout import might_tie, vocab_rows
 from safe_merge.merger.job import Job
 from safe_merge.verifier.delta import LayerKind
 from safe_merge.verifier.ledger import Status
-from safe_merge.verifier.outputs import available_memory
+from safe_merge.verifier.outputs import available_memory, resident_memory
 from safe_merge.verifier.replication import layer_sources
 from safe_merge.verifier.verdict import Verification, adapter_precision
 
@@ -116,6 +116,8 @@ class StreamBackend:
 
     def verify(self, stage: Path) -> Verification:
         assert self.written is not None, "write() first"
+        self.view.release_buffers()  # before the output check loads models: --plan counts one or the other
+        self.checks_as_written.buffers = Buffers()
         with self.written.timing("verify"):
             return stream_verify.verify(
                 self.view,
@@ -133,16 +135,15 @@ class StreamBackend:
         return {"stream": {**stream, "resumed_shards": written.resumed}}
 
     def estimate_peak_memory(self, free: int) -> dict:
-        """The adapter, and per tensor the base tensor, its merge and (verifying a tensor that is not a plain
-        Linear) its float64 reference with its tolerance terms; the output check, when it runs, holds the models."""
-        tensors = self.view.checkpoint.tensors.values()
-        largest = max((i.shape for i in tensors), key=math.prod, default=())
-        item = torch.tensor([], dtype=self.view.dtype).element_size()
-        peak = self.adapter.weight_file.stat().st_size + math.prod(largest) * (3 * item + 5 * 8)
+        """The process's peak resident set: what it holds now (the interpreter, torch), then the larger of the
+        merge's working set (write.working_set) and, when it runs, what the output check adds (the merge's buffers
+        are released before it)."""
         outputs = stream_verify.plan_outputs(self.view, self.job.request.check_outputs, free)
+        working = stream_write.working_set(self.view, self.adapter.weight_file.stat().st_size)
+        check = outputs.need + outputs.twin
         return {
-            "bytes": max(peak, outputs.need) if outputs.runs else peak,
-            "float64_noise_twin": False,
+            "bytes": resident_memory() + (max(working, check) if outputs.runs else working),
+            "float64_noise_twin": outputs.runs and bool(outputs.twin),
             "output_check": f"{'runs' if outputs.runs else 'skipped'} ({outputs.mode})",
         }
 

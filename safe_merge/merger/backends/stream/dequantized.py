@@ -44,15 +44,15 @@ def write_twin(view: StoredView, model_dir: Path, out: Path) -> Path:
     return out
 
 
-def stored_outputs(prep: StreamMerge, stage: Path, base_dir: Path, adapter_dir: Path) -> OutputCheck:
+def stored_outputs(prep: StreamMerge, stage: Path, base_dir: Path, adapter_dir: Path, twin: bool) -> OutputCheck:
     # in the system's temporary directory (TMPDIR), never beside an input: `verify` reads MERGED as one
     with tempfile.TemporaryDirectory(prefix=TWIN_PREFIX) as tmp:
         base_twin = write_twin(prep.stored, base_dir, Path(tmp) / "base")
         if not prep.requantize:
-            return check_outputs_dirs(base_twin, adapter_dir, stage)
+            return check_outputs_dirs(base_twin, adapter_dir, stage, twin)
         written = StoredView(Checkpoint(stage), prep.stored.quant, prep.dtype)
         merged_twin = write_twin(written, stage, Path(tmp) / "merged")
-        check = check_outputs_dirs(base_twin, adapter_dir, merged_twin)
+        check = check_outputs_dirs(base_twin, adapter_dir, merged_twin, twin)
         if check.ran:
             check.tol += OUTPUT_FACTOR * _requantize_sensitivity(prep, base_twin)
         return check

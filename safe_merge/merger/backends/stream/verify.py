@@ -48,7 +48,10 @@ from safe_merge.verifier.weights import (
 
 OUTPUT_CHECKS = ("auto", "always", "never")
 BLOCK_ELEMENTS = 2**18  # about 1 MiB per float32 temporary
-MODELS_IN_MEMORY = 3  # the output check holds the merged model, the base and the unmerged model at once
+MODELS_IN_MEMORY = 2  # the output check holds the merged model and the unmerged PeftModel (on the base) at once
+# transformers and PEFT imported with a model class: 171 MiB measured (transformers 5.23, PEFT 0.21, torch 2.13 on
+# CPU), with room for the probes' activations
+LIBRARIES_FOR_MODELS = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,9 @@ class OutputsPlan:
     is the one said (never re-measured later, when the page cache has grown)."""
 
     mode: str  # --check-outputs: auto, always or never
-    need: int  # bytes the check holds: MODELS_IN_MEMORY models of the output's size in floats
+    need: int  # bytes the check adds to the process: models, adapter copies, the libraries that build them
     free: int  # bytes free when it was decided
+    twin: int = 0  # and the float64 copy of one model that measures its rounding (outputs.rounding_noise), if it fits
 
     @property
     def runs(self) -> bool:
@@ -75,10 +79,23 @@ class OutputsPlan:
 
 
 def plan_outputs(prep: StreamMerge, mode: str, free: int | None = None) -> OutputsPlan:
-    """The output check for ``mode``, given ``free`` bytes (measured now when not given)."""
+    """The output check for ``mode``, given ``free`` bytes (measured now when not given). It holds the merged
+    model and the unmerged one (float twins for a stored base); a requantized output's sensitivity pass then holds
+    one model and the float64 merge of every requantized weight. The adapter is held twice (as read, and in the
+    PeftModel), and the libraries that build models are imported."""
     item = torch.tensor([], dtype=prep.dtype).element_size()
-    size = sum(math.prod(i.shape) * item for i in prep.checkpoint.tensors.values())  # float twins when stored
-    return OutputsPlan(mode, MODELS_IN_MEMORY * size, available_memory() if free is None else free)
+    size = sum(math.prod(i.shape) * item for i in prep.checkpoint.tensors.values())
+    held = MODELS_IN_MEMORY * size
+    if prep.requantize:
+        touched = sum(math.prod(prep.checkpoint.tensors[n].shape) for n in prep.touched & set(prep.stored.groups))
+        held = max(held, size + 8 * touched)
+    adapter = sum(t.numel() * t.element_size() for t in prep.adapter_tensors.values())
+    need = held + 2 * adapter + LIBRARIES_FOR_MODELS
+    free = available_memory() if free is None else free
+    numel = sum(math.prod(i.shape) for i in prep.checkpoint.tensors.values())
+    largest = max((math.prod(i.shape) for i in prep.checkpoint.tensors.values()), default=0)
+    twin = numel * 8 + largest * item if numel * 8 <= free // 2 else 0  # the rule rounding_noise applies
+    return OutputsPlan(mode, need, free, twin)
 
 
 class TensorChecks:
@@ -331,5 +348,5 @@ def _outputs(prep: StreamMerge, stage: Path, base_dir: Path, adapter_dir: Path, 
     if prep.stored is not None:
         from safe_merge.merger.backends.stream.dequantized import stored_outputs
 
-        return stored_outputs(prep, stage, base_dir, adapter_dir)
-    return check_outputs_dirs(base_dir, adapter_dir, stage)
+        return stored_outputs(prep, stage, base_dir, adapter_dir, bool(plan.twin))
+    return check_outputs_dirs(base_dir, adapter_dir, stage, bool(plan.twin))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,7 @@ from safe_merge.merger.backends.stream import arith, experts, parallel, requanti
 from safe_merge.merger.backends.stream.layout import BaseView, Layout, LedgerView, infer_layout
 from safe_merge.quant.stored.codec import Group
 from safe_merge.quant.stored.view import StoredView, open_checkpoint
+from safe_merge.verifier.delta import LayerKind
 from safe_merge.verifier.layer_kinds import expert_kind
 from safe_merge.verifier.ledger import Ledger, build_ledger
 from safe_merge.verifier.systematic import Drift
@@ -51,6 +53,10 @@ class StreamMerge:
     buffers: Buffers = field(default_factory=Buffers)  # the large temporaries, reused tensor after tensor
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the merge's arithmetic runs
     _device_buffers: Buffers | None = None
+
+    def release_buffers(self) -> None:
+        """Give back the buffers the merge kept from tensor to tensor (the merge is done)."""
+        self.buffers, self._device_buffers = Buffers(), None
 
     def device_buffers(self) -> Buffers:
         if self._device_buffers is None:
@@ -171,6 +177,34 @@ def _on_params(adapter: AdapterFiles) -> bool:
 
 
 Check = Callable[[str, torch.Tensor, torch.Tensor], None]  # (name, value before the merge, as written)
+
+BLOCK_TEMPORARIES = 2**24  # the row blocks the merge and its check work in (a few MiB each), and numpy's
+
+
+def working_set(prep: StreamMerge, adapter_bytes: int) -> int:
+    """The memory a merge holds beyond what the process started with: the adapter, and the buffers kept from
+    tensor to tensor, each at the size of the largest tensor it serves (buffers.py): two reads (one is read
+    ahead), the merge and its read-back, the product and the verifier's replayed product (float32). A tensor read
+    in another dtype is converted into memory of its own; one checked against its whole float64 merge (not a plain
+    Linear weight) holds five float64 copies; a stored format's codec works on float32 copies."""
+    item = torch.tensor([], dtype=prep.dtype).element_size()
+    base = BaseView(prep.checkpoint, prep.layout)
+    read = merged = whole = 0
+    for name in (n for names in prep.output_names().values() for n in names):
+        if prep.part(name) is not None or not _needs_read(prep, base, name):
+            continue
+        info = prep.checkpoint.tensors[base.source(name)]
+        numel = math.prod(info.shape)
+        size = numel * (item if info.dtype == prep.dtype else item + torch.tensor([], dtype=info.dtype).element_size())
+        if prep.stored is not None:
+            size += numel * 4
+        read = max(read, size)
+        if name in prep.touched:
+            merged = max(merged, numel * (item + 2 * 4))
+            lora = prep.ledger.modules.get(name.removesuffix(".weight"))
+            if lora is None or lora.kind is not LayerKind.LINEAR or lora.magnitude is not None:
+                whole = max(whole, numel * 5 * 8)
+    return adapter_bytes + 2 * read + merged + whole + BLOCK_TEMPORARIES
 
 
 def declare(prep: StreamMerge, max_shard_size: str | None) -> dict[str, list[Slot]]:
