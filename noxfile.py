@@ -135,8 +135,9 @@ def breadth(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """The stream backend against the PEFT path on a TinyLlama-shaped 1.1B model and one 4x its size (built once,
-    cached in .nox/bench-models): wall seconds, peak RSS, bit-identity. `-- --skip-large` skips the 4x model."""
-    install_project(session, MATRIX["current"])
+    cached in .nox/bench-models): wall seconds, peak RSS, bit-identity; workers, Ray, resume. `-- --skip-large`
+    skips the 4x model."""
+    install_project(session, MATRIX["current"], extras="test,ray")
     cache = ROOT / ".nox" / "bench-models"
     session.run("python", "bench/stream.py", str(cache), *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 

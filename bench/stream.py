@@ -4,11 +4,13 @@ Builds once (cached under the given directory) a Llama checkpoint of random bflo
 shards and an r=16 adapter on every projection with non-zero lora_B, written directly (no model is built, so the
 larger shapes cost only disk). Then it times `safe-merge merge --backend stream` and the PEFT path
 (from_pretrained + PeftModel.from_pretrained + merge_and_unload() + save_pretrained), prints wall seconds and peak
-RSS of each, checks that the two outputs are bit-identical tensor by tensor (the stream backend writes the
-default merge_and_unload()'s bits), how many merged tensors the verifier's exact tier matched, and runs the
-stream backend on a model 4x larger to show that its peak RSS does not grow with the model. Beside them: the
-floor (copying the base's shards with torch imported), --workers 1 and 2, and a run killed at half its shards
-and continued (its time against a full run's), with a 600 GB merge estimated from the measured rates.
+RSS of each (the largest process's, and the total over the process tree), checks that the two outputs are
+bit-identical tensor by tensor (the stream backend writes the default merge_and_unload()'s bits), how many merged
+tensors the verifier's exact tier matched, and runs the stream backend on a model 4x larger to show that its peak
+RSS does not grow with the model. Beside them: the floor (copying the base's shards with torch imported),
+--workers 1 and 2, Ray with 2 tasks on a local cluster (when Ray is installed), and a run killed at half its
+shards and continued (its time against a full run's), with a 600 GB merge estimated from the measured rates.
+Each stream run's peak RSS is set beside the peak `merge --plan` announced for it (the output check included).
 
     python bench/stream.py CACHE_DIR [--skip-large]
 """
@@ -159,33 +161,61 @@ def warm(*dirs: Path) -> None:
 
 
 # Measures one command from a small process: a child's peak RSS as the kernel reports it includes the address
-# space it was forked from, so the benchmark (which holds torch and large tensors) must not be that parent.
+# space it was forked from, so the benchmark (which holds torch and large tensors) must not be that parent. The
+# largest process's peak comes from the kernel (ru_maxrss of the command and, separately, of its descendants);
+# the total over the process tree (the command, its workers, Ray's processes) is sampled every 20 ms from /proc.
 MEASURE = """
 import os, sys, time
+def tree_rss(root):
+    children, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(entry))
+                rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
 started = time.monotonic()
 pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-print(time.monotonic() - started, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+total = 0
+while True:
+    done, status, usage = os.wait4(pid, os.WNOHANG)
+    if done:
+        break
+    total = max(total, tree_rss(pid))
+    time.sleep(0.02)
+import resource
+children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(time.monotonic() - started, max(usage.ru_maxrss * 1024, children), total, os.waitstatus_to_exitcode(status))
 """
 
 
-def timed(cmd: list[str], inputs: tuple[Path, ...] = (), repeats: int = 3) -> tuple[float, float, int]:
-    """(median wall seconds, peak RSS in MiB, exit code) of ``repeats`` fresh processes. Before each, its inputs
-    are read into the page cache and dirty pages left by earlier runs are flushed, so that no run pays for
-    another's I/O."""
-    walls, peak, code = [], 0.0, 0
+def timed(cmd: list[str], inputs: tuple[Path, ...] = (), repeats: int = 3) -> tuple[float, float, int, float]:
+    """(median wall seconds, peak RSS of the largest process in MiB, exit code, peak total RSS over the process
+    tree in MiB) of ``repeats`` fresh processes. Before each, its inputs are read into the page cache and dirty
+    pages left by earlier runs are flushed, so that no run pays for another's I/O."""
+    walls, peak, code, total = [], 0.0, 0, 0.0
     for _ in range(repeats):
         warm(*inputs)
         os.sync()
         proc = subprocess.run([sys.executable, "-S", "-c", MEASURE, *cmd], capture_output=True, text=True)
-        wall, rss, status = proc.stdout.split()[-3:]
+        wall, rss, tree, status = proc.stdout.split()[-4:]
         walls.append(float(wall))
-        peak, code = max(peak, int(rss) / 1024), code or int(status)
+        peak, code = max(peak, int(rss) / 2**20), code or int(status)
+        total = max(total, int(tree) / 2**20)
         if int(status):
             print(proc.stderr[-2000:], file=sys.stderr)
-    return statistics.median(walls), peak, code
+    return statistics.median(walls), peak, code, total
 
 
 def identical(a: Path, b: Path) -> tuple[int, list[str]]:
@@ -221,16 +251,42 @@ for shard in sorted(base.glob("*.safetensors")):
 PARALLEL_SHARDS = "256MB"  # the 1.1B model in 9 output shards: enough to share among workers and to resume
 
 
+def plan_bytes(cmd: list[str]) -> float:
+    """The peak memory `merge --plan` announces for a command (MiB)."""
+    planned = [*cmd, "--plan", "--json"]
+    at = planned.index("--report")
+    del planned[at : at + 2]  # the run's report is not overwritten by the plan's
+    planned[planned.index("-o") + 1] += "-plan"  # --plan writes nothing, but OUT must not exist
+    proc = subprocess.run(planned, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(proc.stdout)["peak_memory_estimate"]["bytes"] / 2**20
+
+
+def row(label: str, size: int, wall: float, rss: float, code: int, total: float, plan: float | None = None) -> str:
+    said = f"  (--plan said {plan:.0f} MiB)" if plan is not None else ""
+    return (f"  {label:46s} {wall:7.2f} s  {rss:7.0f} MiB largest process, {total:7.0f} MiB all processes{said}"
+            f"  {size / wall / 1e9:.2f} GB/s  exit {code}")  # fmt: skip
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def parallel_and_resume(base: Path, adapter: Path, work: Path) -> bool:
-    """The floor (copying the base's shards, torch imported), the stream backend with 1 and 2 workers, and a
-    run killed (SIGKILL) once half its shards are journaled, then continued; all with the output check off."""
+    """The floor (copying the base's shards, torch imported), the stream backend with 1 and 2 workers and as 2
+    Ray tasks on a local cluster, and a run killed (SIGKILL) once half its shards are journaled, then continued;
+    all with the output check off."""
     size = Checkpoint(base).total_bytes()
-    rows = [("floor: copy the base's shards + import torch", *timed([sys.executable, "-c", FLOOR, str(base),
-            str(work / "floor")], (base, adapter)))]  # fmt: skip
+    floor = [sys.executable, "-c", FLOOR, str(base), str(work / "floor")]
+    rows = [("floor: copy the base's shards + import torch", *timed(floor, (base, adapter)), None)]
     for workers in (1, 2):
         cmd = stream_cmd(base, adapter, work / f"w{workers}", "never", "--max-shard-size", PARALLEL_SHARDS,
                          "--workers", str(workers))  # fmt: skip
-        rows.append((f"stream, {workers} worker(s), {PARALLEL_SHARDS} shards", *timed(cmd, (base, adapter))))
+        rows.append((f"stream, {workers} worker(s), {PARALLEL_SHARDS} shards", *timed(cmd, (base, adapter)),
+                     plan_bytes(cmd)))  # fmt: skip
     full = rows[1][1]
     killed = work / "resumed"
     cmd = stream_cmd(base, adapter, killed, "never", "--max-shard-size", PARALLEL_SHARDS, "--workers", "1")
@@ -244,22 +300,36 @@ def parallel_and_resume(base: Path, adapter: Path, work: Path) -> bool:
             break
         time.sleep(0.01)
     process.wait()
-    rows.append(("continue after a SIGKILL at half the shards", *timed(cmd, (base, adapter), 1)))
-    for label, wall, rss, code in rows:
-        print(f"  {label:48s} {wall:7.2f} s  {rss:8.0f} MiB peak RSS (largest process)  {size / wall / 1e9:.2f} GB/s"
-              f"  exit {code}")  # fmt: skip
+    rows.append(("continue after a SIGKILL at half the shards", *timed(cmd, (base, adapter), 1), None))
+    outputs = [work / "w2", killed]
+    if ray_available():
+        cmd = stream_cmd(base, adapter, work / "ray", "never", "--max-shard-size", PARALLEL_SHARDS, "--workers", "2",
+                         "--ray", "local")  # fmt: skip
+        rows.append(("Ray: 2 tasks on a local cluster (loopback)", *timed(cmd, (base, adapter), 1), None))
+        outputs.append(work / "ray")
+    for label, wall, rss, code, tree, plan in rows:
+        print(row(label, size, wall, rss, code, tree, plan))
+    over = within_plan(rows)
     floor = rows[0][1]
     print(f"  stream 1 worker / floor: {full / floor:.2f}x; 2 workers / 1: {rows[2][1] / full:.2f}x; "
           f"continued / full run: {rows[3][1] / full:.2f}x")  # fmt: skip
     resumed = json.loads((work / "resumed.report.json").read_text())["stream"]["resumed_shards"]
-    same = identical(work / "w1", work / "w2")[1] == [] and identical(work / "w1", killed)[1] == []
-    print(f"  continued from {resumed} of {total} shards; 1 worker, 2 workers and the continued run bit-identical: "
-          f"{same}")  # fmt: skip
+    same = all(identical(work / "w1", other)[1] == [] for other in outputs)
+    names = "1 worker, 2 workers, the continued run" + (" and Ray" if len(outputs) == 3 else "")
+    print(f"  continued from {resumed} of {total} shards; {names} bit-identical: {same}")
+    print(f"  1 worker, phases: {phases(work / 'w1.report.json')}")
     rate, disk = size / full, size / floor
     one, floor_600 = 600e9 / rate / 60, 600e9 / disk / 60
     print(f"  600 GB on paper: one worker at {rate / 1e9:.2f} GB/s takes {one:.0f} min; the disk copies at "
           f"{disk / 1e9:.2f} GB/s, so no number of workers beats {floor_600:.0f} min here")  # fmt: skip
-    return same and not any(code for *_, code in rows)
+    return same and not over and not any(code for _, _, _, code, *_ in rows)
+
+
+def within_plan(rows: list[tuple]) -> list[str]:
+    """The runs whose peak RSS over all their processes exceeded what `merge --plan` said (printed)."""
+    over = [label for label, _, _, _, tree, plan in rows if plan is not None and tree > plan]
+    print(f"  peak RSS (all processes) within what --plan said: {not over}" + (f" (over: {over})" if over else ""))
+    return over
 
 
 def phases(report: Path) -> str:
@@ -282,35 +352,38 @@ def main() -> int:
     print("wall: median of 3 fresh processes; peak RSS: the largest of the 3")
     started = time.monotonic()
     base, adapter = build(args.cache, "tinyllama-1.1b")
+    size = Checkpoint(base).total_bytes()
     print(f"tinyllama-1.1b: built or found in {time.monotonic() - started:.1f} s")
-    rows = []
-    stream_wall, stream_rss, code = timed(stream_cmd(base, adapter, work / "stream", "never"), (base, adapter))
-    rows.append(("stream (weights checked, outputs not)", stream_wall, stream_rss, code))
+    stream = stream_cmd(base, adapter, work / "stream", "never")
+    rows = [("stream (weights checked, outputs not)", *timed(stream, (base, adapter)), plan_bytes(stream))]
     peft_cmd = [sys.executable, "-c", PEFT_PATH, str(base), str(adapter), str(work / "peft")]
-    peft_wall, peft_rss, code = timed(peft_cmd, (base, adapter))
-    rows.append(("PEFT path (no verification)", peft_wall, peft_rss, code))
-    wall, rss, code = timed(stream_cmd(base, adapter, work / "stream-checked", "always"), (base, adapter), 1)
-    rows.append(("stream, output check too (once)", wall, rss, code))
-    for label, wall, rss, code in rows:
-        print(f"  {label:40s} {wall:7.2f} s  {rss:8.0f} MiB peak RSS  exit {code}")
+    rows.append(("PEFT path (no verification)", *timed(peft_cmd, (base, adapter)), None))
+    checked = stream_cmd(base, adapter, work / "stream-checked", "auto")
+    rows.append(("stream, output check auto (runs here; once)", *timed(checked, (base, adapter), 1),
+                 plan_bytes(checked)))  # fmt: skip
+    for label, wall, rss, code, tree, plan in rows:
+        print(row(label, size, wall, rss, code, tree, plan))
+    stream_wall, stream_rss, peft_wall, peft_rss = rows[0][1], rows[0][2], rows[1][1], rows[1][2]
     print(f"  speed-up {peft_wall / stream_wall:.1f}x, memory {peft_rss / stream_rss:.1f}x less")
     print(f"  stream phases, {phases(work / 'stream.report.json')}")
+    over = within_plan(rows)
     count, differ = identical(work / "stream", work / "peft")
     print(f"  bit-identical: {count - len(differ)} of {count} tensors" + (f"; differ: {differ[:5]}" if differ else ""))
     weights = json.loads((work / "stream.report.json").read_text())["verification"]["weights"]
     exact = sum(weights["exact"].values())
     only = weights["tolerance_only"]
     print(f"  exact tier: {exact} tensors exact ({weights['exact']}), {only} within tolerance only")
-    failed = bool(differ) or any(code for *_, code in rows)
-    print("tinyllama-1.1b: workers and resume")
+    failed = bool(differ) or bool(over) or any(code for _, _, _, code, *_ in rows)
+    print("tinyllama-1.1b: workers, resume and Ray")
     failed = failed or not parallel_and_resume(base, adapter, work)
     if not args.skip_large:
         started = time.monotonic()
         big_base, big_adapter = build(args.cache, "llama-4x")
+        big = Checkpoint(big_base).total_bytes()
         print(f"llama-4x: built or found in {time.monotonic() - started:.1f} s")
-        wall, rss, code = timed(stream_cmd(big_base, big_adapter, work / "stream-4x", "never"), (big_base, big_adapter))
-        size = Checkpoint(big_base).total_bytes() / 2**30
-        print(f"  stream on {size:.1f} GiB: {wall:.2f} s  {rss:.0f} MiB peak RSS  exit {code}")
+        cmd = stream_cmd(big_base, big_adapter, work / "stream-4x", "never")
+        wall, rss, code, tree = timed(cmd, (big_base, big_adapter))
+        print(row(f"stream on {big / 2**30:.1f} GiB", big, wall, rss, code, tree, plan_bytes(cmd)))
         print(f"  stream phases, {phases(work / 'stream-4x.report.json')}")
         print(f"  peak RSS 4x model / 1.1B model: {rss / stream_rss:.2f}")
         failed = failed or bool(code)

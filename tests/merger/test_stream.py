@@ -140,6 +140,30 @@ def test_the_report_says_whether_the_output_check_ran(inputs, tmp_path, cli):
     assert report["verification"]["weights"]["checked_tensors"] == 4  # q and v in each of 2 layers
 
 
+def test_auto_decides_the_output_check_before_writing_and_keeps_to_it(inputs, tmp_path, cli, monkeypatch):
+    """Free memory read once, before anything is written: more of it later (the merge's buffers released, the page
+    cache dropped) does not start an output check `--plan` said would be skipped, nor a float64 copy."""
+    from safe_merge.merger.backends.stream import verify
+    from safe_merge.verifier import outputs
+
+    base, adapter, _ = inputs
+    readings = iter([0])  # the first reading (the decision) finds nothing free; every later one finds plenty
+    monkeypatch.setattr(verify, "available_memory", lambda: next(readings, 2**50))
+    monkeypatch.setattr(outputs, "available_memory", lambda: 2**50)
+    code, report, _ = cli("merge", base, adapter, "-o", tmp_path / "a", "--backend", "stream", "--json")
+    checked = report["verification"]["outputs"]
+    assert code == 0 and not checked["ran"] and "0.0 GiB is free" in checked["reason"]
+    planned = {}
+    for mode in ("auto", "never"):
+        args = ["--backend", "stream", "--plan", "--json", "--check-outputs", mode]
+        code, plan, _ = cli("merge", base, adapter, "-o", tmp_path / "b", *args)
+        planned[mode] = plan["peak_memory_estimate"]
+    assert planned["auto"]["output_check"] == "runs (auto)" and planned["auto"]["float64_noise_twin"]  # plenty free
+    assert planned["never"]["output_check"] == "skipped (never)" and not planned["never"]["float64_noise_twin"]
+    # the output check's part (in place of the merge's few MiB of buffers) counts the model code it imports
+    assert planned["auto"]["bytes"] - planned["never"]["bytes"] > verify.LIBRARIES_FOR_MODELS * 0.9
+
+
 def test_a_stream_merge_that_scales_wrong_fails_naming_the_tensor(inputs, tmp_path, cli, monkeypatch):
     base, adapter, _ = inputs
     real = arith.merge_weight

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -70,8 +71,12 @@ class StreamBackend:
         """--workers, or auto: by the cores, the memory each worker needs and the output's size."""
         declared = stream_write.declare(self.view, self.job.request.max_shard_size)
         total = sum(s.nbytes for slots in declared.values() for s in slots)
-        peak = self.estimate_peak_memory(available_memory())["bytes"] or 0
-        return parallel.choose_workers(self.job.request.workers, len(declared), total, peak, available_memory())
+        return parallel.choose_workers(self.job.request.workers, len(declared), total, self.working, available_memory())
+
+    @functools.cached_property
+    def working(self) -> int:
+        """The memory one process merging shards holds beyond its interpreter (write.working_set)."""
+        return stream_write.working_set(self.view, self.adapter.weight_file.stat().st_size)
 
     def resume_key(self) -> str:
         """What this merge is made from (io/journal.py): an interrupted run with the same key is continued."""
@@ -135,17 +140,25 @@ class StreamBackend:
         return {"stream": {**stream, "resumed_shards": written.resumed}}
 
     def estimate_peak_memory(self, free: int) -> dict:
-        """The process's peak resident set: what it holds now (the interpreter, torch), then the larger of the
-        merge's working set (write.working_set) and, when it runs, what the output check adds (the merge's buffers
-        are released before it)."""
+        """The peak resident set of the merge's processes on this machine: what this one holds now (the
+        interpreter, torch), then the larger of the merge and, when it runs, what the output check adds (the
+        merge's buffers are released before it). The merge is this process's working set (write.working_set), or
+        with local workers each worker's: an interpreter and that working set. Ray's tasks run on the cluster's
+        nodes and Ray's own processes are not counted: ``per_worker_bytes`` says what each task holds."""
         outputs = stream_verify.plan_outputs(self.view, self.job.request.check_outputs, free)
-        working = stream_write.working_set(self.view, self.adapter.weight_file.stat().st_size)
+        ray = self.job.request.ray
+        workers = 1 if ray else self.workers()
+        per_worker = parallel.WORKER_OVERHEAD + self.working
+        merge = self.working if workers == 1 else workers * per_worker
         check = outputs.need + outputs.twin
-        return {
-            "bytes": resident_memory() + (max(working, check) if outputs.runs else working),
+        estimate = {
+            "bytes": resident_memory() + (max(merge, check) if outputs.runs else merge),
             "float64_noise_twin": outputs.runs and bool(outputs.twin),
             "output_check": f"{'runs' if outputs.runs else 'skipped'} ({outputs.mode})",
         }
+        if ray or workers > 1:
+            estimate["per_worker_bytes"] = per_worker
+        return estimate
 
     def checks(self) -> list[str]:
         return [WEIGHT_CHECKS]
