@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 from safe_merge.errors import BadInput
-from safe_merge.io.checkpoint import copy_range, tensor_bytes
+from safe_merge.io.checkpoint import BLOCK, copy_range, tensor_bytes
 from safe_merge.io.tensorfile import NAME_OF
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
 _UNITS |= {"GIB": 2**30, "TIB": 2**40}
 ALIGN = 8  # the header is padded with spaces so that the data starts 8-byte aligned
+# the header may be padded further (to BLOCK) so that copied tensors sit at the offsets, modulo a filesystem block,
+# they have in the base (ShardWriter), which lets copy_file_range share their whole blocks instead of copying them
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,9 @@ class Slot:
         return math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
 
 
-def header_bytes(slots: list[Slot], metadata: dict[str, str] | None = None) -> bytes:
-    """The header for ``slots`` laid out in the given order."""
+def header_bytes(slots: list[Slot], metadata: dict[str, str] | None = None, data_at: int | None = None) -> bytes:
+    """The header for ``slots`` laid out in the given order; ``data_at``: where the tensors' data should start,
+    modulo BLOCK (a multiple of ALIGN), reached by padding the header with spaces as the format allows."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -53,18 +56,24 @@ def header_bytes(slots: list[Slot], metadata: dict[str, str] | None = None) -> b
         offset += slot.nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-(8 + len(text)) % ALIGN)
+    if data_at is not None and data_at % ALIGN == 0:
+        text += b" " * ((data_at - 8 - len(text)) % BLOCK)
     return struct.pack("<Q", len(text)) + text
 
 
 class ShardWriter:
-    """One output shard: the slots are declared up front and must then be filled in order, each exactly once."""
+    """One output shard: the slots are declared up front and must then be filled in order, each exactly once.
+    ``data_at``: where the data starts modulo BLOCK (header_bytes), so that tensors copied from another file sit at
+    their offsets there modulo a block (``copies_at``)."""
 
-    def __init__(self, path: Path, slots: list[Slot], metadata: dict[str, str] | None = None):
+    def __init__(
+        self, path: Path, slots: list[Slot], metadata: dict[str, str] | None = None, data_at: int | None = None
+    ):
         self.path = Path(path)
         self.slots = slots
         self._next = 0
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        header = header_bytes(slots, metadata)
+        header = header_bytes(slots, metadata, data_at)
         self._offsets, position = {}, len(header)
         for slot in slots:
             self._offsets[slot.name] = position
@@ -127,6 +136,20 @@ class ShardWriter:
                 raise RuntimeError(f"{self.path.name}: {len(missing)} declared tensors never written ({missing[0]})")
         finally:
             os.close(self._fd)
+
+
+def copies_at(slots: list[Slot], sources: dict[str, int]) -> int | None:
+    """Where a shard's data should start, modulo BLOCK, for the tensors it copies to sit at their source offsets
+    modulo a block: ``sources`` maps the copied tensors to their offsets in their files. The start that places the
+    most copied bytes so wins; None when the shard copies nothing."""
+    placed: dict[int, int] = {}
+    position = 0
+    for slot in slots:
+        if slot.name in sources:
+            start = (sources[slot.name] - position) % BLOCK
+            placed[start] = placed.get(start, 0) + slot.nbytes
+        position += slot.nbytes
+    return max(placed, key=lambda start: (placed[start], -start)) if placed else None
 
 
 INDEX = "model.safetensors.index.json"

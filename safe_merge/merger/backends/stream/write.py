@@ -25,7 +25,7 @@ from safe_merge.io.buffers import Buffers
 from safe_merge.io.checkpoint import Checkpoint, TensorInfo
 from safe_merge.io.journal import Journal
 from safe_merge.io.model_dir import carry_files
-from safe_merge.io.shards import ShardWriter, Slot, parse_size, plan_shards, write_index
+from safe_merge.io.shards import ShardWriter, Slot, copies_at, parse_size, plan_shards, write_index
 from safe_merge.merger.backends.stream import arith, experts, parallel, requantize
 from safe_merge.merger.backends.stream.layout import BaseView, Layout, LedgerView, infer_layout
 from safe_merge.quant.stored.codec import Group
@@ -304,7 +304,8 @@ def write_shards(
 
         position = 0
         for file_name, slots in declared.items():
-            writer = ShardWriter(out / file_name, slots, {"format": "pt"})
+            data_at = copies_at(slots, _copied_from(prep, base, slots))
+            writer = ShardWriter(out / file_name, slots, {"format": "pt"}, data_at)
             try:
                 for slot in slots:
                     prefetch(position)
@@ -324,6 +325,18 @@ def write_shards(
             before = _progress(written, check)
     for record in recorded:
         record.result()  # a shard that could not be made durable fails the merge
+
+
+def _copied_from(prep: StreamMerge, base: BaseView, slots: list[Slot]) -> dict[str, int]:
+    """The slots copied byte for byte from the base (unchanged, in their stored dtype), with their offsets in
+    their base files: the shard is laid out so that the filesystem can share their blocks (shards.copies_at)."""
+    out = {}
+    for slot in slots:
+        group = prep.part(slot.name)
+        copied = group.name not in prep.touched if group is not None else not _needs_read(prep, base, slot.name)
+        if copied:
+            out[slot.name] = prep.source_info(slot.name).offset
+    return out
 
 
 def _progress(written: Written, check: Check | None) -> tuple[dict, int, frozenset]:
