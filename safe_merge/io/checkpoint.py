@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from safe_merge.errors import BadInput
+from safe_merge.io import memory
+from safe_merge.io.extents import same_blocks
 from safe_merge.io.tensorfile import DTYPE_NAMES, FLOATING, read_header
 
 WEIGHT_STEMS = ("model.safetensors", "pytorch_model.bin")  # safetensors first, as transformers prefers it
@@ -145,19 +147,46 @@ class Checkpoint:
         mine, theirs = self.tensors[name], other.tensors[other_name]
         if mine.nbytes != theirs.nbytes or mine.offset < 0 or theirs.offset < 0:
             raise ValueError("same_bytes compares safetensors tensors of one size")
-        with open(mine.file, "rb") as left, open(theirs.file, "rb") as right:
-            left.seek(mine.offset)
-            right.seek(theirs.offset)
-            remaining = mine.nbytes
-            while remaining:
-                n = min(chunk, remaining)
-                if left.read(n) != right.read(n):
-                    return False
-                remaining -= n
-        return True
+        with open(mine.file, "rb", buffering=0) as left, open(theirs.file, "rb", buffering=0) as right:
+            # the whole blocks a filesystem shares between the two files are the same bytes: not read (extents.py)
+            head = min(mine.nbytes, -mine.offset % BLOCK)
+            middle = (mine.nbytes - head) // BLOCK * BLOCK
+            if (mine.offset - theirs.offset) % BLOCK or not same_blocks(
+                left.fileno(), mine.offset + head, right.fileno(), theirs.offset + head, middle
+            ):
+                return _same_read(left, mine.offset, right, theirs.offset, mine.nbytes, chunk)
+            tail = mine.nbytes - head - middle
+            return _same_read(left, mine.offset, right, theirs.offset, head, chunk) and _same_read(
+                left, mine.offset + head + middle, right, theirs.offset + head + middle, tail, chunk
+            )
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())
+
+
+def _same_read(left, left_at: int, right, right_at: int, nbytes: int, chunk: int) -> bool:
+    """Whether two files hold the same ``nbytes`` at those offsets, read a chunk at a time into reused buffers."""
+    left_buffer, right_buffer, left_address, right_address = memory.scratch(min(chunk, max(nbytes, 1)))
+    done = 0
+    while done < nbytes:
+        n = min(chunk, nbytes - done)
+        if _pread(left, left_buffer[:n], left_at + done) != n or _pread(right, right_buffer[:n], right_at + done) != n:
+            return False
+        if not memory.equal_at(left_address, right_address, n):
+            return False
+        done += n
+    return True
+
+
+def _pread(fh, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset``; how many bytes there were (fewer at the end of the file)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fh.fileno(), [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 # a filesystem block: XFS and btrfs share (reflink) a copied range whose source and destination both start and end

@@ -1,18 +1,18 @@
 """Bit-for-bit comparison at memory speed, and the finiteness test that goes with it.
 
 "Bit-identical to merge_and_unload()" is a claim about bytes, so the exact tier compares bytes: two tensors of one
-dtype and shape match when every byte does (+0 and -0 differ; NaN payloads compare as stored). The C library's
-memcmp does that at memory speed (numpy's integer comparison where it cannot be called); torch.equal, which
-compares values, was measured 3 to 6 times slower on a 2-core CPU on bfloat16 weights. Because equal bits say
-nothing about NaN or Inf, a tensor the exact tier accepts is tested for them on its own (``finite``)."""
+dtype and shape match when every byte does (+0 and -0 differ; NaN payloads compare as stored), at memory speed
+(io/memory.py); torch.equal, which compares values, was measured 3 to 6 times slower on a 2-core CPU on bfloat16
+weights. Because equal bits say nothing about NaN or Inf, a tensor the exact tier accepts is tested for them on its
+own (``finite``)."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 
 import torch
+
+from safe_merge.io import memory
 
 _WIDEST = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
@@ -26,23 +26,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.device.type != "cpu" or b.device.type != "cpu":
         return torch.equal(_as_integers(a), _as_integers(b))
     a, b = a.contiguous(), b.contiguous()
-    if _MEMCMP is not None:
-        return _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
-    return bool((_as_integers(a).numpy() == _as_integers(b).numpy()).all())
-
-
-def _memcmp():
-    name = ctypes.util.find_library("c") or ctypes.util.find_library("msvcrt")
-    try:
-        function = ctypes.CDLL(name).memcmp
-    except (OSError, AttributeError, TypeError):
-        return None
-    function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-    function.restype = ctypes.c_int
-    return function
-
-
-_MEMCMP = _memcmp()
+    return memory.equal_at(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size())
 
 
 def _as_integers(t: torch.Tensor) -> torch.Tensor:

@@ -50,3 +50,29 @@ def test_a_directory_without_weights_has_no_shards_unless_they_are_required(tmp_
     assert loading.stored_shapes(tmp_path) == {}
     with pytest.raises(BadInput, match="no model weights"):
         shard_files(tmp_path)
+
+
+def test_same_bytes_compares_two_files_chunk_by_chunk_to_the_last_byte(tmp_path):
+    value = torch.arange(1000, dtype=torch.float32)
+    (tmp_path / "a").mkdir()
+    save_file({"first": torch.zeros(3), "w": value}, str(tmp_path / "a" / "model.safetensors"))
+    for at, label in ((None, "same"), (0, "first"), (500, "middle"), (999, "last")):
+        changed = value.clone()
+        if at is not None:
+            changed.view(torch.int32)[at] ^= 1
+        other = tmp_path / label
+        other.mkdir()
+        save_file({"w": changed}, str(other / "model.safetensors"), metadata={"moved": "the data elsewhere"})
+        same = Checkpoint(tmp_path / "a").same_bytes("w", Checkpoint(other), "w", chunk=128)
+        assert same is (at is None), label
+
+
+def test_same_bytes_reads_whole_blocks_that_are_not_shared_and_finds_a_change_there(tmp_path):
+    value = torch.arange(50_000, dtype=torch.float32)  # 200 kB: whole blocks between a head and a tail
+    changed = value.clone()
+    changed.view(torch.int32)[25_000] ^= 1
+    for label, tensor in (("a", value), ("b", value), ("c", changed)):
+        (tmp_path / label).mkdir()
+        save_file({"w": tensor}, str(tmp_path / label / "model.safetensors"))
+    a, b, c = (Checkpoint(tmp_path / label) for label in "abc")
+    assert a.same_bytes("w", b, "w") and not a.same_bytes("w", c, "w")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from safe_merge.io import checkpoint as checkpoint_module
 from safe_merge.io.checkpoint import BLOCK, Checkpoint
 from tests.quant.stored import checkpoints
 from tests.release import requires_release
@@ -21,14 +22,14 @@ pytestmark = requires_release("stream_backend_matches")
 REFLINK_DIR = os.environ.get("SAFE_MERGE_REFLINK_DIR")
 
 
-def _untouched(out: Path, base: Path) -> list[tuple[int, int, int]]:
+def _untouched(out: Path, base: Path) -> dict[str, tuple[int, int, int]]:
     """(offset in the output, offset in the base, bytes) of every tensor the merge left as the base has it."""
     written, source = Checkpoint(out), Checkpoint(base)
-    return [
-        (info.offset, source.tensors[name].offset, info.nbytes)
+    return {
+        name: (info.offset, source.tensors[name].offset, info.nbytes)
         for name, info in written.tensors.items()
         if written.same_bytes(name, source, name)
-    ]
+    }
 
 
 def _with_its_own_metadata(base: Path) -> Path:
@@ -46,7 +47,7 @@ def test_untouched_tensors_keep_their_base_offsets_modulo_a_block(tmp_path, cli)
     assert code == 0, err
     untouched = _untouched(tmp_path / "out", base)
     assert len(untouched) > 10
-    assert all((mine - theirs) % BLOCK == 0 for mine, theirs, _ in untouched)
+    assert all((mine - theirs) % BLOCK == 0 for mine, theirs, _ in untouched.values())
 
 
 FS_IOC_FIEMAP = 0xC020660B
@@ -74,6 +75,14 @@ def test_untouched_tensors_share_their_whole_blocks_with_the_base(cli):
     code, _, err = cli("merge", base, adapter, "-o", root / "out", "--backend", "stream")
     assert code == 0, err
     untouched = _untouched(root / "out", base)
-    whole = sum(max(0, (n - (-theirs % BLOCK)) // BLOCK * BLOCK) for _, theirs, n in untouched)
+    whole = sum(max(0, (n - (-theirs % BLOCK)) // BLOCK * BLOCK) for _, theirs, n in untouched.values())
     shared = _shared_bytes(root / "out" / "model.safetensors")
     assert whole > 2**18 and shared >= whole, (shared, whole)
+    # and the check that a copied tensor is the base's reads only what is not shared: its head and tail
+    read = []
+    real = checkpoint_module._pread
+    written, source = Checkpoint(root / "out"), Checkpoint(base)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint_module, "_pread", lambda fh, view, at: read.append(len(view)) or real(fh, view, at))
+        assert all(written.same_bytes(name, source, name) for name in untouched)
+    assert sum(read) <= 2 * 2 * BLOCK * len(untouched) < whole
