@@ -8,21 +8,23 @@ cannot be loaded, numpy compares the bytes instead."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 
 import numpy as np
 
 
 def _memcmp():
-    name = ctypes.util.find_library("c") or ctypes.util.find_library("msvcrt")
-    try:
-        function = ctypes.CDLL(name).memcmp
-    except (OSError, AttributeError, TypeError):
-        return None
-    function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-    function.restype = ctypes.c_int
-    return function
+    """memcmp from the C library the interpreter already links (no library search: ctypes.util.find_library
+    runs ldconfig or a compiler in a child process), or Windows' msvcrt."""
+    for load in (lambda: ctypes.CDLL(None), lambda: ctypes.cdll.msvcrt):
+        try:
+            function = load().memcmp
+        except (OSError, AttributeError, TypeError):
+            continue
+        function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+        function.restype = ctypes.c_int
+        return function
+    return None
 
 
 _MEMCMP = _memcmp()
