@@ -43,6 +43,8 @@ def _extents(fd: int, start: int, length: int) -> list[tuple[int, int, int, int]
         for i in range(mapped):
             logical, physical, size, _, _, flags, *_ = _EXTENT.unpack_from(reply, _HEAD.size + i * _EXTENT.size)
             out.append((logical, physical, size, flags))
+        if out[-1][0] + out[-1][2] <= position:
+            return None  # no progress: an extent map this reading does not follow
         position = out[-1][0] + out[-1][2]
         if out[-1][3] & 0x1:  # the file's last extent
             break

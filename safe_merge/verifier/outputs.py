@@ -153,7 +153,10 @@ def resident_memory() -> int:
         with open("/proc/self/statm", encoding="ascii") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError, AttributeError):
-        import resource
+        try:
+            import resource
+        except ImportError:  # no POSIX resource accounting: the estimate then starts from nothing held
+            return 0
         import sys
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

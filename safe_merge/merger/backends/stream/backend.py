@@ -61,7 +61,7 @@ class StreamBackend:
         return found or cls(job, adapter, view)
 
     def builds_models(self) -> bool:
-        """Only the output check builds models (the base, the merged one and the unmerged PeftModel)."""
+        """Only the output check builds models (the merged one, and the unmerged PeftModel on the base)."""
         return self.outputs.runs
 
     def merge(self) -> None:

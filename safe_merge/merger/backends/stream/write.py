@@ -183,7 +183,7 @@ BLOCK_TEMPORARIES = 2**24  # the row blocks the merge and its check work in (a f
 
 def working_set(prep: StreamMerge, adapter_bytes: int) -> int:
     """The memory a merge holds beyond what the process started with: the adapter, and the buffers kept from
-    tensor to tensor, each at the size of the largest tensor it serves (buffers.py): two reads (one is read
+    tensor to tensor, each at the size of the largest tensor it serves (io/buffers.py): two reads (one is read
     ahead), the merge and its read-back, the product and the verifier's replayed product (float32). A tensor read
     in another dtype is converted into memory of its own; one checked against its whole float64 merge (not a plain
     Linear weight) holds five float64 copies; a stored format's codec works on float32 copies."""
