@@ -12,6 +12,7 @@ from safe_merge.merger import backends
 from safe_merge.merger.preflight import RULES, preflight
 from safe_merge.merger.request import MergeRequest
 from tests.helpers import small_pair
+from tests.release import requires_release
 
 
 def test_a_request_is_frozen_and_normalised_once():
@@ -96,6 +97,7 @@ def _merge_in_a_fresh_process(base: Path, adapter: Path, out: Path, check_output
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@requires_release("stream_backend_matches")
 def test_a_stream_merge_that_builds_no_model_never_imports_transformers_or_peft(tmp_path):
     base, adapter = small_pair(tmp_path / "inputs")
     without = _merge_in_a_fresh_process(base, adapter, tmp_path / "out", "never")
@@ -104,6 +106,7 @@ def test_a_stream_merge_that_builds_no_model_never_imports_transformers_or_peft(
     assert checked["exit"] == 0 and checked["loaded"] == ["peft", "transformers"]
 
 
+@requires_release("stream_backend_matches")
 def test_a_config_transformers_cannot_read_is_refused_only_when_a_model_is_built_from_it(tmp_path, cli):
     import json
 
