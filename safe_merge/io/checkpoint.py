@@ -170,7 +170,9 @@ def _same_read(left, left_at: int, right, right_at: int, nbytes: int, chunk: int
     done = 0
     while done < nbytes:
         n = min(chunk, nbytes - done)
-        if _pread(left, left_buffer[:n], left_at + done) != n or _pread(right, right_buffer[:n], right_at + done) != n:
+        if pread_into(left.fileno(), left_buffer[:n], left_at + done) != n:
+            return False
+        if pread_into(right.fileno(), right_buffer[:n], right_at + done) != n:
             return False
         if not memory.equal_at(left_address, right_address, n):
             return False
@@ -178,11 +180,11 @@ def _same_read(left, left_at: int, right, right_at: int, nbytes: int, chunk: int
     return True
 
 
-def _pread(fh, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from ``offset``; how many bytes there were (fewer at the end of the file)."""
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset`` of the open file ``fd``; how many bytes there were (fewer at its end)."""
     done = 0
     while done < len(view):
-        n = os.preadv(fh.fileno(), [view[done:]], offset + done)
+        n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
             break
         done += n

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from safe_merge.errors import BadInput
-from safe_merge.io.checkpoint import BLOCK, copy_range, tensor_bytes
+from safe_merge.io.checkpoint import BLOCK, copy_range, pread_into, tensor_bytes
 from safe_merge.io.tensorfile import NAME_OF
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
@@ -117,12 +117,9 @@ class ShardWriter:
         byte size, when given)."""
         slot = next(s for s in self.slots[: self._next] if s.name == name)
         data = out if out is not None else torch.empty(slot.nbytes, dtype=torch.uint8)
-        view, done = memoryview(data.numpy()), 0
-        while done < slot.nbytes:
-            n = os.preadv(self._fd, [view[done:]], self._offsets[name] + done)
-            if n == 0:
-                raise OSError(f"{self.path.name}: {name} reads back short ({done} of {slot.nbytes} bytes)")
-            done += n
+        done = pread_into(self._fd, memoryview(data.numpy()), self._offsets[name])
+        if done != slot.nbytes:
+            raise OSError(f"{self.path.name}: {name} reads back short ({done} of {slot.nbytes} bytes)")
         return data.view(slot.dtype).reshape(slot.shape)
 
     def abort(self) -> None:

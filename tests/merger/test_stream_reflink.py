@@ -80,9 +80,14 @@ def test_untouched_tensors_share_their_whole_blocks_with_the_base(cli):
     assert whole > 2**18 and shared >= whole, (shared, whole)
     # and the check that a copied tensor is the base's reads only what is not shared: its head and tail
     read = []
-    real = checkpoint_module._pread
+    real = checkpoint_module.pread_into
+
+    def counted(fd: int, view: memoryview, at: int) -> int:
+        read.append(len(view))
+        return real(fd, view, at)
+
     written, source = Checkpoint(root / "out"), Checkpoint(base)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpoint_module, "_pread", lambda fh, view, at: read.append(len(view)) or real(fh, view, at))
+        patch.setattr(checkpoint_module, "pread_into", counted)
         assert all(written.same_bytes(name, source, name) for name in untouched)
     assert sum(read) <= 2 * 2 * BLOCK * len(untouched) < whole
