@@ -149,13 +149,11 @@ class Checkpoint:
             raise ValueError("same_bytes compares safetensors tensors of one size")
         with open(mine.file, "rb", buffering=0) as left, open(theirs.file, "rb", buffering=0) as right:
             # the whole blocks a filesystem shares between the two files are the same bytes: not read (extents.py)
-            head = min(mine.nbytes, -mine.offset % BLOCK)
-            middle = (mine.nbytes - head) // BLOCK * BLOCK
+            head, middle, tail = block_parts(mine.offset, mine.nbytes)
             if (mine.offset - theirs.offset) % BLOCK or not same_blocks(
                 left.fileno(), mine.offset + head, right.fileno(), theirs.offset + head, middle
             ):
                 return _same_read(left, mine.offset, right, theirs.offset, mine.nbytes, chunk)
-            tail = mine.nbytes - head - middle
             return _same_read(left, mine.offset, right, theirs.offset, head, chunk) and _same_read(
                 left, mine.offset + head + middle, right, theirs.offset + head + middle, tail, chunk
             )
@@ -196,15 +194,21 @@ def pread_into(fd: int, view: memoryview, offset: int) -> int:
 BLOCK = 4096
 
 
+def block_parts(offset: int, count: int) -> tuple[int, int, int]:
+    """``count`` bytes from ``offset`` as (head, whole blocks, tail): up to the next block boundary, the whole
+    blocks after it, the rest. The whole blocks are what a filesystem can share between two files."""
+    head = min(count, -offset % BLOCK)
+    middle = (count - head) // BLOCK * BLOCK
+    return head, middle, count - head - middle
+
+
 def copy_range(src: int, dst: int, offset: int, count: int) -> None:
     """Copy ``count`` bytes from ``src`` at ``offset`` to ``dst`` at its current position, in the kernel: up to the
     source's next block boundary, then whole blocks, then the rest. Where the destination sits at the same offset
     modulo a block, XFS and btrfs share the whole blocks (reflink: no bytes copied, no space used); elsewhere the
     three calls copy as one would."""
-    head = min(count, -offset % BLOCK)
-    middle = (count - head) // BLOCK * BLOCK
     done = 0
-    for part in (head, middle, count - head - middle):
+    for part in block_parts(offset, count):
         _copy(src, dst, offset + done, part)
         done += part
 

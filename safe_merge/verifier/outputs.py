@@ -87,8 +87,8 @@ def rounding_noise(
     plan decided so beforehand), or when the model's code cannot run in float64 (transformers 4.40's OPT mask
     overflows there): the ulps floor then stands alone.
     """
-    size = sum(p.numel() for p in model.parameters()) * 8
-    made = size <= available_memory() // 2 if twin is None else twin
+    numel = sum(p.numel() for p in model.parameters())
+    made = float64_copy_fits(numel, available_memory()) if twin is None else twin
     if not made:
         return None
     copy64 = float64_copy(model)
@@ -100,6 +100,12 @@ def rounding_noise(
         return None
     finally:
         del copy64
+
+
+def float64_copy_fits(numel: int, free: int) -> bool:
+    """The rule for the float64 copy that measures rounding: made when it takes at most half the free memory
+    (the one rule rounding_noise applies and both backends' --plan state)."""
+    return numel * 8 <= free // 2
 
 
 def float64_copy(model: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ from safe_merge.io.model_dir import DEFAULT_SHARD_SIZE, write_model
 from safe_merge.merger.backends.base import WEIGHT_CHECKS
 from safe_merge.merger.job import Job
 from safe_merge.merger.tying import record_broken_ties, untie_replicated_layers, untie_targets
+from safe_merge.verifier.outputs import float64_copy_fits
 from safe_merge.verifier.replication import expected_config_changes, layer_sources
 from safe_merge.verifier.ties import shared_groups
 from safe_merge.verifier.verdict import Verification, verify_dirs
@@ -121,7 +122,7 @@ class PeftBackend:
         if not numel:
             return {"bytes": None, "float64_noise_twin": False}
         native = self.job.stored_dtype
-        twin = numel * 8 if numel * 8 <= free // 2 else 0
+        twin = numel * 8 if float64_copy_fits(numel, free) else 0
         peak = numel * (2 * _itemsize(self.job.dtype) + _itemsize(native)) + twin
         return {"bytes": peak, "float64_noise_twin": bool(twin)}
 

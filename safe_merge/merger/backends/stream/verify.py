@@ -28,7 +28,7 @@ from safe_merge.verifier.accounting import accounting_problems, factor_paths, ti
 from safe_merge.verifier.checkpoint_files import carried_changes, file_problems, index_problems
 from safe_merge.verifier.delta import LayerKind, ModuleLora, merged_weight
 from safe_merge.verifier.diagnosis import diagnose
-from safe_merge.verifier.outputs import OutputCheck, available_memory
+from safe_merge.verifier.outputs import OutputCheck, available_memory, float64_copy_fits
 from safe_merge.verifier.replay import exact_match
 from safe_merge.verifier.systematic import drift
 from safe_merge.verifier.ties import tied_by_config
@@ -94,7 +94,7 @@ def plan_outputs(prep: StreamMerge, mode: str, free: int | None = None) -> Outpu
     free = available_memory() if free is None else free
     numel = sum(math.prod(i.shape) for i in prep.checkpoint.tensors.values())
     largest = max((math.prod(i.shape) for i in prep.checkpoint.tensors.values()), default=0)
-    twin = numel * 8 + largest * item if numel * 8 <= free // 2 else 0  # the rule rounding_noise applies
+    twin = numel * 8 + largest * item if float64_copy_fits(numel, free) else 0
     return OutputsPlan(mode, need, free, twin)
 
 
